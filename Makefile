@@ -1,0 +1,53 @@
+# Every target creates the virtual environment first if it is missing; installing is
+# idempotent (a second run only checks a stamp file).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+
+.PHONY: help venv demo test test-fast proto demo-data train-demo export-demo clean
+
+help:
+	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
+	@echo "make test        run the test suite (what CI runs)"
+	@echo "make proto       regenerate the Python stubs from protos/"
+	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, sox)"
+	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/asr/v1/asr.proto
+
+$(VENV)/.data-apt-stamp:
+	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
+	  && command -v sox >/dev/null || ($(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT))
+	mkdir -p $(VENV) && touch $@
+
+demo-data: $(STAMP) $(VENV)/.data-apt-stamp
+	$(PY) train/make_data.py --out data/demo
+
+train-demo: $(STAMP)
+	$(PY) train/train_demo.py --data data/demo --work-dir data/demo-train
+	$(PY) train/train_demo.py --work-dir data/demo-train --export models/demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,127 @@
+"""``asr-client``: stream a WAV file to an asr.v1 server and print the transcript.
+
+Interim results update one line (on a terminal), final results get their own
+lines; ``--json`` prints one JSON object per response instead. The audio is
+sent as it is in the file (any sample rate, mono or multi-channel): the server
+resamples and downmixes. Exits non-zero with the server's status on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import soundfile
+from google.protobuf import json_format
+
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.stream import StreamOptions, channel, stream_audio
+
+
+def read_wav(path: Path) -> tuple[bytes, int, int]:
+    """LINEAR16 bytes (interleaved), sample rate and channel count of an audio file."""
+    data, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
+    return np.ascontiguousarray(data).astype("<i2").tobytes(), rate, data.shape[1]
+
+
+class Printer:
+    """Interim results on one updating line (terminal) or as changed lines; finals on their own."""
+
+    def __init__(self, out=sys.stdout, show_timing: bool = False):
+        self.out = out
+        self.tty = out.isatty()
+        self.show_timing = show_timing
+        self.last_interim = ""
+
+    def result(self, result: asr_pb2.StreamingRecognitionResult) -> None:
+        text = result.alternatives[0].transcript if result.alternatives else ""
+        timing = ""
+        if self.show_timing:
+            timing = f"  [{result.timing.chunk_latency_ms:.0f} ms]"
+        if result.is_final:
+            if self.tty:
+                self.out.write("\r\033[K")
+            self.out.write(f"{text}{timing}\n")
+            self.last_interim = ""
+        elif text != self.last_interim:
+            if self.tty:
+                self.out.write(f"\r\033[K{text} …{timing}")
+            else:
+                self.out.write(f"… {text}{timing}\n")
+            self.last_interim = text
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.tty and self.last_interim:
+            self.out.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asr-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", type=Path, help="audio file to stream (WAV, FLAC, ...; any rate, mono or multi-channel)")
+    p.add_argument("--server", default="localhost:50051", help="server address HOST:PORT (default: %(default)s)")
+    p.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time")
+    p.add_argument("--json", action="store_true", help="print one JSON object per response")
+    p.add_argument("--beam", type=int, default=0, metavar="N",
+                   help="beam search with N hypotheses (default: the server's decoding method)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--no-interim", action="store_true", help="final results only")
+    p.add_argument("--no-endpointing", action="store_true", help="one final result at the end of the stream")
+    p.add_argument("--words", action="store_true", help="ask for word time offsets (shown with --json)")
+    p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
+    p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
+    p.add_argument("--chunk-ms", type=int, default=160, help="audio per message (default: %(default)s)")
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        pcm, rate, channels = read_wav(args.file)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        print(f"asr-client: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
+    if args.greedy:
+        method = asr_pb2.GREEDY
+    elif args.beam:
+        method = asr_pb2.BEAM_SEARCH
+    options = StreamOptions(interim_results=not args.no_interim, decoding_method=method, beam_width=args.beam,
+                            word_time_offsets=args.words, endpointing=not args.no_endpointing,
+                            request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms)
+    printer = Printer(show_timing=args.timing)
+    async with channel(args.server) as ch:
+        stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+        try:
+            async for event in stream_audio(stub, pcm, rate, options, channels=channels):
+                if args.json:
+                    doc = json_format.MessageToDict(event.response, preserving_proto_field_name=True)
+                    if event.client_latency_s is not None:
+                        doc["client_latency_ms"] = round(event.client_latency_s * 1000, 1)
+                    print(json.dumps(doc), flush=True)
+                else:
+                    for result in event.response.results:
+                        printer.result(result)
+        except grpc.aio.AioRpcError as exc:
+            printer.close()
+            print(f"asr-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    printer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

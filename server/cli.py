@@ -1,0 +1,60 @@
+"""``asr-server``: run the streaming recognition server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
+
+from server.config import ServerSettings
+from server.models import ModelLoadError
+
+
+def parse_settings(argv: list[str] | None = None) -> ServerSettings:
+    """Settings from flags, then ``ASR_*`` variables, then defaults; exits 2 on invalid values."""
+    try:
+        source = CliSettingsSource(ServerSettings, cli_parse_args=argv if argv is not None else sys.argv[1:],
+                                   cli_prog_name="asr-server", cli_kebab_case=True, cli_implicit_flags=True)
+        return ServerSettings(_cli_settings_source=source(args=argv if argv is not None else sys.argv[1:]))
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            option = "--" + name.replace("_", "-")
+            print(f"asr-server: invalid value for {option} (env ASR_{name.upper()}): {err['msg']}",
+                  file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def run(settings: ServerSettings) -> int:
+    from server.app import AsrServer
+
+    server = AsrServer(settings)
+    try:
+        port = await server.start()
+    except ModelLoadError as exc:
+        logging.getLogger("asr-server").error("cannot load model: %s", exc)
+        return 1
+    print(f"asr-server listening on {settings.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("asr-server").info("stopping")
+    await server.stop(grace=2.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Typed configuration: server settings (flags + ``ASR_*`` environment) and per-stream config.
+
+``ServerSettings`` is the single source of every server option: ``asr-server
+--help`` is generated from it, each option is also read from the environment
+variable ``ASR_<OPTION>``, and values are validated at start-up (an invalid
+value stops the server with a message naming the option).
+
+``StreamConfig`` is the transport-free form of a request's recognition config;
+the servicers build it from their protocol's messages and ``validate`` it
+against the server's limits.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.errors import invalid
+
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+MAX_CHANNELS = 8
+
+
+class ServerSettings(BaseSettings):
+    """Every option of ``asr-server``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ASR_", cli_kebab_case=True, cli_prog_name="asr-server",
+        cli_implicit_flags=True, extra="forbid")
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address the gRPC server listens on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
+    # --- model ---------------------------------------------------------------------------
+    model: str = Field("demo", description="model source: demo (the embedded trained model), "
+                       "random-base (full-size Emformer with seeded random weights, for benchmarks), "
+                       "random-small (tiny random model, for tests) or bundle:DIR (torchaudio's "
+                       "LibriSpeech files in DIR)")
+    seed: int = Field(0, description="seed of the random-* models")
+    precision: Literal["fp32"] = Field(
+        "fp32", description="numeric precision of the model, applied once at load time "
+        "(reduced precisions are not available yet)")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    threads: int = Field(0, ge=0, description="torch intra-op threads of the inference thread "
+                         "(0: one per core)")
+    # --- decoding ------------------------------------------------------------------------
+    decoding_method: Literal["greedy", "beam"] = Field(
+        "greedy", description="decoding used when a request does not choose one")
+    beam_width: int = Field(4, ge=1, le=64, description="beam width used when a request asks for "
+                            "beam search without a width")
+    max_beam_width: int = Field(16, ge=1, le=64, description="largest beam width a request may ask for")
+    endpoint_silence_ms: int = Field(800, ge=80, le=60_000, description="trailing non-speech that "
+                                     "ends an utterance (a final result), unless a request sets its own")
+    max_utterance_ms: int = Field(30_000, ge=1000, le=600_000, description="longest utterance before "
+                                  "a final result is forced, unless a request sets its own")
+    # --- batching ------------------------------------------------------------------------
+    max_batch: int = Field(32, ge=1, le=1024, description="most streams in one engine step")
+    max_wait_ms: float = Field(0.0, ge=0.0, le=100.0, description="how long a step may wait to fill "
+                               "a batch once the engine is free (0: never wait)")
+    # --- limits --------------------------------------------------------------------------
+    max_streams: int = Field(0, ge=0, description="concurrent streams admitted; further ones get "
+                             "RESOURCE_EXHAUSTED (0: unlimited)")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                   description="largest request message accepted")
+    max_stream_seconds: float = Field(3600.0, gt=0, description="longest stream, in seconds of audio")
+    max_buffered_seconds: float = Field(10.0, gt=0.5, le=600.0, description="audio a stream may send "
+                                        "ahead of recognition before the server stops reading "
+                                        "(gRPC flow control then slows the client)")
+    # --- observability -------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        from server.models import MODEL_CHOICES
+
+        if v not in MODEL_CHOICES[:-1] and not v.startswith("bundle:"):
+            raise ValueError(f"must be one of {', '.join(MODEL_CHOICES)}")
+        if v.startswith("bundle:") and not Path(v[len("bundle:"):]).expanduser().is_dir():
+            raise ValueError(f"bundle directory {v[len('bundle:'):]!r} does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _check_beam(self) -> "ServerSettings":
+        if self.beam_width > self.max_beam_width:
+            raise ValueError(f"--beam-width ({self.beam_width}) exceeds --max-beam-width "
+                             f"({self.max_beam_width})")
+        return self
+
+
+def _describe_env_vars() -> None:
+    """Append each option's environment variable to its help text."""
+    for name, info in ServerSettings.model_fields.items():
+        info.description = f"{info.description} [env ASR_{name.upper()}]"
+    ServerSettings.model_rebuild(force=True)
+
+
+_describe_env_vars()
+
+
+class DecodingMethod(enum.Enum):
+    GREEDY = "greedy"
+    BEAM_SEARCH = "beam"
+
+
+class Encoding(enum.Enum):
+    LINEAR16 = "LINEAR16"
+    FLOAT32 = "FLOAT32"
+
+    @property
+    def sample_width(self) -> int:
+        return 2 if self is Encoding.LINEAR16 else 4
+
+
+@dataclass(frozen=True)
+class Endpointing:
+    enabled: bool = True
+    trailing_silence_ms: int = 800
+    max_utterance_ms: int = 30_000
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A stream's recognition settings, after defaults are applied; see ``validate``."""
+
+    encoding: Optional[Encoding] = Encoding.LINEAR16
+    sample_rate_hertz: int = 16000
+    channels: int = 1
+    decoding_method: DecodingMethod = DecodingMethod.GREEDY
+    beam_width: int = 1
+    max_alternatives: int = 1
+    interim_results: bool = False
+    word_time_offsets: bool = False
+    endpointing: Endpointing = field(default_factory=Endpointing)
+    request_id: str = ""
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one multi-channel sample frame."""
+        assert self.encoding is not None
+        return self.encoding.sample_width * self.channels
+
+    def validate(self, settings: ServerSettings) -> "StreamConfig":
+        """Raise INVALID_ARGUMENT naming the first offending field; return self when valid."""
+        if self.encoding is None:
+            raise invalid("config.encoding must be LINEAR16 or FLOAT32")
+        if not MIN_SAMPLE_RATE <= self.sample_rate_hertz <= MAX_SAMPLE_RATE:
+            raise invalid(f"config.sample_rate_hertz must be between {MIN_SAMPLE_RATE} and "
+                          f"{MAX_SAMPLE_RATE}, got {self.sample_rate_hertz}")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise invalid(f"config.audio_channel_count must be between 1 and {MAX_CHANNELS}, "
+                          f"got {self.channels}")
+        if not 1 <= self.beam_width <= settings.max_beam_width:
+            raise invalid(f"config.beam_width must be between 1 and {settings.max_beam_width}, "
+                          f"got {self.beam_width}")
+        if not 1 <= self.max_alternatives <= self.beam_width:
+            raise invalid(f"config.max_alternatives must be between 1 and the beam width "
+                          f"({self.beam_width}), got {self.max_alternatives}")
+        if len(self.request_id) > 128:
+            raise invalid("request_id must be at most 128 characters")
+        ep = self.endpointing
+        if ep.enabled and not 80 <= ep.trailing_silence_ms <= 60_000:
+            raise invalid("config.endpointing.trailing_silence_ms must be between 80 and 60000")
+        if ep.enabled and not 1000 <= ep.max_utterance_ms <= 600_000:
+            raise invalid("config.endpointing.max_utterance_ms must be between 1000 and 600000")
+        return self

@@ -1,0 +1,296 @@
+"""RNN-T decoding batched across streams: greedy, and torchaudio's beam search.
+
+Both decoders take one chunk of encoder output for B streams, ``(B, 4, E)``,
+and advance each stream's own ``DecoderState``; no stream's result depends on
+the others in its batch.
+
+* ``GreedyDecoder``: the best symbol per step, up to ``max_symbols_per_frame``
+  non-blank symbols per frame; every joiner and predictor call covers all streams
+  still emitting on that frame.
+* ``BeamSearchDecoder``: the algorithm of torchaudio's ``RNNTBeamSearch`` (same
+  expansions, merging, pruning and length-normalised ranking, float32 scores),
+  written as one generator per stream that *requests* joiner and predictor work;
+  a driver serves the requests of all streams with one batched joiner call and
+  one batched predictor call per round. Hypotheses keep their predictor output,
+  so the joiner only runs on what changed.
+
+Token 0..V-2 are symbols, V-1 the blank (torchaudio's convention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Generator, Union
+
+import torch
+import torch.nn.functional as F
+
+PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h (N, H), c (N, H)]
+
+
+class Predictor:
+    """Batched one-token step of the RNN-T prediction network, plus the joiner."""
+
+    def __init__(self, rnnt: torch.nn.Module, blank: int):
+        self.rnnt = rnnt
+        self.blank = blank
+        self.joiner_linear = rnnt.joiner.linear
+        self.joiner_activation = rnnt.joiner.activation
+        self._initial: tuple[torch.Tensor, PredictorState] | None = None
+
+    def step(self, tokens: torch.Tensor, state: PredictorState | None) -> tuple[torch.Tensor, PredictorState]:
+        """``tokens (N,)`` -> predictor output ``(N, E)`` and the new state."""
+        out, _, new_state = self.rnnt.predict(tokens[:, None], torch.ones_like(tokens), state)
+        return out[:, 0], new_state
+
+    def initial(self) -> tuple[torch.Tensor, PredictorState]:
+        """Output and state after the start symbol (the blank), from a zero state: ``(1, E)``."""
+        if self._initial is None:
+            device = self.joiner_linear.weight.device
+            self._initial = self.step(torch.tensor([self.blank], device=device), None)
+        return self._initial
+
+    def join(self, encoder_rows: torch.Tensor, predictor_rows: torch.Tensor) -> torch.Tensor:
+        """``(N, E)`` and ``(N, E)`` -> logits ``(N, V)``, as torchaudio's ``_Joiner``."""
+        return self.joiner_linear(self.joiner_activation(encoder_rows + predictor_rows))
+
+
+def stack_states(states: list[PredictorState]) -> PredictorState:
+    return [[torch.cat([s[layer][i] for s in states]) for i in range(len(states[0][layer]))]
+            for layer in range(len(states[0]))]
+
+
+def unstack_state(state: PredictorState, index: int) -> PredictorState:
+    return [[t[index:index + 1] for t in layer] for layer in state]
+
+
+@dataclass
+class Hypothesis:
+    """One decoding path: tokens (the leading start symbol excluded), the encoder frame of
+    each token, its predictor output and state after the last token, and its float32 score."""
+
+    tokens: tuple[int, ...]
+    frames: tuple[int, ...]
+    predictor_out: torch.Tensor  # (1, E)
+    predictor_state: PredictorState
+    score: float
+    token_prob_sum: float = 0.0  # sum of the emitted tokens' posteriors (for confidence)
+
+    @property
+    def rank_key(self) -> float:
+        """torchaudio's ranking: score normalised by length (start symbol counted)."""
+        return self.score / (len(self.tokens) + 2)
+
+    @property
+    def confidence(self) -> float:
+        return self.token_prob_sum / len(self.tokens) if self.tokens else 0.0
+
+
+@dataclass
+class DecoderState:
+    """A stream's decoding state for the current utterance: its hypotheses, best first
+    after every step. Greedy streams keep exactly one hypothesis."""
+
+    hypotheses: list[Hypothesis] = field(default_factory=list)
+
+    @property
+    def best(self) -> Hypothesis:
+        return self.hypotheses[0]
+
+    def stability(self) -> float:
+        """Share of the best hypothesis that all hypotheses agree on (1.0 for greedy)."""
+        best = self.best.tokens
+        if len(self.hypotheses) == 1 or not best:
+            return 1.0
+        common = len(best)
+        for hyp in self.hypotheses[1:]:
+            n = 0
+            for a, b in zip(best, hyp.tokens):
+                if a != b:
+                    break
+                n += 1
+            common = min(common, n)
+        return common / len(best)
+
+
+def _initial_hypothesis(predictor: Predictor) -> Hypothesis:
+    out, state = predictor.initial()
+    return Hypothesis((), (), out, state, 0.0)
+
+
+class GreedyDecoder:
+    """Best-symbol decoding for a batch of streams."""
+
+    def __init__(self, predictor: Predictor, max_symbols_per_frame: int = 10):
+        self.predictor = predictor
+        self.blank = predictor.blank
+        self.max_symbols_per_frame = max_symbols_per_frame
+
+    def new_state(self) -> DecoderState:
+        return DecoderState([_initial_hypothesis(self.predictor)])
+
+    def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int]) -> None:
+        """Decode ``encoder_out (B, T, E)``; ``first_frames[b]`` is the stream frame of row 0."""
+        hyps = [s.best for s in states]
+        pred = torch.cat([h.predictor_out for h in hyps])
+        pstate = stack_states([h.predictor_state for h in hyps])
+        tokens: list[list[int]] = [list(h.tokens) for h in hyps]
+        frames: list[list[int]] = [list(h.frames) for h in hyps]
+        prob_sums = [h.token_prob_sum for h in hyps]
+        everyone = torch.arange(len(states), device=encoder_out.device)
+        for t in range(encoder_out.size(1)):
+            rows = everyone
+            for _ in range(self.max_symbols_per_frame):
+                logits = self.predictor.join(encoder_out[rows, t], pred[rows])
+                best = logits.argmax(dim=-1)
+                emit = best != self.blank
+                if not bool(emit.any()):
+                    break
+                rows, symbols = rows[emit], best[emit]
+                probs = torch.softmax(logits[emit].float(), dim=-1).gather(1, symbols[:, None])[:, 0]
+                out, new_state = self.predictor.step(symbols, [[t_[rows] for t_ in layer] for layer in pstate])
+                pred[rows] = out
+                for layer, new_layer in zip(pstate, new_state):
+                    for old, new in zip(layer, new_layer):
+                        old[rows] = new
+                for r, s, p in zip(rows.tolist(), symbols.tolist(), probs.tolist()):
+                    tokens[r].append(s)
+                    frames[r].append(first_frames[r] + t)
+                    prob_sums[r] += p
+        for i, state in enumerate(states):
+            state.hypotheses = [Hypothesis(tuple(tokens[i]), tuple(frames[i]), pred[i:i + 1],
+                                           unstack_state(pstate, i), 0.0, prob_sums[i])]
+
+
+@dataclass
+class _JoinRequest:
+    stream: int
+    frame: int
+    hypotheses: list[Hypothesis]
+
+
+@dataclass
+class _PredictRequest:
+    tokens: list[int]
+    hypotheses: list[Hypothesis]
+
+
+_Request = Union[_JoinRequest, _PredictRequest]
+
+
+class BeamSearchDecoder:
+    """torchaudio's RNN-T beam search, batched across streams (see module docstring)."""
+
+    def __init__(self, predictor: Predictor, step_max_tokens: int = 100):
+        self.predictor = predictor
+        self.blank = predictor.blank
+        self.step_max_tokens = step_max_tokens
+
+    def new_state(self) -> DecoderState:
+        return DecoderState([_initial_hypothesis(self.predictor)])
+
+    def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
+             beam_widths: list[int]) -> None:
+        searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], encoder_out.size(1), first_frames[i])
+                    for i in range(len(states))}
+        requests: dict[int, _Request] = {}
+        for i, search in searches.items():
+            requests[i] = next(search)
+        while requests:
+            replies = self._serve(encoder_out, requests)
+            for i, reply in replies.items():
+                try:
+                    requests[i] = searches[i].send(reply)
+                except StopIteration as done:
+                    states[i].hypotheses = done.value
+                    del requests[i]
+
+    def _serve(self, encoder_out: torch.Tensor, requests: dict[int, _Request]) -> dict[int, object]:
+        """Answer every pending request with one joiner call and one predictor call."""
+        replies: dict[int, object] = {}
+        joins = [(i, r) for i, r in requests.items() if isinstance(r, _JoinRequest)]
+        predicts = [(i, r) for i, r in requests.items() if isinstance(r, _PredictRequest)]
+        if joins:
+            enc = torch.cat([encoder_out[r.stream, r.frame].expand(len(r.hypotheses), -1) for _, r in joins])
+            pred = torch.cat([h.predictor_out for _, r in joins for h in r.hypotheses])
+            logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu()
+            start = 0
+            for i, r in joins:
+                replies[i] = logp[start:start + len(r.hypotheses)]
+                start += len(r.hypotheses)
+        if predicts:
+            device = self.predictor.joiner_linear.weight.device
+            tokens = torch.tensor([t for _, r in predicts for t in r.tokens], device=device)
+            state = stack_states([h.predictor_state for _, r in predicts for h in r.hypotheses])
+            out, new_state = self.predictor.step(tokens, state)
+            start = 0
+            for i, r in predicts:
+                n = len(r.tokens)
+                replies[i] = [(out[k:k + 1], unstack_state(new_state, k)) for k in range(start, start + n)]
+                start += n
+        return replies
+
+    def _search(self, stream: int, hyps: list[Hypothesis], beam: int, num_frames: int,
+                first_frame: int) -> Generator[_Request, object, list[Hypothesis]]:
+        """One stream's beam search over ``num_frames`` frames (torchaudio's ``_search``)."""
+        for t in range(num_frames):
+            expanding = hyps  # hypotheses that may still emit on this frame
+            ended: list[Hypothesis] = []  # hypotheses that closed the frame with a blank, ascending
+            ended_by_tokens: dict[tuple[int, ...], Hypothesis] = {}
+            emitted = 0
+            while expanding:
+                logp = yield _JoinRequest(stream, t, expanding)
+                ended = self._close_with_blank(ended, expanding, logp, ended_by_tokens)
+                if emitted == self.step_max_tokens:
+                    break
+                expanding = yield from self._expand(expanding, ended, logp, beam, first_frame + t)
+                if expanding:
+                    emitted += 1
+            keys = torch.tensor([h.rank_key for h in ended])
+            _, order = keys.topk(min(beam, len(ended)))
+            hyps = [ended[i] for i in order.tolist()]
+        return hyps
+
+    @staticmethod
+    def _close_with_blank(ended: list[Hypothesis], expanding: list[Hypothesis], logp: torch.Tensor,
+                          ended_by_tokens: dict) -> list[Hypothesis]:
+        """Add each expanding hypothesis + blank to ``ended``, merging equal token sequences."""
+        for i, hyp in enumerate(expanding):
+            blank_score = torch.tensor(hyp.score) + logp[i, -1]  # float32, as torchaudio
+            previous = ended_by_tokens.get(hyp.tokens)
+            if previous is not None:
+                for j, other in enumerate(ended):
+                    if other.tokens == hyp.tokens:
+                        del ended[j]
+                        break
+                score = float(torch.tensor(previous.score).logaddexp(blank_score))
+            else:
+                score = float(blank_score)
+            closed = Hypothesis(hyp.tokens, hyp.frames, hyp.predictor_out, hyp.predictor_state,
+                                score, hyp.token_prob_sum)
+            ended.append(closed)
+            ended_by_tokens[hyp.tokens] = closed
+        _, order = torch.tensor([h.score for h in ended]).sort()
+        return [ended[i] for i in order.tolist()]
+
+    def _expand(self, expanding: list[Hypothesis], ended: list[Hypothesis], logp: torch.Tensor, beam: int,
+                frame: int) -> Generator[_Request, object, list[Hypothesis]]:
+        """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis."""
+        scores = torch.tensor([h.score for h in expanding]).unsqueeze(1) + logp[:, :-1]
+        best_scores, best_index = scores.reshape(-1).topk(beam)
+        symbols = logp.size(1) - 1
+        threshold = ended[-beam].score if len(ended) >= beam else -math.inf
+        rows, tokens, new_scores = [], [], []
+        for score, index in zip(best_scores.tolist(), best_index.tolist()):
+            if score > threshold:
+                rows.append(index // symbols)
+                tokens.append(index % symbols)
+                new_scores.append(score)
+        if not rows:
+            return []
+        base = [expanding[r] for r in rows]
+        outputs = yield _PredictRequest(tokens, base)
+        return [Hypothesis(h.tokens + (tok,), h.frames + (frame,), out, state, score,
+                           h.token_prob_sum + math.exp(float(logp[r, tok])))
+                for r, h, tok, score, (out, state) in zip(rows, base, tokens, new_scores, outputs)]

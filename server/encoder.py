@@ -1,0 +1,212 @@
+"""Batched streaming step of torchaudio's Emformer encoder, exact for streams at any position.
+
+torchaudio's ``_EmformerLayer.infer`` reads the number of valid left-context
+frames from batch element 0 only, so streams whose left context is still filling
+(their first 8 chunks) cannot be stacked. This module runs the same layer maths
+from the same weights, with a per-stream key mask instead:
+
+* each stream owns a *slot* in ``LeftContextPool``: per layer, a ring of the last
+  32 utterance keys and values (the 30-frame left context, rounded up to whole
+  4-frame segments);
+* a step gathers the slots of the batch, masks the ring entries a stream has not
+  filled yet (and the 2 oldest once the ring is full), and writes back only the 4
+  new frames of each stream.
+
+Attention is a weighted sum over keys, so their order in the ring does not
+matter; results match ``Emformer.infer`` to float rounding (the tests check
+1e-4) for any mix of stream positions.
+
+Shapes (B streams, D model width, E encoder output width):
+``features (B, 20, 80)`` -> ``encoder output (B, 4, E)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SEGMENT = 4  # reduced (40 ms) frames per chunk
+RIGHT_CONTEXT = 1  # reduced frames of look-ahead
+
+
+@dataclass
+class _Layer:
+    """One Emformer layer's weights, in the form the step uses (q, k, v fused)."""
+
+    ln_in: tuple[torch.Tensor, torch.Tensor, float]
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+    ln_ff: tuple[torch.Tensor, torch.Tensor, float]
+    w_ff1: torch.Tensor
+    b_ff1: torch.Tensor
+    w_ff2: torch.Tensor
+    b_ff2: torch.Tensor
+    ln_out: tuple[torch.Tensor, torch.Tensor, float]
+    activation: str
+
+
+def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return module.weight, module.bias, module.eps
+
+
+class LeftContextPool:
+    """Left-context keys and values of every stream, one slot per stream.
+
+    ``keys[l]`` and ``values[l]`` are ``(slots, ring, D)`` for layer ``l``; the ring
+    holds the utterance keys of the stream's last ``ring // 4`` chunks, chunk ``n``
+    at positions ``(n % (ring // 4)) * 4 + [0, 4)``.
+    """
+
+    def __init__(self, num_layers: int, dim: int, left_context: int, dtype: torch.dtype,
+                 device: torch.device, initial_slots: int = 8):
+        self.num_layers, self.dim, self.left_context = num_layers, dim, left_context
+        self.ring = -(-left_context // SEGMENT) * SEGMENT  # 30 -> 32
+        self.chunks_in_ring = self.ring // SEGMENT
+        self.dtype, self.device = dtype, device
+        self.keys = torch.zeros(num_layers, initial_slots, self.ring, dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self._free = list(range(initial_slots - 1, -1, -1))
+        self._masks = self._mask_table()
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(1)
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.keys[:, slot].zero_()
+        self.values[:, slot].zero_()
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        old = self.capacity
+        extra = torch.zeros(self.num_layers, old, self.ring, self.dim, dtype=self.dtype, device=self.device)
+        self.keys = torch.cat([self.keys, extra], dim=1)
+        self.values = torch.cat([self.values, torch.zeros_like(extra)], dim=1)
+        self._free.extend(range(2 * old - 1, old - 1, -1))
+
+    def _mask_table(self) -> torch.Tensor:
+        """``table[k]`` marks the valid ring entries of a stream that has run ``n`` chunks,
+        ``k = n`` while the ring fills (n < chunks_in_ring), else ``chunks_in_ring + n % chunks_in_ring``."""
+        rows = []
+        for key in range(2 * self.chunks_in_ring):
+            n = key if key < self.chunks_in_ring else key  # n chunks done (any n with this key)
+            valid = torch.zeros(self.ring, dtype=torch.bool)
+            first_frame = max(0, n * SEGMENT - self.left_context)
+            for c in range(max(0, n - self.chunks_in_ring), n):
+                for i in range(SEGMENT):
+                    if c * SEGMENT + i >= first_frame:
+                        valid[(c % self.chunks_in_ring) * SEGMENT + i] = True
+            rows.append(valid)
+        return torch.stack(rows).to(self.device)
+
+    def mask_rows(self, chunks_done: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` chunks processed -> ``(B, ring)`` bool, True where the ring entry is context."""
+        k = self.chunks_in_ring
+        key = torch.where(chunks_done < k, chunks_done, k + chunks_done % k)
+        return self._masks[key]
+
+
+class StreamingEncoder:
+    """Batched, position-independent ``transcribe_streaming`` of a torchaudio Emformer RNN-T."""
+
+    def __init__(self, transcriber: torch.nn.Module):
+        emformer = transcriber.transformer
+        self.input_linear = transcriber.input_linear
+        self.stride = transcriber.time_reduction.stride
+        self.output_linear = transcriber.output_linear
+        self.output_norm = _ln(transcriber.layer_norm)
+        first = emformer.emformer_layers[0]
+        self.dim = first.input_dim
+        self.heads = first.attention.num_heads
+        self.scaling = first.attention.scaling
+        self.left_context = first.left_context_length
+        if emformer.segment_length != SEGMENT or emformer.right_context_length != RIGHT_CONTEXT:
+            raise ValueError("StreamingEncoder needs 4 reduced frames per segment and 1 of right context")
+        self.layers = []
+        for layer in emformer.emformer_layers:
+            att = layer.attention
+            ff = layer.pos_ff  # LayerNorm, Linear, activation, Dropout, Linear, Dropout
+            self.layers.append(_Layer(
+                ln_in=_ln(layer.layer_norm_input),
+                w_qkv=torch.cat([att.emb_to_query.weight, att.emb_to_key_value.weight]).detach(),
+                b_qkv=torch.cat([att.emb_to_query.bias, att.emb_to_key_value.bias]).detach(),
+                w_out=att.out_proj.weight, b_out=att.out_proj.bias,
+                ln_ff=_ln(ff[0]), w_ff1=ff[1].weight, b_ff1=ff[1].bias,
+                w_ff2=ff[4].weight, b_ff2=ff[4].bias, ln_out=_ln(layer.layer_norm_output),
+                activation=type(ff[2]).__name__))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def new_pool(self, dtype: torch.dtype, device: torch.device) -> LeftContextPool:
+        return LeftContextPool(self.num_layers, self.dim, self.left_context, dtype, device)
+
+    @staticmethod
+    def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "GELU":
+            return F.gelu(x)
+        if name == "ReLU":
+            return F.relu(x)
+        return F.silu(x)
+
+    def __call__(self, features: torch.Tensor, pool: LeftContextPool, slots: torch.Tensor,
+                 chunks_done: torch.Tensor) -> torch.Tensor:
+        """One chunk for each of B streams.
+
+        Args:
+            features: ``(B, T >= 20, 80)``, the window's frames; frames past 20 are ignored.
+            pool: the streams' left-context store; updated in place.
+            slots: ``(B,)`` long, each stream's pool slot.
+            chunks_done: ``(B,)`` long, chunks each stream has run before this one.
+        Returns:
+            ``(B, 4, E)`` encoder output for the chunk's 4 segment frames.
+        """
+        B = features.size(0)
+        D, H = self.dim, self.heads
+        frames = (SEGMENT + RIGHT_CONTEXT) * self.stride
+        x = F.linear(features[:, :frames], self.input_linear.weight)
+        x = x.reshape(B, SEGMENT + RIGHT_CONTEXT, -1)  # 4x time reduction by stacking
+        # torchaudio orders rows [right context, utterance]; keep that layout throughout.
+        x = torch.cat([x[:, SEGMENT:], x[:, :SEGMENT]], dim=1)
+        rows = x.size(1)
+        context_mask = pool.mask_rows(chunks_done)
+        mask = torch.cat([context_mask, context_mask.new_ones(B, rows)], dim=1)[:, None, None, :]
+        write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
+            SEGMENT, device=slots.device)
+        write_slots = slots[:, None].expand(B, SEGMENT)
+        for index, layer in enumerate(self.layers):
+            ln = F.layer_norm(x, (D,), *layer.ln_in[:2], layer.ln_in[2])
+            qkv = F.linear(ln, layer.w_qkv, layer.b_qkv)
+            q, k, v = qkv.split(D, dim=-1)
+            keys = torch.cat([pool.keys[index].index_select(0, slots), k], dim=1)
+            values = torch.cat([pool.values[index].index_select(0, slots), v], dim=1)
+            attn = F.scaled_dot_product_attention(
+                q.reshape(B, rows, H, -1).transpose(1, 2),
+                keys.reshape(B, -1, H, D // H).transpose(1, 2),
+                values.reshape(B, -1, H, D // H).transpose(1, 2),
+                attn_mask=mask, scale=self.scaling)
+            attn = attn.transpose(1, 2).reshape(B, rows, D)
+            x = F.linear(attn, layer.w_out, layer.b_out) + x
+            ff = F.layer_norm(x, (D,), *layer.ln_ff[:2], layer.ln_ff[2])
+            ff = F.linear(self._activation(layer.activation, F.linear(ff, layer.w_ff1, layer.b_ff1)),
+                          layer.w_ff2, layer.b_ff2)
+            x = F.layer_norm(ff + x, (D,), *layer.ln_out[:2], layer.ln_out[2])
+            pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:])
+            pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:])
+        out = F.linear(x[:, RIGHT_CONTEXT:], self.output_linear.weight, self.output_linear.bias)
+        return F.layer_norm(out, (out.size(-1),), *self.output_norm[:2], self.output_norm[2])

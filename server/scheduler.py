@@ -1,0 +1,217 @@
+"""Continuous batching of ready chunks from all streams onto one inference thread.
+
+Sessions ``submit`` a chunk when its audio is complete and await the result.
+Whenever the engine is free, the scheduler takes up to ``max_batch`` queued
+chunks, oldest-ready first (so no stream starves), at most one per stream (so
+a stream's chunks run in order), optionally waiting up to ``max_wait`` seconds
+for a fuller batch, and runs them as one ``runner.run_batch`` call on its single
+inference thread, so the asyncio loop never blocks on the model.
+
+A batch that raises fails only its own chunks' futures, with an ``INTERNAL``
+``ASRError``; the loop goes on serving everyone else. The scheduler moves
+opaque items and futures: it knows nothing of torch or gRPC, so it is tested
+with a fake runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol, Sequence
+
+from server.errors import ASRError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    def run_batch(self, items: list[Any]) -> Sequence[Any]:
+        """Process ``items`` (at most one per stream); one result (or Exception) per item, in order."""
+
+
+@dataclass
+class JobTiming:
+    """When a chunk was ready, started and finished (``time.monotonic()`` seconds)."""
+
+    ready_at: float
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def queue_wait(self) -> float:
+        return self.started_at - self.ready_at
+
+    @property
+    def compute(self) -> float:
+        return self.finished_at - self.started_at
+
+
+@dataclass
+class BatchRecord:
+    """What the scheduler saw of one batch (for metrics)."""
+
+    size: int
+    seconds: float
+    queue_depth_after: int
+    failed: bool
+
+
+@dataclass(order=True)
+class _Job:
+    ready_at: float
+    seq: int
+    key: Hashable = field(compare=False)
+    item: Any = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    timing: JobTiming = field(compare=False)
+
+
+class Scheduler:
+    def __init__(self, runner: BatchRunner, max_batch: int = 32, max_wait: float = 0.0,
+                 on_batch: Callable[[BatchRecord], None] | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.on_batch = on_batch
+        self._queue: list[_Job] = []
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._running_batch = 0
+        self.batches_run = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(ASRError(ErrorCode.UNAVAILABLE, "server is shutting down"))
+        self._queue.clear()
+        if self._executor:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # --- API for sessions ----------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._running_batch > 0
+
+    async def submit(self, key: Hashable, item: Any, ready_at: float | None = None) -> tuple[Any, JobTiming]:
+        """Queue ``item`` of stream ``key``; return the runner's result and the job's timing.
+
+        Cancelling the awaiting task withdraws a queued item; an item already in a
+        running batch completes and its result is dropped.
+        """
+        if self._task is None:
+            raise ASRError(ErrorCode.UNAVAILABLE, "scheduler is not running")
+        timing = JobTiming(ready_at if ready_at is not None else time.monotonic())
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, _Job(timing.ready_at, next(self._seq), key, item, future, timing))
+        self._wakeup.set()
+        return await future, timing
+
+    async def run_on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a control call (e.g. freeing a stream's state) on the inference thread,
+        serialised with the batches."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def call_soon_on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like ``run_on_engine_thread`` without waiting: safe in cleanup paths, even while
+        the calling task is being cancelled."""
+        try:
+            if self._executor is not None:
+                self._executor.submit(fn, *args)
+                return
+        except RuntimeError:  # executor already shut down: no batch can be running
+            pass
+        fn(*args)
+
+    # --- the loop ------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Job]:
+        batch: list[_Job] = []
+        keys: set = set()
+        deferred: list[_Job] = []
+        while self._queue and len(batch) < self.max_batch:
+            job = heapq.heappop(self._queue)
+            if job.future.done():  # withdrawn by its session
+                continue
+            if job.key in keys:  # a stream's next chunk waits for its previous one
+                deferred.append(job)
+                continue
+            keys.add(job.key)
+            batch.append(job)
+        for job in deferred:
+            heapq.heappush(self._queue, job)
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            if self.max_wait > 0 and len(self._queue) < self.max_batch:
+                await asyncio.sleep(self.max_wait)
+            batch = self._take_batch()
+            if not self._queue:
+                self._wakeup.clear()
+            if not batch:
+                continue
+            started = time.monotonic()
+            for job in batch:
+                job.timing.started_at = started
+                job.timing.batch_size = len(batch)
+            self._running_batch = len(batch)
+            failed = False
+            try:
+                results = await loop.run_in_executor(self._executor, self.runner.run_batch,
+                                                     [job.item for job in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(ASRError(ErrorCode.UNAVAILABLE, "server is shutting down"))
+                raise
+            except Exception as exc:  # the batch fails; its streams get INTERNAL, the loop goes on
+                failed = True
+                log.exception("engine step failed for a batch of %d", len(batch))
+                error = ASRError(ErrorCode.INTERNAL, f"recognition failed: {type(exc).__name__}: {exc}")
+                results = [error] * len(batch)
+            finally:
+                self._running_batch = 0
+            finished = time.monotonic()
+            self.batches_run += 1
+            for job, result in zip(batch, results):
+                job.timing.finished_at = finished
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+            if self.on_batch:
+                self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed))

@@ -1,0 +1,97 @@
+"""The transport-free core every protocol adapter drives: model, engine, scheduler, sessions.
+
+``RecognitionService`` is built once per server. Servicers (``asr.v1`` and the
+compatibility protocols) convert their messages to a ``StreamConfig`` via
+``stream_config``, open a ``Session`` through ``sessions``, and convert the
+session's ``Result`` objects back. There is exactly one recognition path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from server import __version__
+from server.config import DecodingMethod, Encoding, Endpointing, ServerSettings, StreamConfig
+from server.engine import Engine
+from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES
+from server.models import LoadedModel
+from server.scheduler import Scheduler
+from server.session import Result, Session, SessionManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    model_name: str
+    precision: str
+    device: str
+    vocabulary_size: int
+    num_parameters: int
+    chunk_ms: float = SEGMENT_SAMPLES * 1000 / SAMPLE_RATE
+    right_context_ms: float = RIGHT_CONTEXT_SAMPLES * 1000 / SAMPLE_RATE
+    sample_rate_hertz: int = SAMPLE_RATE
+    version: str = __version__
+
+
+class RecognitionService:
+    def __init__(self, settings: ServerSettings, model: LoadedModel):
+        self.settings = settings
+        self.model = model
+        self.engine = Engine(model, device=settings.device, precision=settings.precision,
+                             threads=settings.threads)
+        self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
+                                   max_wait=settings.max_wait_ms / 1000)
+        self.sessions = SessionManager(self.engine, self.scheduler, settings)
+        self.description = ModelDescription(
+            model_name=model.name, precision=settings.precision, device=settings.device,
+            vocabulary_size=model.tokens.size, num_parameters=model.num_parameters)
+
+    async def start(self) -> None:
+        """Warm the model up on the inference thread, then start batching."""
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.warmup)
+        await self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+    def stream_config(self, *, encoding: Encoding | None, sample_rate_hertz: int, channels: int,
+                      method: DecodingMethod | None, beam_width: int, max_alternatives: int,
+                      interim_results: bool, word_time_offsets: bool, endpointing_disabled: bool = False,
+                      trailing_silence_ms: int = 0, max_utterance_ms: int = 0,
+                      request_id: str = "") -> StreamConfig:
+        """A ``StreamConfig`` with the server's defaults for every zero / unset field."""
+        s = self.settings
+        if method is None:
+            method = DecodingMethod(s.decoding_method)
+        if method is DecodingMethod.GREEDY:
+            beam_width = beam_width or 1
+        else:
+            beam_width = beam_width or s.beam_width
+        return StreamConfig(
+            encoding=encoding, sample_rate_hertz=sample_rate_hertz, channels=channels or 1,
+            decoding_method=method, beam_width=beam_width, max_alternatives=max_alternatives or 1,
+            interim_results=interim_results, word_time_offsets=word_time_offsets,
+            endpointing=Endpointing(not endpointing_disabled, trailing_silence_ms or s.endpoint_silence_ms,
+                                    max_utterance_ms or s.max_utterance_ms),
+            request_id=request_id)
+
+    def open_session(self, api: str) -> Session:
+        return self.sessions.open(api)
+
+    def close_session(self, session: Session) -> None:
+        self.sessions.close(session)
+
+    async def recognize(self, config: StreamConfig, audio: bytes, api: str) -> tuple[list[Result], float]:
+        """Unary recognition through a session: final results and the audio duration (s)."""
+        session = self.open_session(api)
+        try:
+            session.start(config)
+            session.feed(audio)
+            session.finish_input()
+            finals = [r async for r in session.results() if r.is_final]
+            return finals, session.stats.audio_seconds
+        finally:
+            self.close_session(session)

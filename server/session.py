@@ -1,0 +1,310 @@
+"""One recognition stream: audio in, results out, with its own state and lifecycle.
+
+A ``Session`` owns everything per stream: the audio decoder (bytes -> 16 kHz
+mono, resampled), the sample buffer it cuts into model windows, the engine's
+``StreamState`` (left-context slot, decoder hypotheses), endpointing counters
+and timing. Transport-free: servicers of every protocol feed it audio and turn
+its ``Result`` objects into their own messages.
+
+Lifecycle (``SessionState``): OPEN (waiting for a config) -> ACTIVE (audio and
+results) -> DRAINING (input finished, last windows being recognised) ->
+CLOSED. ``close()`` runs on every exit path (end, error, client cancel) and
+frees the engine state exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+from server.audio import AudioDecoder
+from server.config import ServerSettings, StreamConfig
+from server.engine import FRAME_SECONDS, ChunkResult, ChunkWork, Engine, StreamState
+from server.errors import ASRError, ErrorCode
+from server.features import SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
+from server.scheduler import JobTiming, Scheduler
+from server.tokens import TokenTable
+
+log = logging.getLogger(__name__)
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+@dataclass
+class WordTiming:
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Alternative:
+    transcript: str
+    confidence: float
+    words: list[WordTiming]
+
+
+@dataclass
+class Result:
+    """A transport-free recognition result (times in seconds from the start of the stream)."""
+
+    alternatives: list[Alternative]
+    is_final: bool
+    stability: float
+    start_s: float
+    end_s: float
+    utterance_index: int
+    chunk_ready_at: float  # monotonic time the last sample this result needed arrived
+    queue_wait_s: float
+    compute_s: float
+    batch_size: int
+
+    @property
+    def transcript(self) -> str:
+        return self.alternatives[0].transcript if self.alternatives else ""
+
+
+@dataclass
+class StreamStats:
+    """Per-stream figures for metrics and logs."""
+
+    opened_at: float = field(default_factory=time.monotonic)
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0  # this stream's share of the batched steps
+    chunks: int = 0
+    first_result_at: float | None = None
+    input_finished_at: float | None = None
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+@dataclass
+class _Window:
+    samples: np.ndarray
+    ready_at: float
+
+
+_END = None  # end-of-input marker in the window queue
+
+
+class Session:
+    _ids = itertools.count(1)
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings, api: str = "asr.v1"):
+        self.id = next(self._ids)
+        self.api = api
+        self.engine = engine
+        self.tokens: TokenTable = engine.tokens
+        self.scheduler = scheduler
+        self.settings = settings
+        self.state = SessionState.OPEN
+        self.config: StreamConfig | None = None
+        self.stats = StreamStats()
+        self.outcome = "ok"
+        self._decoder: AudioDecoder | None = None
+        self._stream: StreamState | None = None
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._samples_in = 0  # 16 kHz samples received
+        self._windows: asyncio.Queue[_Window | None | ASRError] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._utterance_index = 0
+        self._utterance_start_frame = 0
+        self._reset_pending = False
+        self._last: tuple[ChunkResult, JobTiming] | None = None
+
+    # --- input ---------------------------------------------------------------------------
+    def start(self, config: StreamConfig) -> None:
+        if self.state is not SessionState.OPEN:
+            raise ASRError(ErrorCode.INVALID_ARGUMENT, "the stream configuration was already sent; "
+                           "later messages must carry audio only")
+        self.config = config.validate(self.settings)
+        self._decoder = AudioDecoder(self.config)
+        self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width)
+        self.state = SessionState.ACTIVE
+
+    @property
+    def buffered_seconds(self) -> float:
+        """Audio received but not yet recognised."""
+        return (self._windows.qsize() * SEGMENT_SAMPLES + len(self._buffer)) / SAMPLE_RATE
+
+    def feed(self, data: bytes) -> None:
+        """Append one audio message; raises ``ASRError`` for malformed audio or limits."""
+        if self.state is SessionState.OPEN:
+            raise ASRError(ErrorCode.INVALID_ARGUMENT, "the first message must carry the stream "
+                           "configuration, before any audio")
+        if self.state is not SessionState.ACTIVE:
+            raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
+        samples = self._decoder.decode(data)
+        self._append(samples, time.monotonic())
+        if self._samples_in / SAMPLE_RATE > self.settings.max_stream_seconds:
+            raise ASRError(ErrorCode.OUT_OF_RANGE, f"stream exceeds the maximum duration of "
+                           f"{self.settings.max_stream_seconds:g} s of audio")
+        if self.buffered_seconds > self.settings.max_buffered_seconds:
+            self._room.clear()
+
+    async def wait_for_room(self) -> None:
+        """Wait until the audio ahead of recognition is under the limit (backpressure)."""
+        await self._room.wait()
+
+    def _append(self, samples: np.ndarray, now: float) -> None:
+        if len(samples):
+            self._buffer = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples
+            self._samples_in += len(samples)
+        while len(self._buffer) >= WINDOW_SAMPLES:
+            self._windows.put_nowait(_Window(self._buffer[:WINDOW_SAMPLES], now))
+            self._buffer = self._buffer[SEGMENT_SAMPLES:]
+
+    def finish_input(self) -> None:
+        """The client half-closed: recognise what is left, zero-padded."""
+        if self.state is not SessionState.ACTIVE:
+            return
+        now = time.monotonic()
+        self.stats.input_finished_at = now
+        self._append(self._decoder.flush(), now)
+        # Windows start every 2560 samples; the last ones are zero-padded (torchaudio's rule).
+        windows_total = -(-self._samples_in // SEGMENT_SAMPLES)
+        windows_queued = (self._samples_in - len(self._buffer)) // SEGMENT_SAMPLES
+        for _ in range(windows_total - windows_queued):
+            window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+            window[:min(len(self._buffer), WINDOW_SAMPLES)] = self._buffer[:WINDOW_SAMPLES]
+            self._windows.put_nowait(_Window(window, now))
+            self._buffer = self._buffer[SEGMENT_SAMPLES:]
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._windows.put_nowait(_END)
+        self.state = SessionState.DRAINING
+
+    def fail(self, error: ASRError) -> None:
+        """Stop the stream with ``error`` (raised from ``results``)."""
+        self._windows.put_nowait(error)
+
+    # --- output --------------------------------------------------------------------------
+    async def results(self) -> AsyncIterator[Result]:
+        """Recognise windows as they come; yields interim and final results. Raises ``ASRError``."""
+        while True:
+            item = await self._windows.get()
+            if isinstance(item, ASRError):
+                raise item
+            if item is _END:
+                break
+            if self.buffered_seconds <= self.settings.max_buffered_seconds:
+                self._room.set()
+            work = ChunkWork(self._stream, item.samples, reset_decoder=self._reset_pending)
+            self._reset_pending = False
+            chunk, timing = await self.scheduler.submit(self.id, work, ready_at=item.ready_at)
+            self._last = (chunk, timing)
+            self.stats.chunks += 1
+            self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
+            self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
+            result = self._on_chunk(chunk, timing)
+            if result is not None:
+                if self.stats.first_result_at is None:
+                    self.stats.first_result_at = time.monotonic()
+                yield result
+        self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
+        if self._last is not None:
+            chunk, timing = self._last
+            if chunk.best.tokens and not self._reset_pending:
+                yield self._final(chunk, timing)
+
+    def _audio_end_s(self, frames_done: int) -> float:
+        return min(frames_done * FRAME_SECONDS, self._samples_in / SAMPLE_RATE)
+
+    def _on_chunk(self, chunk: ChunkResult, timing: JobTiming) -> Result | None:
+        """Endpointing: a final result after trailing non-speech, else an interim result."""
+        cfg = self.config
+        best = chunk.best
+        utterance_frames = chunk.frames_done - self._utterance_start_frame
+        if cfg.endpointing.enabled:
+            if best.tokens:
+                silence_frames = chunk.frames_done - (best.frames[-1] + 1)
+                if (silence_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.trailing_silence_ms
+                        or utterance_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.max_utterance_ms):
+                    return self._final(chunk, timing)
+            elif utterance_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.max_utterance_ms:
+                self._start_new_utterance(chunk.frames_done)  # only non-speech: restart quietly
+                return None
+        if not cfg.interim_results:
+            return None
+        return self._result(chunk, timing, is_final=False)
+
+    def _start_new_utterance(self, frame: int) -> None:
+        self._reset_pending = True
+        self._utterance_start_frame = frame
+
+    def _final(self, chunk: ChunkResult, timing: JobTiming) -> Result:
+        result = self._result(chunk, timing, is_final=True)
+        self._utterance_index += 1
+        self._start_new_utterance(chunk.frames_done)
+        return result
+
+    def _result(self, chunk: ChunkResult, timing: JobTiming, is_final: bool) -> Result:
+        cfg = self.config
+        n = cfg.max_alternatives if is_final else 1
+        alternatives = []
+        for alt in chunk.alternatives[:n]:
+            words = []
+            if cfg.word_time_offsets:
+                words = [WordTiming(w.text, w.first_frame * FRAME_SECONDS,
+                                    self._audio_end_s(w.last_frame + 1))
+                         for w in self.tokens.words(list(alt.tokens), list(alt.frames))]
+            alternatives.append(Alternative(self.tokens.text(list(alt.tokens)),
+                                            alt.confidence if is_final else 0.0, words))
+        return Result(alternatives, is_final, 1.0 if is_final else chunk.stability,
+                      self._utterance_start_frame * FRAME_SECONDS, self._audio_end_s(chunk.frames_done),
+                      self._utterance_index, timing.ready_at, timing.queue_wait, timing.compute,
+                      timing.batch_size)
+
+    # --- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the stream's engine state (idempotent; safe on every exit path)."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            self.scheduler.call_soon_on_engine_thread(self.engine.release, stream)
+
+
+class SessionManager:
+    """Admission and bookkeeping of live sessions."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings):
+        self.engine = engine
+        self.scheduler = scheduler
+        self.settings = settings
+        self.live: dict[int, Session] = {}
+        self.draining = False
+
+    @property
+    def active(self) -> int:
+        return len(self.live)
+
+    def open(self, api: str = "asr.v1") -> Session:
+        if self.draining:
+            raise ASRError(ErrorCode.UNAVAILABLE, "server is shutting down; retry on another instance")
+        limit = self.settings.max_streams
+        if limit and len(self.live) >= limit:
+            raise ASRError(ErrorCode.RESOURCE_EXHAUSTED,
+                           f"server is at its limit of {limit} concurrent streams; retry later")
+        session = Session(self.engine, self.scheduler, self.settings, api)
+        self.live[session.id] = session
+        return session
+
+    def close(self, session: Session) -> None:
+        session.close()
+        self.live.pop(session.id, None)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a real grpc.aio server on a free loopback port, real audio samples."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests import tests.reference
+
+from asr.v1 import asr_pb2_grpc  # noqa: E402
+from client.stream import channel  # noqa: E402
+from server.app import AsrServer  # noqa: E402
+from server.config import ServerSettings  # noqa: E402
+from server.models import RANDOM_SMALL_BLANK_BIAS, SMALL_CONFIG, LoadedModel, random_model  # noqa: E402
+from server.tokens import CharTokenTable  # noqa: E402
+
+SAMPLES = ROOT / "samples"
+
+
+def small_model(seed: int = 0) -> LoadedModel:
+    """A seeded random model of the demo's structure that emits a token every few frames."""
+    return random_model(SMALL_CONFIG, seed, blank_bias=RANDOM_SMALL_BLANK_BIAS, tokens=CharTokenTable.default(),
+                        name="random-small")
+
+
+@pytest.fixture(scope="session")
+def speech() -> list[tuple[str, np.ndarray, str]]:
+    """The bundled samples: (name, 16 kHz float32 mono waveform, reference transcript)."""
+    out = []
+    for wav in sorted(SAMPLES.glob("*.wav")):
+        audio, rate = soundfile.read(wav, dtype="float32")
+        assert rate == 16000 and audio.ndim == 1, f"{wav} must be 16 kHz mono"
+        out.append((wav.stem, audio, wav.with_suffix(".txt").read_text().strip()))
+    assert out, f"no samples in {SAMPLES}"
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_server(model: LoadedModel | None = None, **overrides):
+    """Start an AsrServer on 127.0.0.1:<free port>; yields (server, stub)."""
+    settings = ServerSettings(host="127.0.0.1", port=0, model="random-small", **overrides)
+    server = AsrServer(settings, model=model or small_model())
+    port = await server.start()
+    try:
+        async with channel(f"127.0.0.1:{port}") as ch:
+            yield server, asr_pb2_grpc.SpeechRecognitionStub(ch)
+    finally:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+async def small_server():
+    async with running_server() as pair:
+        yield pair

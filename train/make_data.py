@@ -1,0 +1,194 @@
+"""Synthetic-speech corpus for the demo model (``make demo-data``).
+
+Three synthesizers from Debian packages (espeak-ng, flite, festival), many
+voices, each utterance with a random speaking rate and pitch, then sox for
+resampling to 16 kHz mono, a random tempo/pitch perturbation and loudness
+normalisation. Noise, gain and SpecAugment are applied later, at training time.
+
+Splits (all reproducible from ``--seed``):
+
+* ``train``: training voices, training sentences;
+* ``dev``: training voices, held-out sentences (for model selection);
+* ``test``: held-out voices (at least one per synthesizer) and held-out sentences
+  that never occur in ``train``.
+
+Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
+``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentences import generate  # noqa: E402
+
+ESPEAK_BASES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+                "en-gb-x-gbcwmd", "en-us-nyc", "en-029"]
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+                   "klatt", "klatt2", "klatt3", "klatt4", "Andy", "Alex", "Alicia", "Andrea",
+                   "Denis", "Jacky", "Michael", "Mike", "Hugo", "Tweaky", "adam", "anika",
+                   "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "iven",
+                   "john", "linda", "max", "paul", "rob", "robert", "quincy", "steph", "steph3",
+                   "zac", "grandma", "aunty", "shelby", "travis", "victor", "norbert",
+                   "Annie", "Gene", "Lee", "steph2", "marcelo"]
+
+# Held-out voices: never heard in training.
+TEST_ESPEAK_BASES = ["en-029"]
+TEST_ESPEAK_VARIANTS = ["f4", "m6", "Annie", "Gene", "Lee", "steph2", "marcelo"]
+TRAIN_ESPEAK_BASES = [b for b in ESPEAK_BASES if b not in TEST_ESPEAK_BASES]
+TRAIN_ESPEAK_VARIANTS = [v for v in ESPEAK_VARIANTS if v not in TEST_ESPEAK_VARIANTS]
+TRAIN_FLITE = ["kal16", "awb", "slt", "kal"]
+TEST_FLITE = ["rms"]
+TRAIN_FESTIVAL = ["kal_diphone", "cmu_us_slt_arctic_hts"]
+TEST_FESTIVAL = ["ked_diphone"]
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    split: str
+    text: str
+    synth: str
+    voice: str
+    seed: int
+
+
+def _sox_finish(src: str, dst: Path, rng: random.Random) -> None:
+    """Resample to 16 kHz mono, perturb tempo and pitch a little, normalise to -3 dBFS."""
+    effects = ["gain", "-4", "remix", "-", "rate", "-v", "16000"]
+    if rng.random() < 0.6:
+        effects += ["tempo", "-s", f"{rng.uniform(0.85, 1.15):.3f}"]
+    if rng.random() < 0.5:
+        effects += ["pitch", f"{rng.uniform(-250, 250):.0f}"]
+    effects += ["pad", f"{rng.uniform(0.05, 0.4):.2f}", f"{rng.uniform(0.1, 0.5):.2f}",
+                "norm", f"{rng.uniform(-6, -1):.1f}"]
+    subprocess.run(["sox", "-q", src, "-b", "16", str(dst), *effects], check=True)
+
+
+def synthesize(job: Job, out_dir: Path) -> dict:
+    rng = random.Random(job.seed)
+    dst = out_dir / job.split / f"{job.index:06d}.flac"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.wav")
+        if job.synth == "espeak-ng":
+            cmd = ["espeak-ng", "-v", job.voice, "-s", str(rng.randint(120, 210)),
+                   "-p", str(rng.randint(20, 80)), "-a", str(rng.randint(80, 160)),
+                   "-g", str(rng.randint(0, 4)), "-w", raw, job.text]
+            subprocess.run(cmd, check=True, capture_output=True)
+        elif job.synth == "flite":
+            cmd = ["flite", "-voice", job.voice, "-t", job.text, "-o", raw,
+                   "--setf", f"duration_stretch={rng.uniform(0.8, 1.25):.2f}"]
+            if job.voice != "kal":
+                cmd += ["--setf", f"int_f0_target_mean={rng.uniform(80, 210):.0f}"]
+            subprocess.run(cmd, check=True, capture_output=True)
+        else:
+            script = os.path.join(tmp, "say.scm")
+            text = job.text.replace('"', "")
+            stretch = rng.uniform(0.85, 1.2)
+            with open(script, "w") as f:
+                f.write(f"(voice_{job.voice})\n(Parameter.set 'Duration_Stretch {stretch:.2f})\n"
+                        f"(utt.save.wave (utt.synth (Utterance Text \"{text}\")) \"{raw}\" 'riff)\n")
+            subprocess.run(["festival", "--batch", script], check=True, capture_output=True)
+        _sox_finish(raw, dst, rng)
+    info = soundfile.info(str(dst))
+    return {"audio": f"{job.split}/{dst.name}", "text": job.text, "voice": f"{job.synth}:{job.voice}",
+            "duration": round(info.frames / info.samplerate, 3)}
+
+
+def _pick_voice(rng: random.Random, split: str) -> tuple[str, str]:
+    test = split == "test"
+    synth = rng.choices(["espeak-ng", "flite", "festival"], weights=[0.55, 0.3, 0.15])[0]
+    if synth == "espeak-ng":
+        bases = TEST_ESPEAK_BASES + TRAIN_ESPEAK_BASES if test else TRAIN_ESPEAK_BASES
+        variants = TEST_ESPEAK_VARIANTS if test else TRAIN_ESPEAK_VARIANTS
+        base = bases[0] if test and rng.random() < 0.5 else rng.choice(bases)
+        return synth, f"{base}+{rng.choice(variants)}"
+    if synth == "flite":
+        return synth, rng.choice(TEST_FLITE if test else TRAIN_FLITE)
+    return synth, rng.choice(TEST_FESTIVAL if test else TRAIN_FESTIVAL)
+
+
+def plan(num_train: int, num_dev: int, num_test: int, seed: int) -> list[Job]:
+    """All synthesis jobs; test/dev sentences never occur in the training sentences."""
+    train_sentences = generate(num_train, seed)
+    seen = set(train_sentences)
+    held_out: list[str] = []
+    pool = generate(20 * (num_dev + num_test), seed + 1)
+    for s in pool:
+        if s not in seen and s not in held_out:
+            held_out.append(s)
+        if len(held_out) == num_dev + num_test:
+            break
+    rng = random.Random(seed + 2)
+    jobs: list[Job] = []
+    for split, sentences in (("train", train_sentences), ("dev", held_out[:num_dev]),
+                             ("test", held_out[num_dev:])):
+        for i, text in enumerate(sentences):
+            synth, voice = _pick_voice(rng, split)
+            jobs.append(Job(i, split, text, synth, voice, rng.randrange(2**31)))
+    return jobs
+
+
+def _run(args: tuple[Job, Path]) -> tuple[str, dict | None, str]:
+    job, out = args
+    dst = out / job.split / f"{job.index:06d}.flac"
+    try:
+        if dst.exists():  # resume an interrupted run
+            info = soundfile.info(str(dst))
+            return job.split, {"audio": f"{job.split}/{dst.name}", "text": job.text,
+                               "voice": f"{job.synth}:{job.voice}",
+                               "duration": round(info.frames / info.samplerate, 3)}, ""
+        return job.split, synthesize(job, out), ""
+    except Exception as exc:  # a failed utterance is reported and skipped, never fatal
+        dst.unlink(missing_ok=True)
+        return job.split, None, f"{job.synth}:{job.voice} {job.text!r}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("data/demo"))
+    p.add_argument("--train", type=int, default=24000, help="training utterances")
+    p.add_argument("--dev", type=int, default=400)
+    p.add_argument("--test", type=int, default=600)
+    p.add_argument("--seed", type=int, default=20261124)
+    p.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+
+    jobs = plan(args.train, args.dev, args.test, args.seed)
+    for split in ("train", "dev", "test"):
+        (args.out / split).mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    failures = 0
+    with multiprocessing.Pool(args.jobs) as pool:
+        for split, row, err in tqdm(pool.imap(_run, [(j, args.out) for j in jobs], chunksize=8),
+                                    total=len(jobs), desc="synthesizing", unit="utt"):
+            if row is None:
+                failures += 1
+                tqdm.write(f"skipped: {err}")
+            else:
+                results[split].append(row)
+    for split, rows in results.items():
+        with open(args.out / f"{split}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        hours = sum(r["duration"] for r in rows) / 3600
+        print(f"{split}: {len(rows)} utterances, {hours:.2f} h")
+    print(f"failures: {failures}")
+    return 0 if failures < 0.01 * len(jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

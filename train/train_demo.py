@@ -1,0 +1,341 @@
+"""Train the demo Emformer RNN-T on the synthetic corpus (``make train-demo``).
+
+CPU-first (2 cores are enough), ``--device cuda`` where a GPU exists. Features
+come from the server's own streaming front end (``server.features``), so the
+model sees in training exactly the frames it sees when served. Augmentation:
+random gain, additive noise (white / pink / brown / babble) at several SNRs,
+and SpecAugment (frequency and time masks).
+
+Checkpoints every ``--checkpoint-minutes`` into ``--work-dir`` and resumes from
+the latest one. Loss goes to the progress bar and ``train_log.jsonl``; dev WER
+(greedy, whole utterance) is logged at every checkpoint. ``--export DIR`` writes
+the shipped model files (weights, config, tokens, stats) from the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.features import RIGHT_CONTEXT_FRAMES, FeatureFrontEnd, GlobalStats, utterance_features  # noqa: E402
+from server.models import ModelConfig  # noqa: E402
+from server.tokens import CharTokenTable  # noqa: E402
+
+DEMO_CONFIG = ModelConfig(
+    input_dim=80, encoding_dim=256, num_symbols=29, segment_length=16, right_context_length=4,
+    time_reduction_input_dim=48, time_reduction_stride=4, transformer_num_heads=4,
+    transformer_ffn_dim=768, transformer_num_layers=8, transformer_dropout=0.1,
+    transformer_activation="gelu", transformer_left_context_length=30, transformer_max_memory_size=0,
+    transformer_weight_init_scale_strategy="depthwise", transformer_tanh_on_mem=True,
+    symbol_embedding_dim=256, num_lstm_layers=1, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-3,
+    lstm_dropout=0.1)
+
+
+@dataclasses.dataclass
+class Utterance:
+    audio: np.ndarray  # int16 samples at 16 kHz
+    text: str
+    tokens: list[int]
+
+
+def load_split(data_dir: Path, split: str, tokens: CharTokenTable, limit: int | None = None) -> list[Utterance]:
+    rows = [json.loads(line) for line in open(data_dir / f"{split}.jsonl")]
+    if limit:
+        rows = rows[:limit]
+    out = []
+    for row in tqdm(rows, desc=f"loading {split}", unit="utt", leave=False):
+        audio, sr = soundfile.read(data_dir / row["audio"], dtype="int16")
+        assert sr == 16000, f"{row['audio']}: {sr} Hz"
+        out.append(Utterance(audio, row["text"], tokens.encode(row["text"])))
+    return out
+
+
+def coloured_noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    white = rng.standard_normal(n)
+    if kind == "white":
+        return white
+    spectrum = np.fft.rfft(white)
+    f = np.arange(len(spectrum)) + 1.0
+    spectrum /= np.sqrt(f) if kind == "pink" else f
+    return np.fft.irfft(spectrum, n)
+
+
+def augment(utt: Utterance, others: list[Utterance], rng: np.random.Generator) -> torch.Tensor:
+    """Waveform in [-1, 1] with random gain and noise."""
+    x = utt.audio.astype(np.float32) / 32768.0
+    x = x * 10 ** (rng.uniform(-12, 3) / 20)
+    r = rng.random()
+    if r < 0.75:
+        power = float(np.mean(x ** 2)) + 1e-10
+        if r < 0.6:
+            noise = coloured_noise(len(x), rng.choice(["white", "pink", "brown"]), rng)
+            snr = rng.uniform(5, 35)
+        else:  # babble: another utterance, well below the speech
+            other = others[rng.integers(len(others))].audio.astype(np.float32)
+            noise = np.resize(other, len(x))
+            snr = rng.uniform(12, 25)
+        noise *= math.sqrt(power / (float(np.mean(noise ** 2)) + 1e-10) / 10 ** (snr / 10))
+        x = x + noise.astype(np.float32)
+    return torch.from_numpy(np.clip(x, -1.0, 1.0).astype(np.float32))
+
+
+def spec_augment(feats: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    feats = feats.clone()
+    for _ in range(2):
+        w = int(rng.integers(0, 16))
+        f0 = int(rng.integers(0, 80 - w))
+        feats[:, f0:f0 + w] = 0.0
+    for _ in range(max(1, feats.size(0) // 150)):
+        w = int(rng.integers(0, min(20, feats.size(0) // 8) + 1))
+        t0 = int(rng.integers(0, feats.size(0) - w + 1))
+        feats[t0:t0 + w] = 0.0
+    return feats
+
+
+def make_batches(utts: list[Utterance], max_seconds: float, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of at most ``max_seconds`` of audio (padding included)."""
+    order = sorted(range(len(utts)), key=lambda i: len(utts[i].audio) + rng.random() * 8000)
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if = max(longest, len(utts[i].audio))
+        if current and longest_if * (len(current) + 1) > max_seconds * 16000:
+            batches.append(current)
+            current, longest_if = [], len(utts[i].audio)
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(feats: list[torch.Tensor], targets: list[list[int]], blank: int):
+    # Lengths exclude the 4 trailing right-context frames, as torchaudio's recipe does.
+    lengths = torch.tensor([f.size(0) - RIGHT_CONTEXT_FRAMES for f in feats], dtype=torch.int32)
+    sources = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.int32)
+    padded = torch.zeros(len(targets), int(target_lengths.max()), dtype=torch.int32)
+    for i, t in enumerate(targets):
+        padded[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    prepended = torch.cat([torch.full((len(targets), 1), blank, dtype=torch.int32), padded], dim=1)
+    return sources, lengths, padded, target_lengths, prepended
+
+
+def rnnt_loss(model, sources, lengths, targets, target_lengths, prepended, blank, ctc_head=None,
+              ctc_weight: float = 0.0):
+    """RNN-T loss (mean over the batch of per-utterance sums), plus ``ctc_weight`` times a CTC
+    loss on the encoder output when ``ctc_head`` is given (it speeds up learning the acoustics)."""
+    enc, enc_lengths = model.transcriber(input=sources, lengths=lengths)
+    pred, pred_lengths, _ = model.predictor(input=prepended, lengths=target_lengths + 1, state=None)
+    logits, logit_lengths, _ = model.joiner(enc, enc_lengths, pred, pred_lengths)
+    t_max = int(logit_lengths.max())
+    logits = logits[:, :t_max].contiguous()
+    assert logits.size(1) == t_max, (logits.shape, t_max)
+    loss = torchaudio.functional.rnnt_loss(
+        logits, targets, logit_lengths.int(), target_lengths.int(), blank=blank, reduction="mean",
+        clamp=-1)
+    if ctc_head is not None and ctc_weight > 0:
+        logp = torch.log_softmax(ctc_head(enc[:, :t_max]), dim=-1).transpose(0, 1)
+        ctc = torch.nn.functional.ctc_loss(logp, targets, enc_lengths.long(), target_lengths.long(), blank=blank,
+                                           reduction="sum", zero_infinity=True) / targets.size(0)
+        loss = loss + ctc_weight * ctc
+    return loss
+
+
+@torch.no_grad()
+def greedy_decode(model, feats: torch.Tensor, blank: int, max_symbols: int = 5) -> list[int]:
+    """Whole-utterance greedy decoding (for dev WER during training)."""
+    enc, _ = model.transcribe(feats[None], torch.tensor([feats.size(0) - RIGHT_CONTEXT_FRAMES]))
+    token = torch.tensor([[blank]])
+    pred, _, state = model.predict(token, torch.tensor([1]), None)
+    out = []
+    for t in range(enc.size(1)):
+        for _ in range(max_symbols):
+            logits, _, _ = model.join(enc[:, t:t + 1], torch.tensor([1]), pred, torch.tensor([1]))
+            k = int(logits[0, 0, 0].argmax())
+            if k == blank:
+                break
+            out.append(k)
+            pred, _, state = model.predict(torch.tensor([[k]]), torch.tensor([1]), state)
+    return out
+
+
+def dev_wer(model, front_end, dev: list[Utterance], tokens: CharTokenTable, device) -> float:
+    model.eval()
+    refs, hyps = [], []
+    for utt in dev:
+        x = torch.from_numpy(utt.audio.astype(np.float32) / 32768.0)
+        feats = utterance_features(front_end, x).to(device)
+        hyps.append(tokens.text(greedy_decode(model, feats, tokens.blank)) or "<empty>")
+        refs.append(utt.text)
+    model.train()
+    return jiwer.wer(refs, hyps)
+
+
+def compute_stats(front_end: FeatureFrontEnd, utts: list[Utterance], n: int = 600) -> GlobalStats:
+    rng = random.Random(0)
+    frames = []
+    for utt in rng.sample(utts, min(n, len(utts))):
+        x = torch.from_numpy(utt.audio.astype(np.float32) / 32768.0)
+        frames.append(front_end.log_mel(x[None])[0])
+    allf = torch.cat(frames)
+    mean = allf.mean(0)
+    std = allf.std(0).clamp_min(1e-3)
+    return GlobalStats(mean.tolist(), (1.0 / std).tolist())
+
+
+def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable) -> None:
+    ckpt = torch.load(work_dir / "best.pt", map_location="cpu", weights_only=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt["model"], out_dir / "model.pt")
+    (out_dir / "config.json").write_text(json.dumps(ckpt["config"], indent=2) + "\n")
+    GlobalStats(**ckpt["stats"]).save(out_dir / "global_stats.json")
+    tokens.save(out_dir / "tokens.txt")
+    print(f"exported step {ckpt['step']} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/demo"))
+    p.add_argument("--work-dir", type=Path, default=Path("data/demo-train"))
+    p.add_argument("--minutes", type=float, default=55.0, help="training time budget (total, across resumes)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--batch-seconds", type=float, default=120.0, help="audio seconds per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--dev-utterances", type=int, default=150)
+    p.add_argument("--train-limit", type=int, default=0, help="use only the first N training utterances")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true", help="train on clean audio (for debugging)")
+    p.add_argument("--ctc-weight", type=float, default=0.3, help="weight of the auxiliary CTC loss "
+                   "(its head is used in training only, never shipped)")
+    p.add_argument("--export", type=Path, default=None, help="write the best model's files here and exit")
+    args = p.parse_args(argv)
+
+    tokens = CharTokenTable.default()
+    if args.export:
+        export(args.work_dir, args.export, tokens)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    rng_np = np.random.default_rng(args.seed)
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+
+    train = load_split(args.data, "train", tokens, args.train_limit or None)
+    dev = load_split(args.data, "dev", tokens, args.dev_utterances)
+    config = dataclasses.replace(DEMO_CONFIG, num_symbols=tokens.size)
+    model = config.build().to(device)
+    ctc_head = torch.nn.Linear(config.encoding_dim, config.num_symbols).to(device)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(ctc_head.parameters()), lr=args.lr,
+                                  weight_decay=1e-3)
+
+    last = args.work_dir / "last.pt"
+    step, elapsed, best_wer, epoch = 0, 0.0, float("inf"), 0
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ctc_head.load_state_dict(ckpt["ctc_head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, elapsed, best_wer, epoch = ckpt["step"], ckpt["elapsed"], ckpt["best_wer"], ckpt["epoch"]
+        stats = GlobalStats(**ckpt["stats"])
+        rng.setstate(ckpt["rng"])
+        print(f"resumed from step {step} ({elapsed / 60:.1f} min trained, best dev WER {best_wer:.4f})")
+    else:
+        stats = compute_stats(FeatureFrontEnd(GlobalStats.identity()), train)
+    front_end = FeatureFrontEnd(stats)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M parameters; {len(train)} training utterances "
+          f"({sum(len(u.audio) for u in train) / 16000 / 3600:.1f} h)")
+
+    def lr_at(s: int) -> float:
+        warm = min(1.0, (s + 1) / args.warmup)
+        return args.lr * warm * max(0.05, 1.0 - 0.9 * min(1.0, elapsed / (args.minutes * 60)))
+
+    def save(path: Path, wer: float) -> None:
+        torch.save({"model": model.state_dict(), "ctc_head": ctc_head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "elapsed": elapsed, "best_wer": best_wer, "epoch": epoch, "rng": rng.getstate(),
+                    "stats": dataclasses.asdict(stats), "config": dataclasses.asdict(config),
+                    "dev_wer": wer}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    log = open(args.work_dir / "train_log.jsonl", "a")
+    model.train()
+    budget = args.minutes * 60
+    last_ckpt = time.monotonic()
+    bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", desc="training")
+    done = False
+    while not done:
+        batches = make_batches(train, args.batch_seconds, random.Random(args.seed * 1000 + epoch))
+        skip = step % len(batches) if step and last.exists() else 0
+        for bi, batch in enumerate(batches):
+            if bi < skip:
+                continue
+            t0 = time.monotonic()
+            if args.no_augment:
+                feats = [utterance_features(front_end, torch.from_numpy(train[i].audio.astype(np.float32) / 32768))
+                         for i in batch]
+            else:
+                feats = [spec_augment(utterance_features(front_end, augment(train[i], train, rng_np)), rng_np)
+                         for i in batch]
+            sources, lengths, targets, target_lengths, prepended = collate(
+                feats, [train[i].tokens for i in batch], tokens.blank)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            loss = rnnt_loss(model, sources.to(device), lengths.to(device), targets.to(device),
+                             target_lengths.to(device), prepended.to(device), tokens.blank, ctc_head,
+                             args.ctc_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 5.0)
+            optimizer.step()
+            step += 1
+            dt = time.monotonic() - t0
+            elapsed += dt
+            bar.update(int(elapsed) - bar.n)
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}", lr=f"{lr_at(step):.1e}")
+            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "grad_norm": round(float(grad_norm), 3),
+                                  "lr": lr_at(step), "elapsed": round(elapsed, 1), "batch": len(batch)}) + "\n")
+            out_of_time = elapsed >= budget or (args.max_steps and step >= args.max_steps)
+            if out_of_time or time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
+                wer = dev_wer(model, front_end, dev, tokens, device)
+                tqdm.write(f"step {step}: loss {loss.item():.3f}, dev WER {wer:.4f} ({elapsed / 60:.1f} min)")
+                log.write(json.dumps({"step": step, "dev_wer": wer, "elapsed": round(elapsed, 1)}) + "\n")
+                log.flush()
+                if wer < best_wer:
+                    best_wer = wer
+                    save(args.work_dir / "best.pt", wer)
+                save(last, wer)
+                last_ckpt = time.monotonic()
+            if out_of_time:
+                done = True
+                break
+        else:
+            epoch += 1
+    bar.close()
+    print(f"done: {step} steps, {elapsed / 60:.1f} min, best dev WER {best_wer:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
