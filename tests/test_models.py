@@ -1,0 +1,93 @@
+"""Model sources: bundle:DIR from local files with clear errors, random models, the token tables."""
+
+import dataclasses
+import io
+import json
+import sys
+
+import pytest
+import sentencepiece
+import torch
+
+from server.models import BASE_CONFIG, BUNDLE_FILES, ModelLoadError, load_bundle, load_model, random_model
+from server.tokens import CharTokenTable, SentencePieceTokenTable, Word
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "train"))
+from sentences import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    """A directory laid out like torchaudio's LibriSpeech bundle: real files, random weights."""
+    d = tmp_path_factory.mktemp("bundle")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(generate(3000, 1)), model_writer=model,
+                                             vocab_size=120, model_type="bpe")
+    (d / BUNDLE_FILES["tokens"]).write_bytes(model.getvalue())
+    tokens = SentencePieceTokenTable(d / BUNDLE_FILES["tokens"])
+    config = dataclasses.replace(BASE_CONFIG, num_symbols=tokens.size)
+    torch.save(random_model(config, seed=5).rnnt.state_dict(), d / BUNDLE_FILES["weights"])
+    (d / BUNDLE_FILES["stats"]).write_text(json.dumps({"mean": [0.5] * 80, "invstddev": [2.0] * 80}))
+    return d
+
+
+def test_bundle_directory_loads(bundle_dir):
+    model = load_model(f"bundle:{bundle_dir}")
+    assert model.name == f"bundle:{bundle_dir}"
+    assert model.blank == model.tokens.size - 1 == 120
+    assert model.stats.mean[0] == 0.5 and model.stats.invstddev[0] == 2.0
+    assert model.config.transformer_num_layers == 20 and 70e6 < model.num_parameters < 77e6
+
+
+@pytest.mark.parametrize("kind", list(BUNDLE_FILES))
+def test_bundle_missing_file_is_named(bundle_dir, tmp_path, kind):
+    for k, name in BUNDLE_FILES.items():
+        if k != kind:
+            (tmp_path / name).symlink_to(bundle_dir / name)
+    with pytest.raises(ModelLoadError, match=BUNDLE_FILES[kind]):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("kind, content", [("weights", b"not a torch file"), ("stats", b"{oops"),
+                                           ("tokens", b"\x00garbage")])
+def test_bundle_corrupt_file_is_named(bundle_dir, tmp_path, kind, content):
+    for k, name in BUNDLE_FILES.items():
+        if k == kind:
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).symlink_to(bundle_dir / name)
+    with pytest.raises(ModelLoadError, match=BUNDLE_FILES[kind]):
+        load_bundle(tmp_path)
+
+
+def test_unknown_model_spec():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("gpt")
+
+
+def test_random_models_are_seeded():
+    a, b = load_model("random-small", seed=1), load_model("random-small", seed=1)
+    for (name, pa), pb in zip(a.rnnt.state_dict().items(), b.rnnt.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    c = load_model("random-small", seed=2)
+    assert not torch.equal(a.rnnt.joiner.linear.weight, c.rnnt.joiner.linear.weight)
+
+
+def test_char_tokens_round_trip_and_words():
+    t = CharTokenTable.default()
+    ids = t.encode("Set a timer  for ten")
+    assert t.text(ids) == "set a timer for ten"
+    assert t.blank == 28 and t.size == 29
+    frames = list(range(len(ids)))
+    words = t.words(ids, frames)
+    assert [w.text for w in words] == ["set", "a", "timer", "for", "ten"]
+    assert words[0] == Word("set", 0, 2) and words[1] == Word("a", 4, 4)
+    with pytest.raises(ValueError, match="not in the token table"):
+        t.encode("café")
+
+
+def test_sentencepiece_tokens_text_and_words(bundle_dir):
+    t = SentencePieceTokenTable(bundle_dir / BUNDLE_FILES["tokens"])
+    ids = t.sp.encode("turn on the kitchen lights")
+    assert t.text(ids) == "turn on the kitchen lights"
+    assert [w.text for w in t.words(ids, list(range(len(ids))))] == ["turn", "on", "the", "kitchen", "lights"]
