@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+# Debian packages the tests drive for real (each checked by the command it provides).
+TEST_APT := prometheus chromium sox espeak-ng
+TEST_CMDS := prometheus promtool chromium sox espeak-ng
 
-.PHONY: help venv demo test test-fast proto demo-data train-demo export-demo clean
+.PHONY: help venv demo test test-apt test-fast proto demo-data train-demo export-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
@@ -27,10 +30,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) test-apt
 	$(PY) -m pytest
 
-test-fast: $(STAMP)
+test-apt:
+	@missing=0; for c in $(TEST_CMDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
+
+test-fast: $(STAMP) test-apt
 	$(PY) -m pytest -m "not slow"
 
 proto: $(STAMP)
