@@ -4,6 +4,8 @@
 as possible) over ``asr.v1.SpeechRecognition/StreamingRecognize`` and yields
 ``StreamEvent``s, each a response with client-side timing: when it arrived and,
 for the chunk it covers, how long after the chunk's last byte was sent.
+``stream_chunks`` does the same for a live source (microphone, browser): any
+async iterator of LINEAR16 chunks; when it ends, the stream is half-closed.
 It never imports server code.
 """
 
@@ -70,19 +72,26 @@ def pcm16(samples: np.ndarray) -> bytes:
     return np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32768), -32768, 32767).astype("<i2").tobytes()
 
 
-async def _requests(config: asr_pb2.StreamingRecognitionConfig, audio: bytes, bytes_per_second: int,
-                    chunk_bytes: int, realtime: bool, log: SendLog):
-    yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
+async def _paced(audio: bytes, bytes_per_second: int, chunk_bytes: int, realtime: bool) -> AsyncIterator[bytes]:
+    """``audio`` in ``chunk_bytes`` pieces, each released when its last sample is due (if ``realtime``)."""
     start = time.monotonic()
     for offset in range(0, len(audio), chunk_bytes):
         chunk = audio[offset:offset + chunk_bytes]
-        end_s = (offset + len(chunk)) / bytes_per_second
         if realtime:
-            delay = start + end_s - time.monotonic()
+            delay = start + (offset + len(chunk)) / bytes_per_second - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+        yield chunk
+
+
+async def _requests(config: asr_pb2.StreamingRecognitionConfig, chunks: AsyncIterator[bytes],
+                    bytes_per_second: int, log: SendLog):
+    yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
+    sent = 0
+    async for chunk in chunks:
         yield asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
-        log.chunk_end_s.append(end_s)
+        sent += len(chunk)
+        log.chunk_end_s.append(sent / bytes_per_second)
         log.sent_at.append(time.monotonic())
     log.finished_at = time.monotonic()
 
@@ -91,24 +100,40 @@ async def stream_audio(stub: asr_pb2_grpc.SpeechRecognitionStub, pcm: bytes, sam
                        options: StreamOptions, channels: int = 1, metadata=None,
                        send_log: SendLog | None = None) -> AsyncIterator[StreamEvent]:
     """Stream LINEAR16 ``pcm`` and yield each response with its client-side timing."""
-    log = send_log if send_log is not None else SendLog()
     bytes_per_second = sample_rate * 2 * channels
     frame = 2 * channels
     chunk_bytes = max(frame, int(bytes_per_second * options.chunk_ms / 1000) // frame * frame)
+    chunks = _paced(pcm, bytes_per_second, chunk_bytes, options.realtime)
+    async for event in stream_chunks(stub, chunks, sample_rate, options, channels, metadata, send_log):
+        yield event
+
+
+async def stream_chunks(stub: asr_pb2_grpc.SpeechRecognitionStub, chunks: AsyncIterator[bytes],
+                        sample_rate: int, options: StreamOptions, channels: int = 1, metadata=None,
+                        send_log: SendLog | None = None) -> AsyncIterator[StreamEvent]:
+    """Stream LINEAR16 ``chunks`` as they come (whole samples each); half-close when they end.
+
+    Yields each response with its client-side timing, until the server ends the stream.
+    """
+    log = send_log if send_log is not None else SendLog()
     call = stub.StreamingRecognize(
-        _requests(options.config(sample_rate, channels), pcm, bytes_per_second, chunk_bytes,
-                  options.realtime, log), metadata=metadata)
-    async for response in call:
-        now = time.monotonic()
-        latency = None
-        if response.results and log.sent_at:
-            end = response.results[0].result_end_time
-            needed = end.seconds + end.nanos / 1e9 + RIGHT_CONTEXT_S - 1e-6
-            # The chunk that delivered the last sample this result needed (right context
-            # included); past the end of the audio, the last chunk.
-            idx = bisect.bisect_left(log.chunk_end_s, needed)
-            latency = now - log.sent_at[min(idx, len(log.sent_at) - 1)]
-        yield StreamEvent(response, now, latency)
+        _requests(options.config(sample_rate, channels), chunks, sample_rate * 2 * channels, log),
+        metadata=metadata)
+    try:
+        async for response in call:
+            now = time.monotonic()
+            latency = None
+            if response.results and log.sent_at:
+                end = response.results[0].result_end_time
+                needed = end.seconds + end.nanos / 1e9 + RIGHT_CONTEXT_S - 1e-6
+                # The chunk that delivered the last sample this result needed (right context
+                # included); past the end of the audio, the last chunk.
+                idx = bisect.bisect_left(log.chunk_end_s, needed)
+                latency = now - log.sent_at[min(idx, len(log.sent_at) - 1)]
+            yield StreamEvent(response, now, latency)
+    finally:
+        if not call.done():  # the caller stopped listening (cancelled, or closed the iterator)
+            call.cancel()
 
 
 def channel(address: str, options: list | None = None) -> grpc.aio.Channel:

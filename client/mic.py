@@ -1,0 +1,133 @@
+"""``asr-mic``: stream the microphone to an asr.v1 server and print live transcripts.
+
+The interim transcript updates one line; final results get their own lines.
+Ctrl-C stops recording, half-closes the stream and prints the last final
+result (a second Ctrl-C quits at once). Audio is captured as 16 kHz mono
+through PortAudio (``sounddevice``; a device that refuses 16 kHz is recorded
+at its own rate and the server resamples). ``--list-devices`` shows the input
+devices, ``--device`` picks one by index or by part of its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import grpc
+
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.capture import Capture, CaptureError, SoundDeviceCapture, input_devices
+from client.cli import Printer
+from client.stream import StreamOptions, channel, stream_chunks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asr-mic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", default="localhost:50051", help="server address HOST:PORT (default: %(default)s)")
+    p.add_argument("--list-devices", action="store_true", help="list the audio input devices and exit")
+    p.add_argument("--device", help="input device: index or part of its name (default: the system's default)")
+    p.add_argument("--beam", type=int, default=0, metavar="N",
+                   help="beam search with N hypotheses (default: the server's decoding method)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--no-endpointing", action="store_true", help="one final result when you stop")
+    p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
+    p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
+    return p
+
+
+def stream_options(args: argparse.Namespace) -> StreamOptions:
+    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
+    if args.greedy:
+        method = asr_pb2.GREEDY
+    elif args.beam:
+        method = asr_pb2.BEAM_SEARCH
+    return StreamOptions(interim_results=True, decoding_method=method, beam_width=args.beam,
+                         endpointing=not args.no_endpointing, request_id=args.request_id)
+
+
+def list_devices(out=None) -> None:
+    out = out or sys.stdout
+    devices = input_devices()
+    if not devices:
+        print("no audio input devices found", file=out)
+        return
+    print("audio input devices (* = default):", file=out)
+    for d in devices:
+        print(f"{'*' if d.is_default else ' '} {d.index:3d}  {d.name}  ({d.channels} ch, {d.default_rate:g} Hz)",
+              file=out)
+
+
+async def run(args: argparse.Namespace, capture: Capture, out=None, err=None) -> int:
+    """Stream ``capture`` until it ends or Ctrl-C; print results. Returns the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    printer = Printer(out, show_timing=args.timing)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    stopping = False
+
+    def on_interrupt() -> None:
+        nonlocal stopping
+        if stopping:
+            task.cancel()
+            return
+        stopping = True
+        print("\nstopping: waiting for the last result (Ctrl-C again to quit)", file=err, flush=True)
+        capture.stop()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        handler = True
+    except (NotImplementedError, RuntimeError):  # no loop signal handlers here: Ctrl-C quits at once
+        handler = False
+    try:
+        async with channel(args.server) as ch:
+            stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+            capture.start()
+            try:
+                async for event in stream_chunks(stub, capture.blocks(), capture.sample_rate, stream_options(args)):
+                    for result in event.response.results:
+                        printer.result(result)
+            finally:
+                capture.stop()
+    except CaptureError as exc:
+        print(f"asr-mic: {exc}", file=err)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        printer.close()
+        hint = f" (is the server running at {args.server}?)" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+        print(f"asr-mic: {exc.code().name}: {exc.details()}{hint}", file=err)
+        return 1
+    except asyncio.CancelledError:
+        printer.close()
+        return 130
+    finally:
+        if handler:
+            loop.remove_signal_handler(signal.SIGINT)
+    printer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_devices:
+            list_devices()
+            return 0
+        device = int(args.device) if args.device and args.device.isdigit() else args.device
+        capture = SoundDeviceCapture(device)
+    except CaptureError as exc:
+        print(f"asr-mic: {exc}", file=sys.stderr)
+        return 2
+    print(f"listening on {capture.device_name!r} at {capture.sample_rate} Hz, streaming to {args.server}; "
+          "Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        return asyncio.run(run(args, capture))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
