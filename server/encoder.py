@@ -22,7 +22,7 @@ Shapes (B streams, D model width, E encoder output width):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -31,26 +31,30 @@ SEGMENT = 4  # reduced (40 ms) frames per chunk
 RIGHT_CONTEXT = 1  # reduced frames of look-ahead
 
 
-@dataclass
-class _Layer:
-    """One Emformer layer's weights, in the form the step uses (q, k, v fused)."""
+class StreamingLayer(torch.nn.Module):
+    """One Emformer layer's streaming step, with its own copy of the layer's weights.
 
-    ln_in: tuple[torch.Tensor, torch.Tensor, float]
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor
-    w_out: torch.Tensor
-    b_out: torch.Tensor
-    ln_ff: tuple[torch.Tensor, torch.Tensor, float]
-    w_ff1: torch.Tensor
-    b_ff1: torch.Tensor
-    w_ff2: torch.Tensor
-    b_ff2: torch.Tensor
-    ln_out: tuple[torch.Tensor, torch.Tensor, float]
-    activation: str
+    The query, key and value projections are fused into one ``Linear`` (one matrix
+    product instead of two); everything else is torchaudio's ``_EmformerLayer``
+    maths. The layers are plain ``Linear`` / ``LayerNorm`` modules so that a
+    precision (``server.precision``) applies to them like to any model.
+    """
 
-
-def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return module.weight, module.bias, module.eps
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        att, ff = layer.attention, layer.pos_ff  # pos_ff: LayerNorm, Linear, act, Dropout, Linear, Dropout
+        dim = att.emb_to_query.in_features
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([att.emb_to_query.weight, att.emb_to_key_value.weight]))
+            self.qkv.bias.copy_(torch.cat([att.emb_to_query.bias, att.emb_to_key_value.bias]))
+        self.ln_in = copy.deepcopy(layer.layer_norm_input)
+        self.out = copy.deepcopy(att.out_proj)
+        self.ln_ff = copy.deepcopy(ff[0])
+        self.ff1 = copy.deepcopy(ff[1])
+        self.activation = copy.deepcopy(ff[2])
+        self.ff2 = copy.deepcopy(ff[4])
+        self.ln_out = copy.deepcopy(layer.layer_norm_output)
 
 
 class LeftContextPool:
@@ -120,15 +124,20 @@ class LeftContextPool:
         return self._masks[key]
 
 
-class StreamingEncoder:
-    """Batched, position-independent ``transcribe_streaming`` of a torchaudio Emformer RNN-T."""
+class StreamingEncoder(torch.nn.Module):
+    """Batched, position-independent ``transcribe_streaming`` of a torchaudio Emformer RNN-T.
+
+    Holds its own copy of the transcriber's weights (the loaded model is left
+    untouched, so a reduced precision can be checked against it).
+    """
 
     def __init__(self, transcriber: torch.nn.Module):
+        super().__init__()
         emformer = transcriber.transformer
-        self.input_linear = transcriber.input_linear
+        self.input_linear = copy.deepcopy(transcriber.input_linear)
         self.stride = transcriber.time_reduction.stride
-        self.output_linear = transcriber.output_linear
-        self.output_norm = _ln(transcriber.layer_norm)
+        self.output_linear = copy.deepcopy(transcriber.output_linear)
+        self.output_norm = copy.deepcopy(transcriber.layer_norm)
         first = emformer.emformer_layers[0]
         self.dim = first.input_dim
         self.heads = first.attention.num_heads
@@ -136,18 +145,13 @@ class StreamingEncoder:
         self.left_context = first.left_context_length
         if emformer.segment_length != SEGMENT or emformer.right_context_length != RIGHT_CONTEXT:
             raise ValueError("StreamingEncoder needs 4 reduced frames per segment and 1 of right context")
-        self.layers = []
-        for layer in emformer.emformer_layers:
-            att = layer.attention
-            ff = layer.pos_ff  # LayerNorm, Linear, activation, Dropout, Linear, Dropout
-            self.layers.append(_Layer(
-                ln_in=_ln(layer.layer_norm_input),
-                w_qkv=torch.cat([att.emb_to_query.weight, att.emb_to_key_value.weight]).detach(),
-                b_qkv=torch.cat([att.emb_to_query.bias, att.emb_to_key_value.bias]).detach(),
-                w_out=att.out_proj.weight, b_out=att.out_proj.bias,
-                ln_ff=_ln(ff[0]), w_ff1=ff[1].weight, b_ff1=ff[1].bias,
-                w_ff2=ff[4].weight, b_ff2=ff[4].bias, ln_out=_ln(layer.layer_norm_output),
-                activation=type(ff[2]).__name__))
+        self.layers = torch.nn.ModuleList(StreamingLayer(layer) for layer in emformer.emformer_layers)
+        self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the activations and the left-context state (the layer norms' dtype)."""
+        return self.output_norm.weight.dtype
 
     @property
     def num_layers(self) -> int:
@@ -156,15 +160,7 @@ class StreamingEncoder:
     def new_pool(self, dtype: torch.dtype, device: torch.device) -> LeftContextPool:
         return LeftContextPool(self.num_layers, self.dim, self.left_context, dtype, device)
 
-    @staticmethod
-    def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
-        if name == "GELU":
-            return F.gelu(x)
-        if name == "ReLU":
-            return F.relu(x)
-        return F.silu(x)
-
-    def __call__(self, features: torch.Tensor, pool: LeftContextPool, slots: torch.Tensor,
+    def forward(self, features: torch.Tensor, pool: LeftContextPool, slots: torch.Tensor,
                  chunks_done: torch.Tensor) -> torch.Tensor:
         """One chunk for each of B streams.
 
@@ -179,7 +175,7 @@ class StreamingEncoder:
         B = features.size(0)
         D, H = self.dim, self.heads
         frames = (SEGMENT + RIGHT_CONTEXT) * self.stride
-        x = F.linear(features[:, :frames], self.input_linear.weight)
+        x = self.input_linear(features[:, :frames].to(self.dtype))
         x = x.reshape(B, SEGMENT + RIGHT_CONTEXT, -1)  # 4x time reduction by stacking
         # torchaudio orders rows [right context, utterance]; keep that layout throughout.
         x = torch.cat([x[:, SEGMENT:], x[:, :SEGMENT]], dim=1)
@@ -190,9 +186,7 @@ class StreamingEncoder:
             SEGMENT, device=slots.device)
         write_slots = slots[:, None].expand(B, SEGMENT)
         for index, layer in enumerate(self.layers):
-            ln = F.layer_norm(x, (D,), *layer.ln_in[:2], layer.ln_in[2])
-            qkv = F.linear(ln, layer.w_qkv, layer.b_qkv)
-            q, k, v = qkv.split(D, dim=-1)
+            q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
             keys = torch.cat([pool.keys[index].index_select(0, slots), k], dim=1)
             values = torch.cat([pool.values[index].index_select(0, slots), v], dim=1)
             attn = F.scaled_dot_product_attention(
@@ -200,13 +194,9 @@ class StreamingEncoder:
                 keys.reshape(B, -1, H, D // H).transpose(1, 2),
                 values.reshape(B, -1, H, D // H).transpose(1, 2),
                 attn_mask=mask, scale=self.scaling)
-            attn = attn.transpose(1, 2).reshape(B, rows, D)
-            x = F.linear(attn, layer.w_out, layer.b_out) + x
-            ff = F.layer_norm(x, (D,), *layer.ln_ff[:2], layer.ln_ff[2])
-            ff = F.linear(self._activation(layer.activation, F.linear(ff, layer.w_ff1, layer.b_ff1)),
-                          layer.w_ff2, layer.b_ff2)
-            x = F.layer_norm(ff + x, (D,), *layer.ln_out[:2], layer.ln_out[2])
+            x = layer.out(attn.transpose(1, 2).reshape(B, rows, D)) + x
+            ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
+            x = layer.ln_out(ff + x)
             pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:])
             pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:])
-        out = F.linear(x[:, RIGHT_CONTEXT:], self.output_linear.weight, self.output_linear.bias)
-        return F.layer_norm(out, (out.size(-1),), *self.output_norm[:2], self.output_norm[2])
+        return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))

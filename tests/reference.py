@@ -8,35 +8,12 @@ hypotheses from window to window.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 
 import torch
-import torchaudio
 from torchaudio.models import RNNTBeamSearch
-from torchaudio.pipelines.rnnt_pipeline import (_FunctionalModule, _gain, _GlobalStatsNormalization,
-                                                _ModuleFeatureExtractor, _piecewise_linear_log)
 
-SEGMENT = 2560
-WINDOW = 3200
-
-
-def torchaudio_streaming_extractor(stats) -> _ModuleFeatureExtractor:
-    """The bundle's ``get_streaming_feature_extractor()``, with the given global stats."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"mean": stats.mean, "invstddev": stats.invstddev}, f)
-    return _ModuleFeatureExtractor(torch.nn.Sequential(
-        torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=400, n_mels=80, hop_length=160),
-        _FunctionalModule(lambda x: x.transpose(1, 0)),
-        _FunctionalModule(lambda x: _piecewise_linear_log(x * _gain)),
-        _GlobalStatsNormalization(f.name)))
-
-
-def windows(waveform: torch.Tensor):
-    for idx in range(0, max(1, len(waveform)), SEGMENT):
-        segment = waveform[idx: idx + WINDOW]
-        yield torch.nn.functional.pad(segment, (0, WINDOW - len(segment)))
+from bench.seed_loop import SEGMENT, torchaudio_streaming_extractor, windows  # noqa: F401
 
 
 @torch.inference_mode()
