@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server.api import google_speech, riva
 from server.api.asr_v1 import AsrServicer
 from server.config import ServerSettings
 from server.models import LoadedModel, load_model
@@ -45,9 +46,11 @@ class AsrServer:
             ("grpc.so_reuseport", 0),
         ])
         asr_pb2_grpc.add_SpeechRecognitionServicer_to_server(AsrServicer(self.service), self.server)
+        compat_services = [add(self.service, self.server)  # Riva and Google Cloud Speech v1
+                           for add in (riva.add_to_server, google_speech.add_to_server)]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [ASR_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            [ASR_SERVICE, *compat_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
         self.port = self.server.add_insecure_port(address)
