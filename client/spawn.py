@@ -27,6 +27,8 @@ def spawned_server(*args: str, host: str = "127.0.0.1", timeout: float = 180.0,
     environment = dict(os.environ, **(env or {}))
     if quiet:
         environment.setdefault("ASR_LOG_LEVEL", "warning")
+    environment.setdefault("ASR_METRICS_PORT", "0")  # a throwaway server takes no fixed port
+    environment.setdefault("ASR_METRICS_HOST", host)
     proc = subprocess.Popen([str(BIN / "asr-server"), "--host", host, "--port", "0", *args],
                             stdout=subprocess.PIPE, text=True, env=environment)
     try:

@@ -10,9 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server import __version__
 from server.api import google_speech, riva
 from server.api.asr_v1 import AsrServicer
 from server.config import ServerSettings
+from server.metrics import Metrics
 from server.models import LoadedModel, load_model
 from server.service import RecognitionService
 
@@ -31,6 +33,8 @@ class AsrServer:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
+        self.metrics: Metrics | None = None  # None when --metrics-port is -1
+        self.metrics_port = 0  # the bound /metrics port once started (0: no endpoint)
 
     async def start(self) -> int:
         """Load and warm up the model, bind the port, start serving; return the bound port."""
@@ -38,8 +42,14 @@ class AsrServer:
         loop = asyncio.get_running_loop()
         if self.model is None:
             self.model = await loop.run_in_executor(None, load_model, s.model, s.seed)
-        self.service = RecognitionService(s, self.model)
-        await self.service.start()
+        if s.metrics_port >= 0:
+            self.metrics = Metrics(version=__version__, model=self.model.name, precision=s.precision,
+                                   device=s.device)
+        self.service = RecognitionService(s, self.model, self.metrics.observer if self.metrics else None)
+        if self.metrics:
+            self.metrics.watch(self.service)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        await self.service.start()  # warms the model up: health says SERVING only after this
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -75,6 +85,9 @@ class AsrServer:
             self.server = None
         if self.service is not None:
             await self.service.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics_port = 0
 
     async def wait(self) -> None:
         if self.server is not None:

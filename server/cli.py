@@ -38,7 +38,13 @@ async def run(settings: ServerSettings) -> int:
     except ModelLoadError as exc:
         logging.getLogger("asr-server").error("cannot load model: %s", exc)
         return 1
+    except OSError as exc:  # a port that cannot be bound
+        logging.getLogger("asr-server").error("cannot start: %s", exc)
+        await server.stop(grace=0)
+        return 1
     print(f"asr-server listening on {settings.host}:{port}", flush=True)
+    if server.metrics_port:
+        print(f"asr-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

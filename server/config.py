@@ -73,6 +73,10 @@ class ServerSettings(BaseSettings):
                                         "ahead of recognition before the server stops reading "
                                         "(gRPC flow control then slows the client)")
     # --- observability -------------------------------------------------------------------
+    metrics_port: int = Field(9400, ge=-1, le=65535, description="port of the Prometheus /metrics "
+                              "endpoint (0 picks a free port, -1 turns the endpoint off)")
+    metrics_host: str = Field("0.0.0.0", min_length=1, description="address the /metrics endpoint "
+                              "listens on (e.g. 127.0.0.1 or an internal interface)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("model")

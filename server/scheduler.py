@@ -60,6 +60,7 @@ class BatchRecord:
     seconds: float
     queue_depth_after: int
     failed: bool
+    outputs: Sequence[Any] = ()  # the runner's results for the batch (or its errors)
 
 
 @dataclass(order=True)
@@ -214,4 +215,5 @@ class Scheduler:
                 else:
                     job.future.set_result(result)
             if self.on_batch:
-                self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed))
+                self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed,
+                                          results))

@@ -19,6 +19,7 @@ from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES
 from server.models import LoadedModel
 from server.scheduler import Scheduler
 from server.session import Result, Session, SessionManager
+from server.stats import Observer, first_step_stats
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,17 @@ class ModelDescription:
 
 
 class RecognitionService:
-    def __init__(self, settings: ServerSettings, model: LoadedModel):
+    def __init__(self, settings: ServerSettings, model: LoadedModel, observer: Observer | None = None):
         self.settings = settings
         self.model = model
+        self.observer = observer or Observer()  # receives the hot path's stats (see server.stats)
         self.engine = Engine(model, device=settings.device, precision=settings.precision,
                              threads=settings.threads)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
-                                   max_wait=settings.max_wait_ms / 1000)
-        self.sessions = SessionManager(self.engine, self.scheduler, settings)
+                                   max_wait=settings.max_wait_ms / 1000,
+                                   on_batch=lambda record: self.observer.batch_done(
+                                       record, first_step_stats(record.outputs)))
+        self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
             vocabulary_size=model.tokens.size, num_parameters=model.num_parameters)
@@ -81,8 +85,9 @@ class RecognitionService:
     def open_session(self, api: str) -> Session:
         return self.sessions.open(api)
 
-    def close_session(self, session: Session) -> None:
-        self.sessions.close(session)
+    def close_session(self, session: Session, error: BaseException | None = None) -> None:
+        """Free ``session`` (call from a ``finally`` block); ``error``: what ended it, when known."""
+        self.sessions.close(session, error)
 
     async def recognize(self, config: StreamConfig, audio: bytes, api: str) -> tuple[list[Result], float]:
         """Unary recognition through a session: final results and the audio duration (s)."""

@@ -18,6 +18,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -30,6 +31,7 @@ from server.engine import FRAME_SECONDS, ChunkResult, ChunkWork, Engine, StreamS
 from server.errors import ASRError, ErrorCode
 from server.features import SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
 from server.scheduler import JobTiming, Scheduler
+from server.stats import FinalTrigger, LimitReason, Observer, StreamOutcome, outcome_of
 from server.tokens import TokenTable
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class StreamStats:
     """Per-stream figures for metrics and logs."""
 
     opened_at: float = field(default_factory=time.monotonic)
+    first_audio_at: float | None = None
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0  # this stream's share of the batched steps
     chunks: int = 0
@@ -104,9 +107,11 @@ _END = None  # end-of-input marker in the window queue
 class Session:
     _ids = itertools.count(1)
 
-    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings, api: str = "asr.v1"):
+    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings, api: str = "asr.v1",
+                 observer: Observer | None = None):
         self.id = next(self._ids)
         self.api = api
+        self.observer = observer or Observer()
         self.engine = engine
         self.tokens: TokenTable = engine.tokens
         self.scheduler = scheduler
@@ -114,7 +119,10 @@ class Session:
         self.state = SessionState.OPEN
         self.config: StreamConfig | None = None
         self.stats = StreamStats()
-        self.outcome = "ok"
+        self.error: BaseException | None = None  # what ended ``results`` early, if anything
+        self.completed = False  # ``results`` delivered everything
+        self._audio_reported = 0.0  # seconds of audio reported to the observer as recognised
+        self._at_end = False  # the end-of-stream final is being delivered
         self._decoder: AudioDecoder | None = None
         self._stream: StreamState | None = None
         self._buffer = np.zeros(0, dtype=np.float32)
@@ -150,11 +158,16 @@ class Session:
         if self.state is not SessionState.ACTIVE:
             raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
         samples = self._decoder.decode(data)
-        self._append(samples, time.monotonic())
+        now = time.monotonic()
+        if self.stats.first_audio_at is None:
+            self.stats.first_audio_at = now
+        self._append(samples, now)
         if self._samples_in / SAMPLE_RATE > self.settings.max_stream_seconds:
+            self.observer.limit_hit(LimitReason.MAX_STREAM_SECONDS)
             raise ASRError(ErrorCode.OUT_OF_RANGE, f"stream exceeds the maximum duration of "
                            f"{self.settings.max_stream_seconds:g} s of audio")
-        if self.buffered_seconds > self.settings.max_buffered_seconds:
+        if self.buffered_seconds > self.settings.max_buffered_seconds and self._room.is_set():
+            self.observer.limit_hit(LimitReason.MAX_BUFFERED_SECONDS)
             self._room.clear()
 
     async def wait_for_room(self) -> None:
@@ -195,6 +208,25 @@ class Session:
     # --- output --------------------------------------------------------------------------
     async def results(self) -> AsyncIterator[Result]:
         """Recognise windows as they come; yields interim and final results. Raises ``ASRError``."""
+        try:
+            async for result in self._recognise():
+                now = time.monotonic()
+                if self.stats.first_result_at is None:
+                    self.stats.first_result_at = now
+                    self.observer.first_result(self.api, now - (self.stats.first_audio_at or self.stats.opened_at))
+                if result.is_final:
+                    if self._at_end:
+                        self.observer.final_result(self.api, FinalTrigger.END_OF_STREAM,
+                                                   now - self.stats.input_finished_at)
+                    else:
+                        self.observer.final_result(self.api, FinalTrigger.ENDPOINT, now - result.chunk_ready_at)
+                yield result
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.completed = True
+
+    async def _recognise(self) -> AsyncIterator[Result]:
         while True:
             item = await self._windows.get()
             if isinstance(item, ASRError):
@@ -210,15 +242,18 @@ class Session:
             self.stats.chunks += 1
             self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
             self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
+            audio_done = min(self.stats.chunks * SEGMENT_SAMPLES, self._samples_in) / SAMPLE_RATE
+            self.observer.chunk_done(self.api, time.monotonic() - timing.ready_at, timing.queue_wait,
+                                     audio_done - self._audio_reported)
+            self._audio_reported = audio_done
             result = self._on_chunk(chunk, timing)
             if result is not None:
-                if self.stats.first_result_at is None:
-                    self.stats.first_result_at = time.monotonic()
                 yield result
         self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
         if self._last is not None:
             chunk, timing = self._last
             if chunk.best.tokens and not self._reset_pending:
+                self._at_end = True
                 yield self._final(chunk, timing)
 
     def _audio_end_s(self, frames_done: int) -> float:
@@ -283,10 +318,12 @@ class Session:
 class SessionManager:
     """Admission and bookkeeping of live sessions."""
 
-    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings):
+    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings,
+                 observer: Observer | None = None):
         self.engine = engine
         self.scheduler = scheduler
         self.settings = settings
+        self.observer = observer or Observer()
         self.live: dict[int, Session] = {}
         self.draining = False
 
@@ -296,15 +333,36 @@ class SessionManager:
 
     def open(self, api: str = "asr.v1") -> Session:
         if self.draining:
+            self.reject(api, LimitReason.DRAINING)
             raise ASRError(ErrorCode.UNAVAILABLE, "server is shutting down; retry on another instance")
         limit = self.settings.max_streams
         if limit and len(self.live) >= limit:
+            self.reject(api, LimitReason.MAX_STREAMS)
             raise ASRError(ErrorCode.RESOURCE_EXHAUSTED,
                            f"server is at its limit of {limit} concurrent streams; retry later")
-        session = Session(self.engine, self.scheduler, self.settings, api)
+        session = Session(self.engine, self.scheduler, self.settings, api, self.observer)
         self.live[session.id] = session
         return session
 
-    def close(self, session: Session) -> None:
+    def reject(self, api: str, reason: LimitReason) -> None:
+        """Report a stream refused at admission (the caller raises the error)."""
+        self.observer.limit_hit(reason)
+        self.observer.stream_ended(api, StreamOutcome.REJECTED, None)
+
+    def active_by_api(self) -> dict[str, int]:
+        """Live sessions per protocol."""
+        counts: dict[str, int] = {}
+        for session in list(self.live.values()):  # also read by metrics scrapes on another thread
+            counts[session.api] = counts.get(session.api, 0) + 1
+        return counts
+
+    def close(self, session: Session, error: BaseException | None = None) -> None:
+        """Free ``session`` and report how it ended (once): ``error`` when given, else OK if its
+        results were all delivered, else the error the session recorded, else the exception
+        propagating through the caller (call this from a ``finally`` block), else CANCELLED."""
         session.close()
-        self.live.pop(session.id, None)
+        if self.live.pop(session.id, None) is None:
+            return
+        if error is None and not session.completed:
+            error = session.error or sys.exc_info()[1] or asyncio.CancelledError()
+        self.observer.stream_ended(session.api, outcome_of(error), session.stats)

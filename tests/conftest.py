@@ -43,7 +43,9 @@ def speech() -> list[tuple[str, np.ndarray, str]]:
 
 @contextlib.asynccontextmanager
 async def running_server(model: LoadedModel | None = None, **overrides):
-    """Start an AsrServer on 127.0.0.1:<free port>; yields (server, stub)."""
+    """Start an AsrServer on 127.0.0.1:<free port> (metrics on another free port, ``server.metrics_port``);
+    yields (server, stub)."""
+    overrides = {"metrics_host": "127.0.0.1", "metrics_port": 0, **overrides}
     settings = ServerSettings(host="127.0.0.1", port=0, model="random-small", **overrides)
     server = AsrServer(settings, model=model or small_model())
     port = await server.start()

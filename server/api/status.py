@@ -9,6 +9,7 @@ import logging
 import grpc
 
 from server.errors import ASRError, ErrorCode
+from server.stats import Observer
 
 log = logging.getLogger(__name__)
 
@@ -17,11 +18,18 @@ def grpc_code(code: ErrorCode) -> grpc.StatusCode:
     return grpc.StatusCode[code.name]
 
 
+def _observer(servicer) -> Observer:
+    """The observer of the service behind ``servicer`` (servicers keep theirs as ``.service``)."""
+    return getattr(getattr(servicer, "service", None), "observer", None) or Observer()
+
+
 def maps_errors(handler):
     """Decorate a servicer method (unary or async-generator) so that ``ASRError`` becomes
-    its gRPC status and any other exception becomes INTERNAL with a logged traceback."""
+    its gRPC status and any other exception becomes INTERNAL with a logged traceback; every
+    such status is reported to the service's observer (``error_returned``)."""
 
-    async def _abort(context, exc: Exception):
+    async def _abort(servicer, context, exc: Exception):
+        _observer(servicer).error_returned(exc.code if isinstance(exc, ASRError) else ErrorCode.INTERNAL)
         if isinstance(exc, ASRError):
             log.info("%s: %s %s", handler.__qualname__, exc.code.name, exc.message)
             await context.abort(grpc_code(exc.code), exc.message)
@@ -37,7 +45,7 @@ def maps_errors(handler):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, exc)
+                await _abort(self, context, exc)
         return stream_wrapper
 
     @functools.wraps(handler)
@@ -47,5 +55,5 @@ def maps_errors(handler):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(self, context, exc)
     return unary_wrapper
