@@ -6,14 +6,20 @@ paced in real time in 160 ms messages, with interim results on, for
 
 * client chunk latency: from sending the last byte a result needed (the chunk's
   look-ahead included) to the result's arrival, next to the server's own
-  ``chunk_latency_ms`` so network and queueing show separately;
-* time to first result (from the first audio byte sent), final-result latency
+  ``chunk_latency_ms`` and queue wait, so network and queueing show separately;
+* time to first result (from sending the first audio message), final-result latency
   (from the last audio byte sent to the final result), per-stream RTF (the
   stream's share of the batched compute / its audio), batch sizes, errors.
 
-``--find-capacity`` searches for the largest N whose p99 client chunk latency stays
-under ``--threshold-ms`` (default one chunk period, 160 ms). The tester's own CPU
-use is reported, since it usually shares the machine with the server.
+Latency statistics cover the steady state: results that arrive between the end
+of the ramp-up and the end of the duration (each stream still finishes the file
+it is sending). ``--find-capacity`` searches for the largest N whose p99 client
+chunk latency stays under ``--threshold-ms`` (default one chunk period, 160 ms).
+The tester's own CPU use is reported, since it usually shares the machine with
+the server.
+
+``run_load`` and ``find_capacity`` are the library interface (the capacity
+benchmark imports them).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import random
 import shlex
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -40,6 +47,7 @@ from client.spawn import spawned_server
 from client.stream import SendLog, StreamOptions, channel, stream_audio
 
 CHUNK_PERIOD_MS = 160.0
+RETRY_PAUSE_S = 0.5
 DEFAULT_AUDIO = Path(__file__).resolve().parent.parent / "samples"
 
 
@@ -51,9 +59,11 @@ class StreamRecord:
     file: str
     audio_seconds: float
     started_at: float
+    # One entry per result, in parallel:
+    latency_at: list[float] = field(default_factory=list)  # when it arrived (s from the test's start)
     client_latency_ms: list[float] = field(default_factory=list)
     server_latency_ms: list[float] = field(default_factory=list)
-    latency_at: list[float] = field(default_factory=list)  # when each latency was observed (s from test start)
+    queue_wait_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     compute_share_ms: float = 0.0
     first_result_ms: float | None = None
@@ -74,37 +84,58 @@ class LoadResult:
     wall_s: float
     tester_cpu_percent: float
     server_cpu_percent: float | None
+    ramp_up_s: float = 0.0
 
     def summary(self) -> dict:
         return summarize(self)
+
+    def window(self, record: StreamRecord) -> list[int]:
+        """Indices of ``record``'s results inside the measured (steady-state) window."""
+        lo, hi = self.ramp_up_s, self.ramp_up_s + self.duration_s
+        return [i for i, t in enumerate(record.latency_at) if lo <= t <= hi]
 
 
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def _dist(values: list[float]) -> dict:
+    return {"p50": _pct(values, 50), "p95": _pct(values, 95), "p99": _pct(values, 99),
+            "max": max(values) if values else None, "count": len(values)}
+
+
 def summarize(result: LoadResult) -> dict:
     recs = result.records
-    client = [v for r in recs for v in r.client_latency_ms]
-    server = [v for r in recs for v in r.server_latency_ms]
+    client, server, queue, sizes = [], [], [], []
+    for r in recs:
+        for i in result.window(r):
+            client.append(r.client_latency_ms[i])
+            server.append(r.server_latency_ms[i])
+            queue.append(r.queue_wait_ms[i])
+            sizes.append(r.batch_sizes[i])
     first = [r.first_result_ms for r in recs if r.first_result_ms is not None]
     final = [r.final_latency_ms for r in recs if r.final_latency_ms is not None]
-    rtf = [r.rtf for r in recs if r.completed]
-    sizes = [b for r in recs for b in r.batch_sizes]
     errors: dict[str, int] = {}
     for r in recs:
         if r.status != "OK":
             errors[r.status] = errors.get(r.status, 0) + 1
-
-    def dist(values):
-        return {"p50": _pct(values, 50), "p95": _pct(values, 95), "p99": _pct(values, 99),
-                "max": max(values) if values else None, "count": len(values)}
-
+    per_stream = []
+    for user in sorted({r.user for r in recs}):
+        mine = [r for r in recs if r.user == user]
+        done = [r for r in mine if r.completed]
+        audio = sum(r.audio_seconds for r in done)
+        lat = [r.client_latency_ms[i] for r in mine for i in result.window(r)]
+        per_stream.append({"stream": user, "files_completed": len(done), "errors": len(mine) - len(done),
+                           "rtf": round(sum(r.compute_share_ms for r in done) / 1000 / audio, 4) if audio else None,
+                           "chunk_latency_p99_ms": _pct(lat, 99)})
     return {
-        "streams": result.streams, "duration_s": result.duration_s, "wall_s": round(result.wall_s, 2),
-        "chunk_latency_ms": dist(client), "server_chunk_latency_ms": dist(server),
-        "time_to_first_result_ms": dist(first), "final_result_latency_ms": dist(final),
-        "stream_rtf": dist(rtf),
+        "streams": result.streams, "duration_s": result.duration_s, "ramp_up_s": result.ramp_up_s,
+        "wall_s": round(result.wall_s, 2),
+        "chunk_latency_ms": _dist(client), "server_chunk_latency_ms": _dist(server),
+        "server_queue_wait_ms": _dist(queue),
+        "network_ms": _dist([c - s for c, s in zip(client, server)]),
+        "time_to_first_result_ms": _dist(first), "final_result_latency_ms": _dist(final),
+        "stream_rtf": _dist([r.rtf for r in recs if r.completed]),
         "batch_size": {"mean": float(np.mean(sizes)) if sizes else None,
                        "histogram": {str(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))}
                        if sizes else {}},
@@ -112,6 +143,7 @@ def summarize(result: LoadResult) -> dict:
         "audio_seconds": round(sum(r.audio_seconds for r in recs if r.completed), 1),
         "tester_cpu_percent": round(result.tester_cpu_percent, 1),
         "server_cpu_percent": None if result.server_cpu_percent is None else round(result.server_cpu_percent, 1),
+        "per_stream": per_stream,
     }
 
 
@@ -122,64 +154,98 @@ def load_audio(directory: Path) -> list[tuple[str, bytes, int, int]]:
     return [(f.name, *read_wav(f)) for f in files]
 
 
-async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float) -> StreamRecord:
+@dataclass
+class _Live:
+    """What the progress bar shows while the test runs."""
+
+    active: int = 0
+    files: int = 0
+    errors: int = 0
+    recent_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
+
+    def postfix(self) -> str:
+        p99 = f"{np.percentile(self.recent_ms, 99):.0f} ms" if self.recent_ms else "-"
+        return f"{self.active} open, {self.files} files done, {self.errors} errors, recent p99 {p99}"
+
+
+async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float, live: _Live) -> StreamRecord:
     name, pcm, rate, channels = audio
     seconds = len(pcm) / (2 * channels * rate)
     record = StreamRecord(user, name, seconds, time.monotonic() - t0)
     log = SendLog()
+    live.active += 1
     try:
         async for event in stream_audio(stub, pcm, rate, options, channels=channels, send_log=log):
             for result in event.response.results:
                 if record.first_result_ms is None and log.sent_at:
                     record.first_result_ms = (event.received_at - log.sent_at[0]) * 1000
                 timing = result.timing
-                record.server_latency_ms.append(timing.chunk_latency_ms)
-                record.batch_sizes.append(timing.batch_size)
                 record.compute_share_ms += timing.compute_ms / max(1, timing.batch_size)
                 if event.client_latency_s is not None:
-                    record.client_latency_ms.append(event.client_latency_s * 1000)
                     record.latency_at.append(event.received_at - t0)
+                    record.client_latency_ms.append(event.client_latency_s * 1000)
+                    record.server_latency_ms.append(timing.chunk_latency_ms)
+                    record.queue_wait_ms.append(timing.queue_wait_ms)
+                    record.batch_sizes.append(timing.batch_size)
+                    live.recent_ms.append(event.client_latency_s * 1000)
                 if result.is_final and log.finished_at is not None:
                     record.final_latency_ms = (event.received_at - log.finished_at) * 1000
         record.completed = True
+        live.files += 1
     except grpc.aio.AioRpcError as exc:
         record.status = exc.code().name
+        live.errors += 1
+    finally:
+        live.active -= 1
     return record
 
 
 async def run_load(address: str, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
                    options: StreamOptions | None = None, server_pid: int | None = None,
                    progress: bool = True, seed: int = 0) -> LoadResult:
-    """Run ``streams`` simulated users for ``duration`` seconds (after ramp-up); all records."""
+    """Run ``streams`` simulated users for ``duration`` seconds after a ``ramp_up``; all records.
+
+    ``audio``: ``load_audio(directory)``. User i starts at ``ramp_up * i / streams`` (plus a
+    random phase within one chunk) and sends files back to back, one gRPC stream each,
+    until the end; the file in flight then finishes. ``server_pid``: also measure the
+    server's CPU use (same machine only).
+    """
     options = options or StreamOptions(realtime=True, interim_results=True)
     rng = random.Random(seed)
     me = psutil.Process()
     server = psutil.Process(server_pid) if server_pid else None
     cpu0, scpu0 = me.cpu_times(), server.cpu_times() if server else None
     records: list[StreamRecord] = []
+    live = _Live()
     t0 = time.monotonic()
     end = t0 + ramp_up + duration
     async with channel(address, options=[("grpc.max_receive_message_length", 16 << 20)]) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
 
         async def user(i: int) -> None:
-            await asyncio.sleep(ramp_up * i / max(1, streams) + rng.random() * 0.16)
+            await asyncio.sleep(ramp_up * i / max(1, streams) + rng.random() * CHUNK_PERIOD_MS / 1000)
             k = rng.randrange(len(audio))
             while time.monotonic() < end:
-                records.append(await _one_stream(stub, i, audio[k % len(audio)], options, t0))
+                record = await _one_stream(stub, i, audio[k % len(audio)], options, t0, live)
+                records.append(record)
                 k += 1
+                if not record.completed:
+                    await asyncio.sleep(RETRY_PAUSE_S)  # a refused or failed stream: no busy loop
 
         async def ticker(bar):
-            while time.monotonic() < end:
+            while True:
                 await asyncio.sleep(0.5)
-                bar.n = min(int(time.monotonic() - t0), bar.total)
-                bar.refresh()
+                bar.n = min(time.monotonic() - t0, bar.total)
+                bar.set_postfix_str(live.postfix(), refresh=True)
 
-        with tqdm(total=int(ramp_up + duration), unit="s", desc=f"{streams} streams", disable=not progress,
-                  file=sys.stderr, leave=False) as bar:
+        with tqdm(total=ramp_up + duration, unit="s", desc=f"{streams} streams", disable=not progress,
+                  file=sys.stderr, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s"
+                  " [{postfix}]") as bar:
             tick = asyncio.create_task(ticker(bar))
-            await asyncio.gather(*(user(i) for i in range(streams)))
-            tick.cancel()
+            try:
+                await asyncio.gather(*(user(i) for i in range(streams)))
+            finally:
+                tick.cancel()
     wall = time.monotonic() - t0
     cpu1 = me.cpu_times()
     tester_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall * 100
@@ -187,16 +253,18 @@ async def run_load(address: str, audio: list, streams: int, duration: float, ram
     if server:
         s1 = server.cpu_times()
         server_cpu = (s1.user + s1.system - scpu0.user - scpu0.system) / wall * 100
-    return LoadResult(streams, duration, records, wall, tester_cpu, server_cpu)
+    return LoadResult(streams, duration, records, wall, tester_cpu, server_cpu, ramp_up)
 
 
 async def find_capacity(trial: Callable[[int], Awaitable[dict]], threshold_ms: float = CHUNK_PERIOD_MS,
                         start: int = 1, max_streams: int = 256, metric: str = "p99",
                         log: Callable[[str], None] = lambda s: None) -> tuple[int, list[dict]]:
-    """Largest N with ``trial(N)['chunk_latency_ms'][metric] <= threshold_ms`` and no errors.
+    """Largest N in [start, max_streams] with ``trial(N)['chunk_latency_ms'][metric] <= threshold_ms``
+    and no errors (``trial`` returns a ``summarize`` dict, e.g. of ``run_load``).
 
-    Doubles N until a trial fails, then bisects between the last good and first bad N.
-    Returns the capacity (0 if even ``start`` fails) and every trial's summary.
+    Doubles N from ``start`` (the last step capped at ``max_streams``) until a trial fails,
+    then bisects between the last good and the first bad N; each N is tried once.
+    Returns the capacity (0 if every N tried failed) and every trial's summary, in order.
     """
     trials: list[dict] = []
 
@@ -210,16 +278,15 @@ async def find_capacity(trial: Callable[[int], Awaitable[dict]], threshold_ms: f
         return good
 
     good, bad = 0, None
-    n = start
-    while n <= max_streams:
-        if await ok(n):
-            good = n
-            n *= 2
-        else:
+    n = max(1, min(start, max_streams))
+    while True:
+        if not await ok(n):
             bad = n
             break
-    if bad is None:
-        return good, trials
+        good = n
+        if n >= max_streams:
+            return good, trials
+        n = min(n * 2, max_streams)
     while bad - good > 1:
         mid = (good + bad) // 2
         if await ok(mid):
@@ -230,20 +297,24 @@ async def find_capacity(trial: Callable[[int], Awaitable[dict]], threshold_ms: f
 
 
 def table(summary: dict) -> str:
-    def row(name, d, unit="ms"):
-        cells = [("-" if d[k] is None else f"{d[k]:.1f}") for k in ("p50", "p95", "p99", "max")]
-        return f"{name:<26}" + "".join(f"{c:>10}" for c in cells) + f"  {unit}"
+    """The summary as a text table, for people."""
+    def row(name, d, unit="ms", fmt="{:.1f}"):
+        cells = [("-" if d[k] is None else fmt.format(d[k])) for k in ("p50", "p95", "p99", "max")]
+        return f"{name:<32}" + "".join(f"{c:>10}" for c in cells) + f"  {unit}"
 
-    lines = [f"{summary['streams']} streams, {summary['duration_s']:.0f} s (+ramp-up); "
-             f"{summary['streams_completed']} files completed, {summary['audio_seconds']} s of audio",
-             f"{'':<26}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}",
+    batch = summary["batch_size"]
+    lines = [f"{summary['streams']} streams for {summary['duration_s']:g} s after {summary['ramp_up_s']:g} s of "
+             f"ramp-up ({summary['wall_s']:g} s in all); {summary['streams_completed']} files completed, "
+             f"{summary['audio_seconds']} s of audio",
+             f"{'':<32}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}",
              row("chunk latency (client)", summary["chunk_latency_ms"]),
-             row("chunk latency (server)", summary["server_chunk_latency_ms"]),
+             row("  of which in the server", summary["server_chunk_latency_ms"]),
+             row("    waiting in its queue", summary["server_queue_wait_ms"]),
+             row("  network + gRPC (client-server)", summary["network_ms"]),
              row("time to first result", summary["time_to_first_result_ms"]),
              row("final-result latency", summary["final_result_latency_ms"]),
-             row("stream RTF", summary["stream_rtf"], "x"),
-             f"batch size: mean {summary['batch_size']['mean'] and round(summary['batch_size']['mean'], 2)}, "
-             f"histogram {summary['batch_size']['histogram']}",
+             row("stream RTF", summary["stream_rtf"], "x", "{:.3f}"),
+             f"batch size: mean {batch['mean'] and round(batch['mean'], 2)}, histogram {batch['histogram']}",
              f"errors: {summary['errors'] or 'none'}",
              f"CPU: load tester {summary['tester_cpu_percent']}% of a core"
              + ("" if summary["server_cpu_percent"] is None else f", server {summary['server_cpu_percent']}%")]
@@ -251,7 +322,8 @@ def table(summary: dict) -> str:
 
 
 def plot(result: LoadResult, directory: Path, sweep: list[dict] | None = None) -> list[Path]:
-    """PNG charts: chunk-latency CDF, latency over time per user, RTF per stream, latency vs N."""
+    """PNG charts: chunk-latency CDF, latency over time per stream, RTF per stream, and, given the
+    summaries of a sweep over N (``find_capacity``'s trials), latency vs N. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,53 +331,71 @@ def plot(result: LoadResult, directory: Path, sweep: list[dict] | None = None) -
 
     directory.mkdir(parents=True, exist_ok=True)
     out = []
-    lat = np.sort([v for r in result.records for v in r.client_latency_ms])
+
+    def save(fig, name):
+        out.append(directory / name)
+        fig.savefig(out[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+    measured = [(r, result.window(r)) for r in result.records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if len(lat):
-        ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label="client")
-        srv = np.sort([v for r in result.records for v in r.server_latency_ms])
-        ax.plot(srv, np.arange(1, len(srv) + 1) / len(srv), label="server")
+    for label, attr in (("client", "client_latency_ms"), ("server", "server_latency_ms")):
+        values = np.sort([getattr(r, attr)[i] for r, idx in measured for i in idx])
+        if len(values):
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
     ax.axvline(CHUNK_PERIOD_MS, color="grey", ls="--", label="chunk period")
-    ax.set(xlabel="chunk latency (ms)", ylabel="fraction of chunks", title=f"Chunk latency CDF, {result.streams} streams")
+    ax.set(xlabel="chunk latency (ms)", ylabel="fraction of results",
+           title=f"Chunk latency CDF, {result.streams} streams (after ramp-up)")
     ax.legend()
-    out.append(directory / "latency_cdf.png")
-    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "latency_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    users: dict[int, tuple[list, list]] = {}
-    for r in result.records:
-        xs, ys = users.setdefault(r.user, ([], []))
-        xs += r.latency_at
-        ys += r.client_latency_ms
-    for u, (xs, ys) in sorted(users.items()):
-        ax.plot(xs, ys, lw=0.8, alpha=0.7)
+    for user in sorted({r.user for r in result.records}):
+        mine = sorted((t, v) for r in result.records if r.user == user
+                      for t, v in zip(r.latency_at, r.client_latency_ms))
+        ax.plot([t for t, _ in mine], [v for _, v in mine], lw=0.8, alpha=0.7)
     ax.axhline(CHUNK_PERIOD_MS, color="grey", ls="--")
-    ax.set(xlabel="time (s)", ylabel="chunk latency (ms)", title="Chunk latency over time, one line per stream")
-    out.append(directory / "latency_over_time.png")
-    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    ax.axvspan(0, result.ramp_up_s, color="grey", alpha=0.1, label="ramp-up (not measured)")
+    ax.axvspan(result.ramp_up_s + result.duration_s, max(result.wall_s, result.ramp_up_s + result.duration_s),
+               color="tab:orange", alpha=0.08, label="last files finishing (not measured)")
+    ax.set(xlabel="time (s)", ylabel="client chunk latency (ms)", title="Chunk latency over time, one line per stream")
+    ax.legend()
+    save(fig, "latency_over_time.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    rtf = [r.rtf for r in result.records if r.completed]
-    ax.bar(range(len(rtf)), rtf)
+    per_stream = summarize(result)["per_stream"]
+    ax.bar([s["stream"] for s in per_stream], [s["rtf"] or 0 for s in per_stream])
     ax.set(xlabel="stream", ylabel="RTF (compute share / audio)", title="Real-time factor per stream")
-    out.append(directory / "rtf_per_stream.png")
-    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "rtf_per_stream.png")
 
     if sweep:
         fig, ax = plt.subplots(figsize=(7, 4))
-        pts = sorted((s["streams"], s["chunk_latency_ms"]) for s in sweep)
+        pts = sorted((s["streams"], s) for s in sweep)
+        ns = [n for n, _ in pts]
         for q in ("p50", "p95", "p99"):
-            ax.plot([n for n, _ in pts], [d[q] for _, d in pts], marker="o", label=q)
+            ax.plot(ns, [s["chunk_latency_ms"][q] for _, s in pts], marker="o", label=f"client {q}")
+        ax.plot(ns, [s["server_chunk_latency_ms"]["p99"] for _, s in pts], marker="x", ls=":", label="server p99")
         ax.axhline(CHUNK_PERIOD_MS, color="grey", ls="--", label="chunk period")
         ax.set(xlabel="concurrent streams", ylabel="chunk latency (ms)", title="Chunk latency vs streams")
         ax.legend()
-        out.append(directory / "latency_vs_streams.png")
-        fig.savefig(out[-1], dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        save(fig, "latency_vs_streams.png")
     return out
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,16 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
     where.add_argument("--spawn", metavar="ARGS", help="start 'asr-server ARGS' locally for the test")
-    p.add_argument("--streams", type=int, default=4, help="concurrent streams (default: %(default)s)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds after ramp-up (default: %(default)s)")
-    p.add_argument("--ramp-up", type=float, default=2.0, help="seconds over which streams start (default: %(default)s)")
+    p.add_argument("--streams", type=_positive(int), default=4, help="concurrent streams (default: %(default)s)")
+    p.add_argument("--duration", type=_positive(float), default=20.0,
+                   help="seconds measured after the ramp-up (default: %(default)s)")
+    p.add_argument("--ramp-up", type=_non_negative, default=2.0,
+                   help="seconds over which the streams start (default: %(default)s)")
     p.add_argument("--audio", type=Path, default=DEFAULT_AUDIO, help="directory of WAV files (default: samples/)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="beam search with N hypotheses")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
-    p.add_argument("--find-capacity", action="store_true", help="search the largest N under --threshold-ms")
-    p.add_argument("--threshold-ms", type=float, default=CHUNK_PERIOD_MS, help="p99 chunk latency bound")
-    p.add_argument("--max-streams", type=int, default=256, help="upper bound of the capacity search")
-    p.add_argument("--server-pid", type=int, help="pid of the server, to report its CPU use")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="search the largest N whose p99 chunk latency stays under --threshold-ms")
+    p.add_argument("--threshold-ms", type=_positive(float), default=CHUNK_PERIOD_MS,
+                   help="p99 chunk latency bound of --find-capacity (default: one chunk period, %(default)s)")
+    p.add_argument("--max-streams", type=_positive(int), default=256,
+                   help="upper bound of the capacity search (default: %(default)s)")
+    p.add_argument("--server-pid", type=int, help="pid of the server, to report its CPU use (same machine)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts to DIR")
     return p
@@ -338,9 +433,22 @@ def options_from(args) -> StreamOptions:
     return StreamOptions(realtime=True, interim_results=True, decoding_method=method, beam_width=args.beam)
 
 
+async def model_name(address: str, timeout: float = 10.0) -> str:
+    """The server's model (``GetModelInfo``); ``SystemExit`` with a message if it does not answer."""
+    async with channel(address) as ch:
+        try:
+            info = await asr_pb2_grpc.SpeechRecognitionStub(ch).GetModelInfo(asr_pb2.GetModelInfoRequest(),
+                                                                              timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise SystemExit(f"asr-loadtest: cannot reach the server at {address}: "
+                             f"{exc.code().name}: {exc.details()}") from None
+    return info.model_name
+
+
 async def _main(args, address: str, server_pid: int | None) -> dict:
     audio = load_audio(args.audio)
     options = options_from(args)
+    model = await model_name(address)
     progress = sys.stderr.isatty()
     if args.find_capacity:
         results: dict[int, LoadResult] = {}
@@ -352,14 +460,14 @@ async def _main(args, address: str, server_pid: int | None) -> dict:
 
         capacity, trials = await find_capacity(trial, args.threshold_ms, max_streams=args.max_streams,
                                                log=lambda s: print(s, file=sys.stderr, flush=True))
-        out = {"capacity": capacity, "threshold_ms": args.threshold_ms, "trials": trials}
+        out = {"model": model, "capacity": capacity, "threshold_ms": args.threshold_ms, "trials": trials}
         if args.plot and results:
             best = results.get(capacity) or results[min(results)]
             out["plots"] = [str(p) for p in plot(best, args.plot, trials)]
         return out
     result = await run_load(address, audio, args.streams, args.duration, args.ramp_up, options, server_pid,
                             progress=progress)
-    out = result.summary()
+    out = {"model": model, **result.summary()}
     if args.plot:
         out["plots"] = [str(p) for p in plot(result, args.plot)]
     return out
@@ -376,10 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     elif args.find_capacity:
         print(f"capacity: {out['capacity']} streams with p99 chunk latency <= {args.threshold_ms:g} ms")
+        print(f"{'N':>6}{'client p50':>12}{'client p99':>12}{'server p99':>12}  errors")
         for s in out["trials"]:
-            print(f"  N={s['streams']:4d}  p99 {s['chunk_latency_ms']['p99']} ms  errors {s['errors'] or 0}")
+            cells = [s["chunk_latency_ms"]["p50"], s["chunk_latency_ms"]["p99"], s["server_chunk_latency_ms"]["p99"]]
+            print(f"{s['streams']:>6}" + "".join("           -" if c is None else f"{c:>9.1f} ms" for c in cells)
+                  + f"  {s['errors'] or 'none'}")
     else:
-        print(table(out))
+        print(f"model {out['model']}\n" + table(out))
     if "plots" in out and not args.json:
         print("plots: " + ", ".join(out["plots"]))
     return 0

@@ -83,7 +83,7 @@ async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screen
                           saw_interim=saw_interim, stats=await page.text_content("#stats"), sent_bytes=sent)
             if screenshot:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
-                await page.screenshot(path=str(screenshot))
+                await page.screenshot(path=str(screenshot), full_page=True)
             return run
         finally:
             await browser.close()

@@ -30,7 +30,6 @@ def best_alignment(recorded: np.ndarray, reference: np.ndarray) -> float:
     return float(np.corrcoef(recorded[lag:lag + len(reference)], reference)[0, 1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["random-small", "demo"])
 async def test_browser_page_shows_what_the_grpc_api_gives_for_the_microphone_audio(tmp_path, model_name):
     if model_name == "demo" and not (DEMO_DIR / "config.json").exists():
