@@ -76,9 +76,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         config = json.loads(first.data) if first.type == WSMsgType.TEXT else None
         rate = int(config["sample_rate"])
     except (ValueError, TypeError, KeyError):
-        await ws.send_json({"type": "error", "code": "INVALID_ARGUMENT",
-                            "message": 'the first message must be a JSON config such as {"sample_rate": 16000}'})
-        await ws.close()
+        if not ws.closed:
+            await ws.send_json({"type": "error", "code": "INVALID_ARGUMENT",
+                                "message": 'the first message must be a JSON config such as {"sample_rate": 16000}'})
+            await ws.close()
         return ws
     audio = bytearray()
 
