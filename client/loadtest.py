@@ -239,8 +239,7 @@ async def run_load(address: str, audio: list, streams: int, duration: float, ram
                 bar.set_postfix_str(live.postfix(), refresh=True)
 
         with tqdm(total=ramp_up + duration, unit="s", desc=f"{streams} streams", disable=not progress,
-                  file=sys.stderr, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s"
-                  " [{postfix}]") as bar:
+                  file=sys.stderr, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
             tick = asyncio.create_task(ticker(bar))
             try:
                 await asyncio.gather(*(user(i) for i in range(streams)))
