@@ -12,6 +12,7 @@ from pydantic_settings import CliSettingsSource
 
 from server.config import ServerSettings
 from server.models import ModelLoadError
+from server.precision import PrecisionError
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -38,7 +39,11 @@ async def run(settings: ServerSettings) -> int:
     except ModelLoadError as exc:
         logging.getLogger("asr-server").error("cannot load model: %s", exc)
         return 1
-    except OSError as exc:  # a port that cannot be bound
+    except PrecisionError as exc:
+        logging.getLogger("asr-server").error("cannot start: %s", exc)
+        await server.stop(grace=0)
+        return 1
+    except (OSError, ValueError) as exc:  # a port that cannot be bound, a TLS file that is not PEM
         logging.getLogger("asr-server").error("cannot start: %s", exc)
         await server.stop(grace=0)
         return 1

@@ -43,9 +43,14 @@ class ServerSettings(BaseSettings):
                        "random-small (tiny random model, for tests) or bundle:DIR (torchaudio's "
                        "LibriSpeech files in DIR)")
     seed: int = Field(0, description="seed of the random-* models")
-    precision: Literal["fp32"] = Field(
-        "fp32", description="numeric precision of the model, applied once at load time "
-        "(reduced precisions are not available yet)")
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="numeric precision of the model, applied once at load time: fp32; bf16 "
+        "(weights and activations); int8 (every Linear dynamically quantised); fp16 (CUDA only: "
+        "slower than bf16 on CPU, refused there)")
+    max_precision_error: float = Field(
+        0.1, gt=0, le=1.0, description="start-up self-check: largest relative error of the encoder "
+        "output in the chosen precision against fp32, on a fixed input; above it the server refuses "
+        "to start")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
     threads: int = Field(0, ge=0, description="torch intra-op threads of the inference thread "
                          "(0: one per core)")

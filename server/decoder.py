@@ -19,6 +19,7 @@ Token 0..V-2 are symbols, V-1 the blank (torchaudio's convention).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Generator, Union
@@ -29,26 +30,43 @@ import torch.nn.functional as F
 PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h (N, H), c (N, H)]
 
 
-class Predictor:
-    """Batched one-token step of the RNN-T prediction network, plus the joiner."""
+class DecodingNetwork(torch.nn.Module):
+    """Copies of an RNN-T's prediction network and joiner: what the decoders run, in the
+    engine's precision (the loaded model itself is left untouched)."""
 
-    def __init__(self, rnnt: torch.nn.Module, blank: int):
-        self.rnnt = rnnt
+    def __init__(self, rnnt: torch.nn.Module):
+        super().__init__()
+        self.predictor = copy.deepcopy(rnnt.predictor)
+        self.joiner = copy.deepcopy(rnnt.joiner)
+        self.eval()
+
+
+class Predictor:
+    """Batched one-token step of the RNN-T prediction network, plus the joiner.
+
+    ``network`` holds torchaudio's ``predictor`` and ``joiner`` modules (the
+    engine's own copies, in the engine's precision); activations and states
+    take the dtype of the predictor's embedding.
+    """
+
+    def __init__(self, network: torch.nn.Module, blank: int, device: torch.device | str = "cpu"):
+        self.network = network
         self.blank = blank
-        self.joiner_linear = rnnt.joiner.linear
-        self.joiner_activation = rnnt.joiner.activation
+        self.device = torch.device(device)
+        self.joiner_linear = network.joiner.linear
+        self.joiner_activation = network.joiner.activation
         self._initial: tuple[torch.Tensor, PredictorState] | None = None
 
     def step(self, tokens: torch.Tensor, state: PredictorState | None) -> tuple[torch.Tensor, PredictorState]:
         """``tokens (N,)`` -> predictor output ``(N, E)`` and the new state."""
-        out, _, new_state = self.rnnt.predict(tokens[:, None], torch.ones_like(tokens), state)
+        out, _, new_state = self.network.predictor(input=tokens[:, None], lengths=torch.ones_like(tokens),
+                                                   state=state)
         return out[:, 0], new_state
 
     def initial(self) -> tuple[torch.Tensor, PredictorState]:
         """Output and state after the start symbol (the blank), from a zero state: ``(1, E)``."""
         if self._initial is None:
-            device = self.joiner_linear.weight.device
-            self._initial = self.step(torch.tensor([self.blank], device=device), None)
+            self._initial = self.step(torch.tensor([self.blank], device=self.device), None)
         return self._initial
 
     def join(self, encoder_rows: torch.Tensor, predictor_rows: torch.Tensor) -> torch.Tensor:
@@ -220,7 +238,7 @@ class BeamSearchDecoder:
                 replies[i] = logp[start:start + len(r.hypotheses)]
                 start += len(r.hypotheses)
         if predicts:
-            device = self.predictor.joiner_linear.weight.device
+            device = self.predictor.device
             tokens = torch.tensor([t for _, r in predicts for t in r.tokens], device=device)
             state = stack_states([h.predictor_state for _, r in predicts for h in r.hypotheses])
             out, new_state = self.predictor.step(tokens, state)

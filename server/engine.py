@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from server.config import DecodingMethod
-from server.decoder import BeamSearchDecoder, DecoderState, GreedyDecoder, Hypothesis, Predictor
+from server.decoder import BeamSearchDecoder, DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, Predictor
 from server.encoder import SEGMENT, StreamingEncoder
-from server.features import WINDOW_SAMPLES, FeatureFrontEnd
+from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
+from server.precision import (PrecisionError, apply_precision, check_precision, detect_cpu_features,
+                              precision_warnings, relative_error)
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +93,65 @@ class StepStats:
 
 
 class Engine:
-    """Batched streaming recognition over a loaded model (fp32 for now)."""
+    """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
 
     def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0):
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r} is not supported yet")
+        check_precision(precision, device)
         self.model = model
         self.precision = precision
         self.device = torch.device(device)
         if threads:
             torch.set_num_threads(threads)
+        if device == "cpu":
+            features = detect_cpu_features()
+            log.info("CPU matrix features: %s; torch %s kernels, %d threads", features.describe(),
+                     torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+            for warning in precision_warnings(precision, device, features):
+                log.warning("--precision %s: %s", precision, warning)
         self.rnnt = model.rnnt.to(self.device).eval()
         self.front_end = FeatureFrontEnd(model.stats).to(self.device)
-        self.encoder = StreamingEncoder(self.rnnt.transcriber).to(self.device)
+        # The engine runs its own copies of the networks, converted once to the precision;
+        # the loaded model stays fp32 (the self-check compares against it).
+        self.encoder = apply_precision(StreamingEncoder(self.rnnt.transcriber).to(self.device), precision)
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
-        self.predictor = Predictor(self.rnnt, model.blank)
+        self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision)
+        self.predictor = Predictor(self.decoding, model.blank, self.device)
         self.greedy = GreedyDecoder(self.predictor)
         self.beam = BeamSearchDecoder(self.predictor)
         with torch.inference_mode():
             self.predictor.initial()
+
+    def self_check(self, max_error: float, chunks: int = 12, streams: int = 2, seed: int = 0) -> float:
+        """Relative error of this precision's encoder output against fp32 on a fixed input.
+
+        Runs ``chunks`` chunks (past the left-context warm-up) of seeded random
+        normalised features for ``streams`` streams through this engine's encoder and
+        through an fp32 copy built from the loaded model; returns
+        ``||out - out_fp32|| / ||out_fp32||`` and raises ``PrecisionError`` above ``max_error``.
+        """
+        if self.precision == "fp32":
+            return 0.0
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(chunks, streams, WINDOW_FRAMES, self.front_end.mean.numel(), generator=generator)
+        reference = StreamingEncoder(self.rnnt.transcriber).to(self.device)
+        outputs = []
+        with torch.inference_mode():
+            for encoder in (reference, self.encoder):
+                pool = encoder.new_pool(encoder.dtype, self.device)
+                slots = torch.tensor([pool.allocate() for _ in range(streams)], device=self.device)
+                outputs.append(torch.cat([
+                    encoder(inputs[i].to(self.device), pool, slots,
+                            torch.full((streams,), i, device=self.device)).float()
+                    for i in range(chunks)], dim=1))
+        error = relative_error(outputs[0], outputs[1])
+        log.info("precision self-check: %s encoder output vs fp32, relative error %.2e (bound %.2e)",
+                 self.precision, error, max_error)
+        if error > max_error:
+            raise PrecisionError(
+                f"--precision {self.precision} changes this model's encoder output by a relative error of "
+                f"{error:.3g}, over the bound {max_error:g} (--max-precision-error); use a wider precision "
+                f"or raise the bound if you accept the accuracy loss")
+        return error
 
     @property
     def tokens(self):

@@ -54,8 +54,13 @@ class RecognitionService:
             vocabulary_size=model.tokens.size, num_parameters=model.num_parameters)
 
     async def start(self) -> None:
-        """Warm the model up on the inference thread, then start batching."""
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.warmup)
+        """Check the precision against fp32 (``PrecisionError`` over the bound), warm the model
+        up on the inference thread, then start batching."""
+        loop = asyncio.get_running_loop()
+        self.precision_error = await loop.run_in_executor(None, self.engine.self_check,
+                                                          self.settings.max_precision_error)
+        await loop.run_in_executor(None, self.engine.warmup)
+        await loop.run_in_executor(None, self.sessions.admission.calibrate, self._time_step)
         await self.scheduler.start()
 
     async def stop(self) -> None:

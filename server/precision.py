@@ -1,0 +1,132 @@
+"""Numeric precision of the engine's networks, applied once at load time.
+
+``apply_precision(module, precision, device)`` converts the engine's own copies of
+the networks (the streaming encoder, the predictor and joiner) in place; nothing
+casts around each step:
+
+* ``fp32``: unchanged.
+* ``bf16`` / ``fp16``: weights and activations in that dtype end to end (the
+  left-context state and the LSTM state follow the weights' dtype; LayerNorm and
+  softmax accumulate in fp32 inside their kernels).
+* ``int8``: every ``Linear`` (Emformer projections and feed-forward, the LSTM gate
+  projections of the predictor, the joiner) becomes a dynamically quantised int8
+  ``Linear`` (int8 weights per output channel, activations quantised per step);
+  everything else stays fp32. See ``INT8_BACKEND`` for the kernel choice.
+
+``detect_cpu_features`` reads what the CPU offers; ``precision_warnings`` says when
+a precision would be slower here than fp32, and ``check_precision`` refuses the
+combinations this build cannot run well. ``relative_error`` is the self-check's
+measure (``server.engine.Engine.self_check``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+# Measured with bench/precision_kernels.py on this project's reference machine (see
+# BENCHMARKS.md): torch.ao's dynamic quantisation (fbgemm, VNNI) beat torchao's
+# Int8DynamicActivationInt8Weight on the model's small-row products on CPU.
+INT8_BACKEND = "torch.ao"
+
+
+class PrecisionError(ValueError):
+    """The precision cannot run on this device; the message says why and what to use."""
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """Matrix-product features of the CPU (from /proc/cpuinfo flags)."""
+
+    avx512: bool = False
+    avx512_bf16: bool = False
+    avx512_fp16: bool = False
+    avx512_vnni: bool = False
+    amx_bf16: bool = False
+    amx_int8: bool = False
+    amx_fp16: bool = False
+
+    def describe(self) -> str:
+        present = [name for name, on in vars(self).items() if on]
+        return ", ".join(present) if present else "none of AVX-512 / AMX"
+
+
+def detect_cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
+    """Parse the ``flags`` line of /proc/cpuinfo (or the given text)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return CpuFeatures()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return CpuFeatures(avx512="avx512f" in flags, avx512_bf16="avx512_bf16" in flags,
+                       avx512_fp16="avx512_fp16" in flags, avx512_vnni="avx512_vnni" in flags,
+                       amx_bf16="amx_bf16" in flags, amx_int8="amx_int8" in flags, amx_fp16="amx_fp16" in flags)
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Raise ``PrecisionError`` for a precision this service does not run on ``device``."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device == "cpu" and precision == "fp16":
+        raise PrecisionError(
+            "fp16 is refused on CPU: measured here it is slower than bf16 for this model "
+            "(CPU fp16 kernels convert to fp32 around most operators); use --precision bf16, "
+            "which has the same memory footprint and native AVX-512 BF16 / AMX kernels")
+    if device == "cuda" and precision == "int8":
+        raise PrecisionError("int8 is implemented for CPU only; on CUDA use --precision bf16 or fp16")
+
+
+def precision_warnings(precision: str, device: str, features: CpuFeatures) -> list[str]:
+    """Reasons the chosen precision may be slower than fp32 on this CPU (empty when fine)."""
+    if device != "cpu":
+        return []
+    out = []
+    if precision == "bf16" and not (features.avx512_bf16 or features.amx_bf16):
+        out.append("this CPU has neither AVX-512 BF16 nor AMX-BF16: bf16 matrix products are emulated "
+                   "and will likely be slower than fp32")
+    if precision == "int8" and not (features.avx512_vnni or features.amx_int8):
+        out.append("this CPU has neither AVX-512 VNNI nor AMX-INT8: int8 matrix products will gain "
+                   "little over fp32")
+    return out
+
+
+def apply_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Convert ``module`` (in place where possible) to ``precision``; returns the module to use."""
+    if precision in ("bf16", "fp16"):
+        return module.to(DTYPES[precision])
+    if precision == "int8":
+        return quantize_linears_int8(module)
+    return module
+
+
+def quantize_linears_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """Every ``nn.Linear`` in ``module`` -> dynamically quantised int8 (``INT8_BACKEND``)."""
+    if INT8_BACKEND == "torchao":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(module, Int8DynamicActivationInt8WeightConfig())
+        return module
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8,
+                                                      inplace=True)
+
+
+def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
+    """``||value - reference|| / ||reference||`` in fp32."""
+    reference, value = reference.float(), value.float()
+    return float((value - reference).norm() / reference.norm().clamp_min(1e-12))

@@ -1,0 +1,118 @@
+"""A stream's result never depends on who it was batched with.
+
+Streams of different lengths start at staggered times, so new streams join while
+others are mid-stream (left context still filling for some, full for others) and
+some end in the middle of a batch; freed left-context slots are reused by later
+streams. Every stream must get exactly what it gets alone: the same transcript
+and word timings through the real gRPC server (greedy and beam search), and the
+same encoder output as torchaudio's single-stream ``transcribe_streaming``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from asr.v1 import asr_pb2
+from client.stream import StreamOptions, pcm16, stream_audio
+from server.encoder import StreamingEncoder
+from server.features import FeatureFrontEnd, utterance_windows
+from tests import reference
+from tests.conftest import ROOT, running_server, small_model
+
+BENCH_AUDIO = ROOT / "bench" / "audio"
+
+
+@pytest.fixture(scope="module")
+def waves(speech) -> list[np.ndarray]:
+    """Ten streams of different lengths: the synthetic samples, real speech, and cuts of both."""
+    real = [soundfile.read(p, dtype="float32")[0] for p in sorted(BENCH_AUDIO.glob("*.wav"))]
+    assert len(real) >= 5, f"expected real speech in {BENCH_AUDIO}"
+    synthetic = [a for _, a, _ in speech]
+    out = synthetic + real
+    out += [real[0][: 16000 * 2], synthetic[1][: 9000]]
+    lengths = [len(a) for a in out]
+    assert len(set(lengths)) == len(lengths) and len(out) >= 10
+    return out
+
+
+async def _words(stub, audio: np.ndarray, options: dict, delay: float = 0.0, batch_sizes: list | None = None):
+    """(transcript, word timings) of one stream sent as fast as possible after ``delay``."""
+    await asyncio.sleep(delay)
+    opts = StreamOptions(realtime=False, interim_results=True, endpointing=False, word_time_offsets=True, **options)
+    final = []
+    async for event in stream_audio(stub, pcm16(audio), 16000, opts):
+        for r in event.response.results:
+            if batch_sizes is not None:
+                batch_sizes.append(r.timing.batch_size)
+            if r.is_final:
+                alt = r.alternatives[0]
+                final.append((alt.transcript, [(w.word, w.start_time.ToNanoseconds(), w.end_time.ToNanoseconds())
+                                               for w in alt.words]))
+    return final
+
+
+@pytest.mark.parametrize("options", [{"decoding_method": asr_pb2.GREEDY},
+                                     {"decoding_method": asr_pb2.BEAM_SEARCH, "beam_width": 4}],
+                         ids=["greedy", "beam4"])
+async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, options):
+    async with running_server(max_batch=16) as (server, stub):
+        solo = [await _words(stub, a, options) for a in waves]
+        assert sum(len(t) for s in solo for t, _ in s) > 50, "the model should emit text"
+        rng = random.Random(7)
+        delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
+        sizes: list[int] = []
+        together = await asyncio.gather(*(_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
+        assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
+        for i, (alone, batched) in enumerate(zip(solo, together)):
+            assert batched == alone, f"stream {i} changed when batched"
+        assert server.active_sessions == 0
+
+
+def test_encoder_output_at_staggered_positions_with_slot_reuse_matches_torchaudio(waves):
+    """Engine-level: encoder outputs of every stream within 1e-4 of its solo torchaudio run."""
+    model = small_model(seed=5)
+    encoder = StreamingEncoder(model.rnnt.transcriber)
+    pool = encoder.new_pool(torch.float32, torch.device("cpu"))
+    front_end = FeatureFrontEnd(model.stats)
+    tensors = [torch.from_numpy(a) for a in waves]
+    feats = [front_end(utterance_windows(w)) for w in tensors]
+    expected = [reference.encoder_outputs(model, w) for w in tensors]
+    rng = random.Random(11)
+    starts = sorted(rng.randrange(0, 40) for _ in waves)
+    slots: dict[int, int] = {}
+    done = [0] * len(waves)
+    outs: list[list[torch.Tensor]] = [[] for _ in waves]
+    reused = set()
+    released: set[int] = set()
+    with torch.inference_mode():
+        for tick in range(1000):
+            active = [i for i in range(len(waves)) if starts[i] <= tick and done[i] < feats[i].shape[0]]
+            for i in active:
+                if i not in slots:
+                    slots[i] = pool.allocate()
+                    if slots[i] in released:
+                        reused.add(slots[i])
+            if not active:
+                if all(done[i] == feats[i].shape[0] for i in range(len(waves))):
+                    break
+                continue
+            rng.shuffle(active)  # batch order must not matter either
+            y = encoder(torch.stack([feats[i][done[i]] for i in active]), pool,
+                        torch.tensor([slots[i] for i in active]), torch.tensor([done[i] for i in active]))
+            for j, i in enumerate(active):
+                outs[i].append(y[j])
+                done[i] += 1
+                if done[i] == feats[i].shape[0]:  # ends mid-batch: its slot goes back to the pool
+                    pool.release(slots[i])
+                    released.add(slots[i])
+    assert reused, "a later stream should reuse a released slot"
+    for i in range(len(waves)):
+        got = torch.cat(outs[i])
+        assert got.shape == expected[i].shape
+        torch.testing.assert_close(got, expected[i], rtol=0, atol=1e-4, msg=f"stream {i}")

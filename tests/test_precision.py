@@ -1,0 +1,100 @@
+"""Reduced precision: applied once at load time, checked against fp32 at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asr.v1 import asr_pb2
+from server.config import ServerSettings
+from server.app import AsrServer
+from server.engine import Engine
+from server.precision import (CpuFeatures, PrecisionError, check_precision, detect_cpu_features,
+                              precision_warnings, relative_error)
+from tests.conftest import running_server, small_model
+from tests.helpers import GREEDY, transcript
+
+SAPPHIRE_FLAGS = "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 avx512_fp16\n"
+
+
+def test_cpu_features_are_read_from_cpuinfo_flags():
+    f = detect_cpu_features("processor : 0\n" + SAPPHIRE_FLAGS)
+    assert f.avx512 and f.avx512_bf16 and f.amx_bf16 and f.amx_int8 and f.avx512_vnni and not f.amx_fp16
+    assert "amx_bf16" in f.describe()
+    assert detect_cpu_features("flags : fpu sse avx2\n") == CpuFeatures()
+
+
+def test_precision_that_would_be_slow_here_is_warned_about():
+    old_cpu = CpuFeatures(avx512=True)
+    assert any("slower than fp32" in w for w in precision_warnings("bf16", "cpu", old_cpu))
+    assert precision_warnings("int8", "cpu", old_cpu)
+    assert precision_warnings("bf16", "cpu", detect_cpu_features(SAPPHIRE_FLAGS)) == []
+    assert precision_warnings("fp32", "cpu", old_cpu) == []
+
+
+def test_fp16_on_cpu_and_unknown_precisions_are_refused_with_a_reason():
+    with pytest.raises(PrecisionError, match="bf16"):
+        check_precision("fp16", "cpu")
+    with pytest.raises(PrecisionError, match="choose one of"):
+        check_precision("fp8", "cpu")
+    check_precision("fp16", "cuda")
+    for p in ("fp32", "bf16", "int8"):
+        check_precision(p, "cpu")
+
+
+def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
+    model = small_model()
+    engine = Engine(model, precision="int8")
+    for network in (engine.encoder, engine.decoding):
+        plain = [name for name, m in network.named_modules() if type(m) is torch.nn.Linear]
+        assert not plain, f"Linear layers left in fp32: {plain}"
+    quantised = [m for m in engine.decoding.modules() if "quantized" in type(m).__module__]
+    assert len(quantised) >= 3, "the predictor's LSTM gate projections and the joiner must be int8"
+    assert all(p.dtype == torch.float32 for p in model.rnnt.parameters())
+
+
+def test_bf16_keeps_weights_and_streaming_state_in_bf16():
+    engine = Engine(small_model(), precision="bf16")
+    assert {p.dtype for p in engine.encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.decoding.parameters()} == {torch.bfloat16}
+    assert engine.pool.keys.dtype == torch.bfloat16
+    out, state = engine.predictor.initial()
+    assert out.dtype == torch.bfloat16 and state[0][0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, bound", [("bf16", 0.05), ("int8", 0.1)])
+def test_self_check_measures_a_small_error_and_refuses_over_the_bound(precision, bound):
+    engine = Engine(small_model(), precision=precision)
+    error = engine.self_check(max_error=1.0)
+    assert 0 < error < bound
+    assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
+    with pytest.raises(PrecisionError, match="--max-precision-error"):
+        engine.self_check(max_error=error / 10)
+
+
+async def test_server_refuses_to_start_when_the_self_check_fails():
+    settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, model="random-small",
+                              precision="int8", max_precision_error=1e-6)
+    server = AsrServer(settings, model=small_model())
+    with pytest.raises(PrecisionError):
+        await server.start()
+    await server.stop(grace=0)
+
+
+def test_asr_server_exits_with_a_message_for_fp16_on_cpu():
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "--model", "random-small", "--precision", "fp16",
+                           "--port", "0", "--metrics-port", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "fp16 is refused on CPU" in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+async def test_reduced_precision_server_transcribes_and_reports_its_precision(speech, precision):
+    async with running_server(precision=precision) as (server, stub):
+        info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
+        assert info.precision == precision
+        text = await transcript(stub, speech[0][1], **GREEDY)
+        assert text, "the reduced-precision model should still emit tokens"
