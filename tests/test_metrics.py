@@ -353,3 +353,34 @@ def test_hot_path_modules_know_neither_grpc_nor_prometheus():
 def test_stream_rtf_is_zero_without_audio():
     assert StreamStats().rtf == 0.0
     assert np.isfinite(StreamStats(audio_seconds=1.0, compute_seconds=0.2).rtf)
+
+
+async def test_riva_streams_are_counted_under_their_protocol():
+    """The Riva adapter's sessions (unmodified riva.client) land under api="riva", with outcomes."""
+    import riva.client
+
+    wav = sorted((ROOT / "samples").glob("*.wav"))[0]
+
+    def riva_stream(language: str) -> list:
+        asr = riva.client.ASRService(riva.client.Auth(uri=f"127.0.0.1:{server.port}", use_ssl=False))
+        config = riva.client.StreamingRecognitionConfig(
+            config=riva.client.RecognitionConfig(language_code=language, max_alternatives=1), interim_results=True)
+        riva.client.add_audio_file_specs_to_config(config, wav)
+        try:
+            with riva.client.AudioChunkFileIterator(str(wav), 3200) as chunks:
+                return list(asr.streaming_response_generator(chunks, config))
+        finally:
+            asr.auth.channel.close()
+
+    async with running_server() as (server, _):
+        assert await asyncio.to_thread(riva_stream, "en-US")
+        with pytest.raises(grpc.RpcError) as info:
+            await asyncio.to_thread(riva_stream, "de-DE")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await eventually(lambda: server.active_sessions == 0)
+        m = scrape(server.metrics_port)
+    assert m.value("asr_streams_total", api="riva", outcome="ok") == 1
+    assert m.value("asr_streams_total", api="riva", outcome="invalid") == 1
+    assert m.value("asr_audio_seconds_total", api="riva") > 1.0
+    assert m.value("asr_audio_seconds_total", api="asr.v1") == 0
+    assert m.value("asr_errors_total", code="INVALID_ARGUMENT") == 1
