@@ -10,12 +10,13 @@ DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-
 TEST_APT := prometheus chromium sox espeak-ng
 TEST_CMDS := prometheus promtool chromium sox espeak-ng
 
-.PHONY: help venv demo test test-apt test-fast proto demo-data train-demo export-demo clean
+.PHONY: help venv demo test test-apt test-fast bench proto demo-data train-demo export-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
 	@echo "make test        run the test suite (what CI runs)"
 	@echo "make proto       regenerate the Python stubs from protos/"
+	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
 	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
 
@@ -40,6 +41,9 @@ test-apt:
 
 test-fast: $(STAMP) test-apt
 	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m bench.capacity $(BENCH_ARGS)
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/asr/v1/asr.proto

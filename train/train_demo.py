@@ -198,13 +198,26 @@ def compute_stats(front_end: FeatureFrontEnd, utts: list[Utterance], n: int = 60
     return GlobalStats(mean.tolist(), (1.0 / std).tolist())
 
 
-def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable) -> None:
+def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path | None = None) -> None:
+    """Write the shipped model files from the best checkpoint: ``model.pt``, ``config.json``,
+    ``global_stats.json``, ``tokens.txt``, ``train_summary.json``; with ``data_dir`` also
+    ``words.txt`` (the training vocabulary) and ``heldout_sentences.txt`` (the test split's)."""
     ckpt = torch.load(work_dir / "best.pt", map_location="cpu", weights_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt["model"], out_dir / "model.pt")
     (out_dir / "config.json").write_text(json.dumps(ckpt["config"], indent=2) + "\n")
     GlobalStats(**ckpt["stats"]).save(out_dir / "global_stats.json")
     tokens.save(out_dir / "tokens.txt")
+    summary = {"step": ckpt["step"], "trained_minutes": round(ckpt["elapsed"] / 60, 1),
+               "dev_wer_greedy_whole_utterance": round(ckpt["dev_wer"], 4),
+               "parameters": sum(v.numel() for v in ckpt["model"].values())}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if data_dir is not None:
+        texts = {split: [json.loads(line)["text"] for line in open(data_dir / f"{split}.jsonl")]
+                 for split in ("train", "test")}
+        words = sorted({w for t in texts["train"] for w in t.split()})
+        (out_dir / "words.txt").write_text("\n".join(words) + "\n")
+        (out_dir / "heldout_sentences.txt").write_text("\n".join(sorted(set(texts["test"]))) + "\n")
     print(f"exported step {ckpt['step']} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
 
 
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = CharTokenTable.default()
     if args.export:
-        export(args.work_dir, args.export, tokens)
+        export(args.work_dir, args.export, tokens, args.data if (args.data / "train.jsonl").exists() else None)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
