@@ -20,7 +20,7 @@ import soundfile
 from google.protobuf import json_format
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from client.stream import StreamOptions, channel, stream_audio
+from client.stream import StreamOptions, channel, decoding_method, stream_audio
 
 
 def read_wav(path: Path) -> tuple[bytes, int, int]:
@@ -86,11 +86,7 @@ async def run(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
         print(f"asr-client: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
-    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
-    if args.greedy:
-        method = asr_pb2.GREEDY
-    elif args.beam:
-        method = asr_pb2.BEAM_SEARCH
+    method = decoding_method(args.greedy, args.beam)
     options = StreamOptions(interim_results=not args.no_interim, decoding_method=method, beam_width=args.beam,
                             word_time_offsets=args.words, endpointing=not args.no_endpointing,
                             request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms)

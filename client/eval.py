@@ -25,10 +25,10 @@ import jiwer
 import soundfile
 from tqdm import tqdm
 
-from asr.v1 import asr_pb2, asr_pb2_grpc
+from asr.v1 import asr_pb2_grpc
 from client.cli import read_wav
 from client.spawn import spawned_server
-from client.stream import StreamOptions, channel, stream_audio
+from client.stream import StreamOptions, channel, decoding_method, stream_audio
 
 
 @dataclass
@@ -144,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not utterances:
         print(f"asr-eval: no utterances in {args.manifest}", file=sys.stderr)
         return 2
-    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
-    if args.greedy:
-        method = asr_pb2.GREEDY
-    elif args.beam:
-        method = asr_pb2.BEAM_SEARCH
+    method = decoding_method(args.greedy, args.beam)
     options = StreamOptions(realtime=False, interim_results=False, decoding_method=method, beam_width=args.beam,
                             endpointing=False)
     try:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.cli import read_wav
 from client.spawn import spawned_server
-from client.stream import SendLog, StreamOptions, channel, stream_audio
+from client.stream import SendLog, StreamOptions, channel, decoding_method, stream_audio
 
 CHUNK_PERIOD_MS = 160.0
 RETRY_PAUSE_S = 0.5
@@ -424,11 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args) -> StreamOptions:
-    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
-    if args.greedy:
-        method = asr_pb2.GREEDY
-    elif args.beam:
-        method = asr_pb2.BEAM_SEARCH
+    method = decoding_method(args.greedy, args.beam)
     return StreamOptions(realtime=True, interim_results=True, decoding_method=method, beam_width=args.beam)
 
 

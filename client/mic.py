@@ -17,10 +17,10 @@ import sys
 
 import grpc
 
-from asr.v1 import asr_pb2, asr_pb2_grpc
+from asr.v1 import asr_pb2_grpc
 from client.capture import Capture, CaptureError, SoundDeviceCapture, input_devices
 from client.cli import Printer
-from client.stream import StreamOptions, channel, stream_chunks
+from client.stream import StreamOptions, channel, decoding_method, stream_chunks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:
-    method = asr_pb2.DECODING_METHOD_UNSPECIFIED
-    if args.greedy:
-        method = asr_pb2.GREEDY
-    elif args.beam:
-        method = asr_pb2.BEAM_SEARCH
+    method = decoding_method(args.greedy, args.beam)
     return StreamOptions(interim_results=True, decoding_method=method, beam_width=args.beam,
                          endpointing=not args.no_endpointing, request_id=args.request_id)
 

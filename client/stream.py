@@ -49,6 +49,16 @@ class StreamOptions:
             interim_results=self.interim_results, request_id=self.request_id)
 
 
+def decoding_method(greedy: bool = False, beam: int = 0) -> int:
+    """The ``RecognitionConfig.decoding_method`` for a client's ``--greedy`` / ``--beam N`` flags
+    (neither: the server's default)."""
+    if greedy:
+        return asr_pb2.GREEDY
+    if beam:
+        return asr_pb2.BEAM_SEARCH
+    return asr_pb2.DECODING_METHOD_UNSPECIFIED
+
+
 @dataclass
 class StreamEvent:
     response: asr_pb2.StreamingRecognizeResponse
