@@ -1,4 +1,5 @@
-"""Assembles the gRPC server: servicers, health, reflection, limits; start and stop."""
+"""Assembles the gRPC server: servicers, health, reflection, limits, TLS and token auth;
+start, drain (SIGTERM) and stop."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from asr.v1 import asr_pb2, asr_pb2_grpc
 from server import __version__
 from server.api import google_speech, riva
 from server.api.asr_v1 import AsrServicer
+from server.api.auth import HEALTH_SERVICE, TokenAuthInterceptor, read_tokens
+from server.api.tls import server_credentials
 from server.config import ServerSettings
+from server.errors import ASRError, ErrorCode
 from server.metrics import Metrics
 from server.models import LoadedModel, load_model
 from server.service import RecognitionService
+from server.stats import LimitReason
 
 log = logging.getLogger(__name__)
 
 ASR_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["SpeechRecognition"].full_name
+FINALS_GRACE_S = 5.0  # after --drain-timeout, time for the ended streams' final results
+RECEIVE_WINDOW_BYTES = 64 * 1024  # per stream, unread by the server (see the channel options)
 
 
 class AsrServer:
@@ -50,10 +57,26 @@ class AsrServer:
             self.metrics.watch(self.service)
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         await self.service.start()  # warms the model up: health says SERVING only after this
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", s.max_message_bytes),
+        interceptors = []
+        if s.auth_token_file is not None:
+            exempt = (HEALTH_SERVICE,) if s.auth_exempt_health else ()
+            interceptors.append(TokenAuthInterceptor(read_tokens(s.auth_token_file), exempt,
+                                                     self.service.observer))
+            if s.tls_cert is None:
+                log.warning("--auth-token-file without --tls-cert: bearer tokens cross the network in "
+                            "clear text (use TLS, or a TLS-terminating proxy on this host)")
+        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            # The servicers refuse (and count) messages over --max-message-bytes; gRPC's own
+            # check, at twice that, only bounds what a message may cost before they see it.
+            ("grpc.max_receive_message_length", max(2 * s.max_message_bytes, s.max_message_bytes + (1 << 20))),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            # Backpressure: a session that stops reading (--max-buffered-seconds) leaves at most
+            # this HTTP/2 stream window (2 s of 16 kHz audio) unread before the client must wait;
+            # window auto-tuning (BDP probing) would let megabytes pile up instead.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         ])
         asr_pb2_grpc.add_SpeechRecognitionServicer_to_server(AsrServicer(self.service), self.server)
         compat_services = [add(self.service, self.server)  # Riva and Google Cloud Speech v1
@@ -63,13 +86,18 @@ class AsrServer:
             [ASR_SERVICE, *compat_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
-        self.port = self.server.add_insecure_port(address)
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (%s, %.1f M parameters, %s) on %s:%d", self.model.name, s.precision,
-                 self.model.num_parameters / 1e6, s.device, s.host, self.port)
+        log.info("serving %s (%s, %.1f M parameters, %s) on %s:%d (%s%s)", self.model.name, s.precision,
+                 self.model.num_parameters / 1e6, s.device, s.host, self.port,
+                 "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
+                 ", bearer tokens" if s.auth_token_file else "")
         return self.port
 
     async def _set_health(self, status) -> None:
@@ -77,6 +105,25 @@ class AsrServer:
             result = self.health.set(name, status)
             if asyncio.iscoroutine(result):
                 await result
+
+    async def drain(self, timeout: float) -> bool:
+        """Graceful shutdown, first part: health says NOT_SERVING and new streams get UNAVAILABLE
+        at once; open streams run to their end for up to ``timeout`` seconds, then each still
+        sending gets its final result and ends UNAVAILABLE (``FINALS_GRACE_S`` for those).
+        Returns whether every stream ended by itself. Call ``stop`` afterwards."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        sessions = self.service.sessions
+        sessions.draining = True
+        log.info("draining: %d streams open, waiting up to %g s for them to end", sessions.active, timeout)
+        if await sessions.wait_until_empty(timeout):
+            return True
+        ended = sessions.end_all(ASRError(
+            ErrorCode.UNAVAILABLE, f"the server is shutting down: the stream was ended after "
+            f"--drain-timeout ({timeout:g} s), after the final result of the audio received so far; "
+            f"reconnect to go on"), LimitReason.DRAINING)
+        log.info("drain timeout: ended %d streams after their final results", ended)
+        await sessions.wait_until_empty(FINALS_GRACE_S)
+        return False
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.server is not None:

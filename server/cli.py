@@ -50,13 +50,32 @@ async def run(settings: ServerSettings) -> int:
     print(f"asr-server listening on {settings.host}:{port}", flush=True)
     if server.metrics_port:
         print(f"asr-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True)
-    stop = asyncio.Event()
+    return await serve_until_signalled(server, settings.drain_timeout)
+
+
+async def serve_until_signalled(server, drain_timeout: float) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (``AsrServer.drain``) and exit 0; a second
+    signal during the drain stops at once (open streams are cut) and exits 1."""
+    log = logging.getLogger("asr-server")
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("asr-server").info("stopping")
-    await server.stop(grace=2.0)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    first = await signals.get()
+    log.info("%s: draining for up to %g s (--drain-timeout); a second SIGTERM or SIGINT stops at once",
+             first.name, drain_timeout)
+    drain = asyncio.create_task(server.drain(drain_timeout))
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        drain.cancel()
+        log.warning("%s during the drain: stopping at once, cutting %d open streams",
+                    second.result().name, server.active_sessions)
+        await server.stop(grace=0)
+        return 1
+    second.cancel()
+    log.info("drained: stopping")
+    await server.stop(grace=1.0)
     return 0
 
 

@@ -77,6 +77,27 @@ class ServerSettings(BaseSettings):
     max_buffered_seconds: float = Field(10.0, gt=0.5, le=600.0, description="audio a stream may send "
                                         "ahead of recognition before the server stops reading "
                                         "(gRPC flow control then slows the client)")
+    latency_budget_ms: float = Field(160.0, ge=0.0, le=10_000.0, description="chunk latency the admitted "
+                                     "streams are kept under: a new stream is refused (RESOURCE_EXHAUSTED) "
+                                     "when the engine's measured step cost predicts that one more would "
+                                     "exceed it (0: no load shedding, only --max-streams)")
+    idle_timeout_seconds: float = Field(30.0, gt=0.0, le=86_400.0, description="a stream that sends no "
+                                        "audio (or no config) for this long gets its final result and ends "
+                                        "with OUT_OF_RANGE")
+    drain_timeout: float = Field(20.0, ge=0.0, le=86_400.0, description="on SIGTERM, seconds the open "
+                                 "streams may run to their end; then each gets its final result and ends "
+                                 "with UNAVAILABLE (new streams are refused at once)")
+    # --- security ------------------------------------------------------------------------
+    tls_cert: Optional[Path] = Field(None, description="PEM certificate chain of the server; with "
+                                     "--tls-key the gRPC port speaks TLS only")
+    tls_key: Optional[Path] = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Optional[Path] = Field(None, description="PEM CA certificates: clients must present "
+                                          "a certificate signed by one of them (mutual TLS)")
+    auth_token_file: Optional[Path] = Field(None, description="file of accepted bearer tokens, one per "
+                                            "line (# comments): every call must send 'authorization: "
+                                            "Bearer TOKEN', else UNAUTHENTICATED")
+    auth_exempt_health: bool = Field(True, description="grpc.health.v1 answers without a token (for "
+                                     "load-balancer probes)")
     # --- observability -------------------------------------------------------------------
     metrics_port: int = Field(9400, ge=-1, le=65535, description="port of the Prometheus /metrics "
                               "endpoint (0 picks a free port, -1 turns the endpoint off)")
@@ -100,6 +121,22 @@ class ServerSettings(BaseSettings):
         if self.beam_width > self.max_beam_width:
             raise ValueError(f"--beam-width ({self.beam_width}) exceeds --max-beam-width "
                              f"({self.max_beam_width})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_security(self) -> "ServerSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        for option, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                             ("--tls-client-ca", self.tls_client_ca), ("--auth-token-file", self.auth_token_file)):
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"{option}: {str(path)!r} is not a readable file")
+        if self.auth_token_file is not None:
+            from server.api.auth import read_tokens
+
+            read_tokens(self.auth_token_file)  # raises ValueError naming the problem, never a token
         return self
 
 

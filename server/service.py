@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from server import __version__
 from server.config import DecodingMethod, Encoding, Endpointing, ServerSettings, StreamConfig
-from server.engine import Engine
-from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES
+from server.engine import ChunkWork, Engine
+from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
 from server.models import LoadedModel
-from server.scheduler import Scheduler
+from server.scheduler import BatchRecord, Scheduler
 from server.session import Result, Session, SessionManager
 from server.stats import Observer, first_step_stats
 
@@ -46,8 +49,7 @@ class RecognitionService:
                              threads=settings.threads)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
-                                   on_batch=lambda record: self.observer.batch_done(
-                                       record, first_step_stats(record.outputs)))
+                                   on_batch=self._batch_done)
         self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
@@ -60,11 +62,39 @@ class RecognitionService:
         self.precision_error = await loop.run_in_executor(None, self.engine.self_check,
                                                           self.settings.max_precision_error)
         await loop.run_in_executor(None, self.engine.warmup)
-        await loop.run_in_executor(None, self.sessions.admission.calibrate, self._time_step)
+        admission = self.sessions.admission
+        cost = await loop.run_in_executor(None, admission.calibrate, self._time_step)
+        log.info("engine step %.1f ms + %.2f ms per stream (measured); load shedding admits about %s streams "
+                 "(--latency-budget-ms %g)", cost.c0 * 1000, cost.c * 1000,
+                 admission.capacity() if self.settings.latency_budget_ms else "any number of",
+                 self.settings.latency_budget_ms)
         await self.scheduler.start()
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+
+    def _batch_done(self, record: BatchRecord) -> None:
+        if not record.failed:
+            self.sessions.admission.step_done(record.size, record.seconds)
+        self.observer.batch_done(record, first_step_stats(record.outputs))
+
+    def _time_step(self, batch: int, warm_steps: int = 10, timed_steps: int = 5) -> float:
+        """Median seconds of an engine step of ``batch`` greedy streams on silence, once their left
+        context is full (the first chunks of a stream cost more): admission control's
+        calibration, run before the scheduler starts."""
+        streams = [self.engine.new_stream(DecodingMethod.GREEDY, 1) for _ in range(batch)]
+        window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+        times = []
+        try:
+            for step in range(warm_steps + timed_steps):
+                start = time.perf_counter()
+                self.engine.run_batch([ChunkWork(s, window) for s in streams])
+                if step >= warm_steps:
+                    times.append(time.perf_counter() - start)
+            return float(np.median(times))
+        finally:
+            for stream in streams:
+                self.engine.release(stream)
 
     def stream_config(self, *, encoding: Encoding | None, sample_rate_hertz: int, channels: int,
                       method: DecodingMethod | None, beam_width: int, max_alternatives: int,

@@ -9,7 +9,9 @@ its ``Result`` objects into their own messages.
 Lifecycle (``SessionState``): OPEN (waiting for a config) -> ACTIVE (audio and
 results) -> DRAINING (input finished, last windows being recognised) ->
 CLOSED. ``close()`` runs on every exit path (end, error, client cancel) and
-frees the engine state exactly once.
+frees the engine state exactly once. ``end_input(status)`` ends a stream early
+but gracefully (duration limit, idle timeout, server drain): what was received
+is recognised, the final result delivered, then ``results`` raises ``status``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from server.admission import Admission
 from server.audio import AudioDecoder
 from server.config import ServerSettings, StreamConfig
 from server.engine import FRAME_SECONDS, ChunkResult, ChunkWork, Engine, StreamState
@@ -134,6 +137,9 @@ class Session:
         self._utterance_start_frame = 0
         self._reset_pending = False
         self._last: tuple[ChunkResult, JobTiming] | None = None
+        self._end_status: ASRError | None = None  # raised after the final result (``end_input``)
+        self.ending = asyncio.Event()  # set by ``end_input``: stop waiting for the client
+        self.last_audio_at = self.stats.opened_at  # monotonic time of the last audio (idle timeout)
 
     # --- input ---------------------------------------------------------------------------
     def start(self, config: StreamConfig) -> None:
@@ -159,16 +165,27 @@ class Session:
             raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
         samples = self._decoder.decode(data)
         now = time.monotonic()
+        if data:
+            self.last_audio_at = now
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
-        self._append(samples, now)
-        if self._samples_in / SAMPLE_RATE > self.settings.max_stream_seconds:
+        allowed = max(0, round(self.settings.max_stream_seconds * SAMPLE_RATE) - self._samples_in)
+        self._append(samples[:allowed], now)
+        if len(samples) > allowed:  # recognise up to the limit, deliver the final, then OUT_OF_RANGE
             self.observer.limit_hit(LimitReason.MAX_STREAM_SECONDS)
-            raise ASRError(ErrorCode.OUT_OF_RANGE, f"stream exceeds the maximum duration of "
-                           f"{self.settings.max_stream_seconds:g} s of audio")
+            self.end_input(ASRError(ErrorCode.OUT_OF_RANGE, f"the stream exceeds the maximum duration of "
+                                    f"{self.settings.max_stream_seconds:g} s of audio (--max-stream-seconds); "
+                                    f"it was ended after the final result of its first "
+                                    f"{self.settings.max_stream_seconds:g} s"))
+            return
         if self.buffered_seconds > self.settings.max_buffered_seconds and self._room.is_set():
             self.observer.limit_hit(LimitReason.MAX_BUFFERED_SECONDS)
             self._room.clear()
+
+    @property
+    def has_room(self) -> bool:
+        """Whether the audio ahead of recognition is under ``--max-buffered-seconds``."""
+        return self._room.is_set()
 
     async def wait_for_room(self) -> None:
         """Wait until the audio ahead of recognition is under the limit (backpressure)."""
@@ -201,6 +218,31 @@ class Session:
         self._windows.put_nowait(_END)
         self.state = SessionState.DRAINING
 
+    def end_input(self, status: ASRError) -> bool:
+        """End the stream early, gracefully: recognise the audio received so far (``finish_input``),
+        deliver the final result, then end ``results`` with ``status``. A session that has no
+        config yet ends with ``status`` at once; one whose input is complete ends as it would
+        have. Idempotent: the first status wins. Returns whether this call ended the stream."""
+        if self.state not in (SessionState.OPEN, SessionState.ACTIVE) or self._end_status is not None:
+            return False
+        self._end_status = status
+        self.ending.set()
+        if self.state is SessionState.OPEN:
+            self.fail(status)
+        else:
+            self.finish_input()
+        return True
+
+    @property
+    def end_status(self) -> ASRError | None:
+        """The status ``end_input`` ended the stream with, if it did."""
+        return self._end_status
+
+    @property
+    def accepting_audio(self) -> bool:
+        """Whether the stream still reads audio (configured, not ended)."""
+        return self.state is SessionState.ACTIVE
+
     def fail(self, error: ASRError) -> None:
         """Stop the stream with ``error`` (raised from ``results``)."""
         self._windows.put_nowait(error)
@@ -221,6 +263,8 @@ class Session:
                     else:
                         self.observer.final_result(self.api, FinalTrigger.ENDPOINT, now - result.chunk_ready_at)
                 yield result
+            if self._end_status is not None:
+                raise self._end_status
         except BaseException as exc:
             self.error = exc
             raise
@@ -316,7 +360,7 @@ class Session:
 
 
 class SessionManager:
-    """Admission and bookkeeping of live sessions."""
+    """Admission (``server.admission``) and bookkeeping of live sessions; ending them all (drain)."""
 
     def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings,
                  observer: Observer | None = None):
@@ -325,21 +369,21 @@ class SessionManager:
         self.settings = settings
         self.observer = observer or Observer()
         self.live: dict[int, Session] = {}
-        self.draining = False
+        self.draining = False  # set on SIGTERM: new streams get UNAVAILABLE
+        self.admission = Admission(max_streams=settings.max_streams, max_batch=settings.max_batch,
+                                   latency_budget_s=settings.latency_budget_ms / 1000)
 
     @property
     def active(self) -> int:
         return len(self.live)
 
     def open(self, api: str = "asr.v1") -> Session:
-        if self.draining:
-            self.reject(api, LimitReason.DRAINING)
-            raise ASRError(ErrorCode.UNAVAILABLE, "server is shutting down; retry on another instance")
-        limit = self.settings.max_streams
-        if limit and len(self.live) >= limit:
-            self.reject(api, LimitReason.MAX_STREAMS)
-            raise ASRError(ErrorCode.RESOURCE_EXHAUSTED,
-                           f"server is at its limit of {limit} concurrent streams; retry later")
+        """A new session, or ``ASRError`` at once when admission refuses it (counted by reason)."""
+        refusal = self.admission.check(len(self.live), draining=self.draining,
+                                       queue_depth=self.scheduler.queue_depth)
+        if refusal is not None:
+            self.reject(api, refusal.reason)
+            raise refusal.error
         session = Session(self.engine, self.scheduler, self.settings, api, self.observer)
         self.live[session.id] = session
         return session
@@ -366,3 +410,20 @@ class SessionManager:
         if error is None and not session.completed:
             error = session.error or sys.exc_info()[1] or asyncio.CancelledError()
         self.observer.stream_ended(session.api, outcome_of(error), session.stats)
+
+    def end_all(self, status: ASRError, reason: LimitReason) -> int:
+        """End every live stream still reading audio: each gets its final result, then ``status``;
+        each is counted as a ``reason`` limit hit. Returns how many were ended."""
+        ended = 0
+        for session in list(self.live.values()):
+            if session.end_input(status):
+                self.observer.limit_hit(reason)
+                ended += 1
+        return ended
+
+    async def wait_until_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every session to end; whether they did."""
+        deadline = time.monotonic() + timeout
+        while self.live and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return not self.live

@@ -44,8 +44,9 @@ def speech() -> list[tuple[str, np.ndarray, str]]:
 @contextlib.asynccontextmanager
 async def running_server(model: LoadedModel | None = None, **overrides):
     """Start an AsrServer on 127.0.0.1:<free port> (metrics on another free port, ``server.metrics_port``);
-    yields (server, stub)."""
-    overrides = {"metrics_host": "127.0.0.1", "metrics_port": 0, **overrides}
+    yields (server, stub). Load shedding is off unless asked for (``latency_budget_ms``): on a
+    loaded test machine it would refuse streams the tests expect to run."""
+    overrides = {"metrics_host": "127.0.0.1", "metrics_port": 0, "latency_budget_ms": 0, **overrides}
     settings = ServerSettings(host="127.0.0.1", port=0, model="random-small", **overrides)
     server = AsrServer(settings, model=model or small_model())
     port = await server.start()

@@ -13,7 +13,8 @@ from server.api.status import maps_errors
 from server.config import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, DecodingMethod, Encoding, StreamConfig
 from server.errors import ASRError, ErrorCode, invalid
 from server.service import RecognitionService
-from server.session import Alternative, Result, Session
+from server.session import Alternative, Result, Session, SessionState
+from server.stats import LimitReason
 
 log = logging.getLogger(__name__)
 API = "asr.v1"
@@ -60,13 +61,75 @@ def streaming_result_to_pb(result: Result) -> asr_pb2.StreamingRecognitionResult
                                     compute_ms=result.compute_s * 1000, batch_size=result.batch_size))
 
 
-async def pump_requests(requests, session: Session, handle) -> None:
-    """Feed a stream's remaining requests into ``session`` (``handle(request)`` does one), then
-    half-close it; errors end the session's results with that error."""
+def check_message_size(request, session_or_service) -> None:
+    """RESOURCE_EXHAUSTED (counted) for a message over ``--max-message-bytes``. gRPC itself refuses
+    messages over twice the limit before the server sees them (same status, not counted)."""
+    size = request.ByteSize()
+    limit = session_or_service.settings.max_message_bytes
+    if size > limit:
+        session_or_service.observer.limit_hit(LimitReason.MAX_MESSAGE_BYTES)
+        raise ASRError(ErrorCode.RESOURCE_EXHAUSTED, f"a message of {size} bytes is larger than the "
+                       f"limit of {limit} bytes (--max-message-bytes); send audio in smaller pieces")
+
+
+async def next_request(requests, session: Session, reading_since: float = 0.0):
+    """The stream's next message, size-checked; None when the client half-closed, or when no
+    audio came for ``--idle-timeout-seconds`` since the later of the last audio and
+    ``reading_since`` (when the server resumed reading after backpressure); the session is then
+    ended gracefully: final result, then OUT_OF_RANGE. Waiting for the first message (the
+    config) also ends when the session is ended by the server (drain): its status is raised."""
+    settings = session.settings
+    first = session.state is SessionState.OPEN
+    idle_from = max(session.last_audio_at, reading_since)
+    timeout = max(0.0, idle_from + settings.idle_timeout_seconds - time.monotonic())
+    read = asyncio.ensure_future(anext(requests))
+    waits = {read, asyncio.ensure_future(session.ending.wait())} if first else {read}
     try:
-        async for request in requests:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    if read in done:
+        try:
+            request = read.result()
+        except StopAsyncIteration:
+            return None
+        check_message_size(request, session)
+        return request
+    if not done:  # idle
+        session.observer.limit_hit(LimitReason.IDLE_TIMEOUT)
+        limit = f"{settings.idle_timeout_seconds:g} s (--idle-timeout-seconds)"
+        session.end_input(ASRError(ErrorCode.OUT_OF_RANGE, f"no streaming_config within {limit}" if first else
+                                   f"no audio for {limit}: the stream was ended after the final result "
+                                   f"of the audio received"))
+    if first:
+        raise session.end_status
+    return None
+
+
+async def read_first(requests, session: Session):
+    """A stream's first message (meant to carry the config); ASRError if there is none."""
+    first = await next_request(requests, session)
+    if first is None:
+        raise invalid("the stream ended before its first message; the first message must carry "
+                      "streaming_config")
+    return first
+
+
+async def pump_requests(requests, session: Session, handle) -> None:
+    """Feed a stream's remaining requests into ``session`` (``handle(request)`` does one) while it
+    reads audio, then half-close it; errors end the session's results with that error. Reading
+    pauses while the session buffers more than ``--max-buffered-seconds`` (backpressure)."""
+    try:
+        reading_since = 0.0
+        while session.accepting_audio:
+            request = await next_request(requests, session, reading_since)
+            if request is None:
+                break
             handle(request)
-            await session.wait_for_room()
+            if not session.has_room:
+                await session.wait_for_room()
+                reading_since = time.monotonic()  # a client held back by us is not idle
         session.finish_input()
     except ASRError as exc:
         session.fail(exc)
@@ -87,11 +150,7 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
         reader = None
         try:
             requests = aiter(request_iterator)
-            try:
-                first = await anext(requests)
-            except StopAsyncIteration:
-                raise invalid("the stream ended before its first message; the first message must "
-                              "carry streaming_config") from None
+            first = await read_first(requests, session)
             if first.WhichOneof("streaming_request") != "streaming_config":
                 raise invalid("the first message must carry streaming_config, before any audio")
             sc = first.streaming_config
@@ -118,6 +177,7 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
 
     @maps_errors
     async def Recognize(self, request, context):
+        check_message_size(request, self.service)
         config = config_from_pb(self.service, request.config, False, request.request_id)
         finals, audio_seconds = await self.service.recognize(config, request.audio_content, API)
         return asr_pb2.RecognizeResponse(

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from server.api.asr_v1 import pump_requests
+from server.api.asr_v1 import pump_requests, read_first
 from server.config import DecodingMethod, StreamConfig
 from server.errors import invalid
 from server.service import RecognitionService
@@ -147,11 +147,7 @@ async def stream_results(service: RecognitionService, api: str, requests,
     reader = None
     try:
         requests = aiter(requests)
-        try:
-            first = await anext(requests)
-        except StopAsyncIteration:
-            raise invalid("the stream ended before its first message; the first message must "
-                          "carry streaming_config") from None
+        first = await read_first(requests, session)
         handle = start(first, session)
         reader = asyncio.create_task(pump_requests(requests, session, handle))
         async for result in session.results():

@@ -18,7 +18,7 @@ import grpc
 from google.cloud.speech_v1.types import cloud_speech
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from server.api.asr_v1 import duration
+from server.api.asr_v1 import check_message_size, duration
 from server.api.compat import (AudioIntake, alternatives_decoding, check_language, stream_results,
                                unsupported, whole_audio)
 from server.api.status import maps_errors
@@ -145,6 +145,7 @@ class GoogleSpeechServicer:
 
     @maps_errors
     async def Recognize(self, request: RecognizeRequest, context):
+        check_message_size(request, self.service)
         config = config_from_google(self.service, request.config).validate(self.service.settings)
         source = request.audio.WhichOneof("audio_source")
         if source == "uri":

@@ -19,6 +19,7 @@ from riva.client.proto import riva_audio_pb2 as raudio
 
 from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, check_language,
                                stream_results, unsupported, whole_audio)
+from server.api.asr_v1 import check_message_size
 from server.api.status import maps_errors
 from server.config import Encoding, StreamConfig
 from server.errors import invalid
@@ -127,6 +128,7 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
 
     @maps_errors
     async def Recognize(self, request, context):
+        check_message_size(request, self.service)
         config = config_from_riva(self.service, request.config, False, request.id.value)
         config = config.validate(self.service.settings)
         audio = whole_audio(request.audio, config, ENCODING_FIELD, wav_rule(request.config))

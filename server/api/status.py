@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -12,6 +13,27 @@ from server.errors import ASRError, ErrorCode
 from server.stats import Observer
 
 log = logging.getLogger(__name__)
+
+# Before an error status ends a stream the client is still writing to, what it keeps sending is
+# read and dropped while messages follow each other closely (at most this gap, this long in all).
+LET_FINISH_GAP_S = 0.03
+LET_FINISH_MAX_S = 1.0
+
+
+async def let_client_finish_writing(context) -> None:
+    """Read and drop the messages a client is still sending fast (a file upload) until it half-closes,
+    pauses for ``LET_FINISH_GAP_S`` or ``LET_FINISH_MAX_S`` have passed, so that the error status
+    comes after its last write. grpcio's asyncio client reports a write that fails because the call
+    has just ended as ``INTERNAL: Internal error from Core`` instead of the server's status
+    (grpc/grpc#36066); a paced client (a microphone) pauses at once and loses no time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LET_FINISH_MAX_S
+    try:
+        while loop.time() < deadline:
+            if await asyncio.wait_for(context.read(), LET_FINISH_GAP_S) is grpc.aio.EOF:
+                return
+    except Exception:  # a pause (TimeoutError), the client gone, or nothing left to read
+        return
 
 
 def grpc_code(code: ErrorCode) -> grpc.StatusCode:
@@ -45,6 +67,8 @@ def maps_errors(handler):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                if hasattr(request, "__aiter__"):  # request streaming
+                    await let_client_finish_writing(context)
                 await _abort(self, context, exc)
         return stream_wrapper
 
