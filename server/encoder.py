@@ -197,6 +197,6 @@ class StreamingEncoder(torch.nn.Module):
             x = layer.out(attn.transpose(1, 2).reshape(B, rows, D)) + x
             ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
             x = layer.ln_out(ff + x)
-            pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:])
-            pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:])
+            pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:].to(pool.dtype))
+            pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:].to(pool.dtype))
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))

@@ -104,18 +104,19 @@ def precision_warnings(precision: str, device: str, features: CpuFeatures) -> li
     return out
 
 
-def apply_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+def apply_precision(module: torch.nn.Module, precision: str, int8_backend: str = INT8_BACKEND) -> torch.nn.Module:
     """Convert ``module`` (in place where possible) to ``precision``; returns the module to use."""
     if precision in ("bf16", "fp16"):
         return module.to(DTYPES[precision])
     if precision == "int8":
-        return quantize_linears_int8(module)
+        return quantize_linears_int8(module, int8_backend)
     return module
 
 
-def quantize_linears_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """Every ``nn.Linear`` in ``module`` -> dynamically quantised int8 (``INT8_BACKEND``)."""
-    if INT8_BACKEND == "torchao":
+def quantize_linears_int8(module: torch.nn.Module, backend: str = INT8_BACKEND) -> torch.nn.Module:
+    """Every ``nn.Linear`` in ``module`` -> dynamically quantised int8, with ``backend``
+    ``"torch.ao"`` (``quantize_dynamic``, fbgemm) or ``"torchao"`` (``Int8DynamicActivationInt8Weight``)."""
+    if backend == "torchao":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         quantize_(module, Int8DynamicActivationInt8WeightConfig())

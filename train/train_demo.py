@@ -227,17 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("data/demo-train"))
     p.add_argument("--minutes", type=float, default=55.0, help="training time budget (total, across resumes)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--batch-seconds", type=float, default=120.0, help="audio seconds per batch")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--dev-utterances", type=int, default=150)
+    p.add_argument("--batch-seconds", type=float, default=60.0, help="audio seconds per batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (2e-3 made the "
+                   "encoder collapse to a constant output here)")
+    p.add_argument("--warmup", type=int, default=400)
+    p.add_argument("--checkpoint-minutes", type=float, default=6.0)
+    p.add_argument("--dev-utterances", type=int, default=40)
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N training utterances")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true", help="train on clean audio (for debugging)")
-    p.add_argument("--ctc-weight", type=float, default=0.3, help="weight of the auxiliary CTC loss "
+    p.add_argument("--clean-minutes", type=float, default=8.0, help="train on clean audio for the first "
+                   "minutes (the encoder learns the alignment sooner), then with noise, gain and SpecAugment")
+    p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the auxiliary CTC loss "
                    "(its head is used in training only, never shipped)")
     p.add_argument("--export", type=Path, default=None, help="write the best model's files here and exit")
     args = p.parse_args(argv)
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             if bi < skip:
                 continue
             t0 = time.monotonic()
-            if args.no_augment:
+            if args.no_augment or elapsed < args.clean_minutes * 60:
                 feats = [utterance_features(front_end, torch.from_numpy(train[i].audio.astype(np.float32) / 32768))
                          for i in batch]
             else:
