@@ -122,8 +122,10 @@ async def server_capacity(method: str, beam: int, precision: str, args, estimate
     options = StreamOptions(realtime=True, interim_results=True,
                             decoding_method=asr_pb2.GREEDY if method == "greedy" else asr_pb2.BEAM_SEARCH,
                             beam_width=beam if method == "beam" else 0)
+    # Load shedding off (--latency-budget-ms 0): the search must see where latency breaks,
+    # not where admission control would start refusing streams.
     server_args = ["--model", "random-base", "--precision", precision, "--max-batch", str(args.max_batch),
-                   "--max-beam-width", str(max(16, beam))]
+                   "--max-beam-width", str(max(16, beam)), "--latency-budget-ms", "0"]
     with spawned_server(*server_args) as (address, proc):
         summaries: dict[int, dict] = {}
 
