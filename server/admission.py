@@ -23,7 +23,11 @@ waits for that step and rides the next, so its latency is up to two steps:
   of the last two seconds.
 
 A new stream is admitted only if, with ``n + 1`` streams, ``rho < 1``, the expected batch
-``(n+1)*T/P`` fits in ``--max-batch``, the largest of the three latencies is at most
+``(n+1)*T/P`` fits in ``--max-batch``, two steps (``T`` and ``T_recent``) fit in 80 % of
+``P`` (a stream's next chunk can only join a step that starts after the step serving its
+last chunk has ended, so a stream that fell behind catches up only if two steps fit in a
+period; past that, everyone falls behind for good, whatever the budget), the largest of
+the three latencies is at most
 80 % of the budget (the rest is left for what the model leaves out: the event loop,
 serialisation, jitter), and the scheduler's backlog is below one full batch (``queue
 depth < --max-batch``: a longer queue means the engine is already behind).
@@ -204,6 +208,11 @@ class Admission:
         if p.batch > self.max_batch:
             return (f"{streams} streams would need batches of {p.batch:.0f}, over --max-batch "
                     f"{self.max_batch} ({measured})")
+        step = max(p.step_s, self.recent_step_s())
+        if 2 * step > HEADROOM * self.chunk_period_s:
+            return (f"engine steps of {step * 1000:.0f} ms with {streams} streams would leave too little "
+                    f"of the {self.chunk_period_s * 1000:g} ms chunk period for two steps, so a stream that "
+                    f"falls behind could not catch up ({measured})")
         if p.latency_s > HEADROOM * self.latency_budget_s:
             return (f"with {streams} streams the predicted worst chunk latency is {p.latency_s * 1000:.0f} ms, "
                     f"over {HEADROOM:.0%} of the {budget_ms:g} ms budget ({measured}, recent steps "

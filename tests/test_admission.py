@@ -119,6 +119,19 @@ def test_recent_step_times_count_and_then_expire():
     assert a.check(2) is None
 
 
+def test_steps_over_half_a_chunk_period_refuse_whatever_the_budget():
+    """A stream's next chunk joins a step that starts after the one serving its last chunk: unless
+    two steps fit in a chunk period (with the same 20 % headroom), a stream that fell behind never
+    catches up, so a large budget does not admit more."""
+    clock = Clock()
+    a = admission(c0=0.045, c=0.005, budget_ms=1000, clock=clock)
+    assert a.capacity() == 9  # T = 45 ms / (1 - 10 * 5 ms / 160 ms) = 65.5 ms > 64 ms for a 10th
+    assert "could not catch up" in a.check(9).error.message
+    for _ in range(32):
+        a.step_done(2, 0.09)  # the engine is slower now than the model says
+    assert a.check(1) is not None and a.check(1).reason is LimitReason.OVERLOAD
+
+
 def test_backlog_over_a_full_batch_refuses():
     a = admission(c0=0.001, c=0.0001, max_batch=8)
     assert a.check(3, queue_depth=7) is None
@@ -216,11 +229,13 @@ async def test_three_times_the_stream_limit_at_once(speech):
 
 
 async def test_load_shedding_on_a_slow_engine_keeps_the_admitted_streams_in_budget(speech, monkeypatch):
-    """Every engine step also sleeps 20 ms + 8 ms per stream (plus the tiny model's own cost):
-    the model admits about 8 streams (2*c0 + c*n <= 0.8 * 160 ms). Thirty streams arrive within 150 ms:
-    the rest are refused at once with RESOURCE_EXHAUSTED saying why, and the admitted ones keep
-    their transcripts and p99 chunk latency under 160 ms."""
-    c0, c = 0.020, 0.008
+    """Every engine step also sleeps 30 ms + 8 ms per stream (plus the tiny model's own cost): the
+    model admits about 8 streams (two steps T = c0 / (1 - rho) within 80 % of the chunk period).
+    Thirty streams of 3 to 4.75 s arrive one every 40 ms: those beyond are refused at once with
+    RESOURCE_EXHAUSTED saying why, and the admitted ones keep up, with their transcripts and p99
+    chunk latency within the budget, 320 ms here: large next to the stalls of tens of ms that
+    this loaded test machine adds to a step now and then, which no cost model predicts."""
+    c0, c, budget_ms = 0.030, 0.008, 320
     real_run_batch = Engine.run_batch
 
     def slow_run_batch(engine, works):
@@ -228,24 +243,25 @@ async def test_load_shedding_on_a_slow_engine_keeps_the_admitted_streams_in_budg
         return real_run_batch(engine, works)
 
     monkeypatch.setattr(Engine, "run_batch", slow_run_batch)
-    clip = speech[0][1][:int(3 * 16000)]
-    async with running_server(max_streams=0, latency_budget_ms=160) as (server, stub):
+    audio = speech[0][1]
+    clips = [audio[:int(seconds * 16000)] for seconds in (3.0, 3.35, 3.7, 4.05, 4.4, 4.75)]
+    async with running_server(max_streams=0, latency_budget_ms=budget_ms) as (server, stub):
         cost = server.service.sessions.admission.calibrated
         assert cost.c0 >= c0 and cost.c >= c * 0.9, cost
-        reference = await transcript(stub, clip)
+        references = [await transcript(stub, clip) for clip in clips]
         go = asyncio.Event()
-        delays = np.random.default_rng(0).uniform(0, 0.15, 30)  # random phases
-        tasks = [asyncio.create_task(attempt(stub, clip, go, d)) for d in delays]
+        order = np.random.default_rng(0).permutation(30) % len(clips)  # the ends are spread too
+        tasks = [asyncio.create_task(attempt(stub, clips[k], go, 0.04 * i)) for i, k in enumerate(order)]
         go.set()
         outcomes = await asyncio.gather(*tasks)
         await wait_sessions_freed(server)
         metrics = scrape(server.metrics_port)
-    served = [o for o in outcomes if o[0] == "served"]
+    served = [(k, o) for k, o in zip(order, outcomes) if o[0] == "served"]
     refused = [o for o in outcomes if o[0] == "refused"]
     assert 6 <= len(served) <= 14, (len(served), refused[:1])
     check_refusals(refused, "--latency-budget-ms")
     assert all("overloaded" in details for _, _, details, _ in refused)
-    assert all(text == reference for _, text, _ in served)
-    latencies = [x for _, _, lat in served for x in lat]
-    assert p99(latencies) <= 0.160, f"p99 chunk latency {p99(latencies) * 1000:.0f} ms"
+    assert all(text == references[k] for k, (_, text, _) in served)
+    latencies = [x for _, (_, _, lat) in served for x in lat]
+    assert p99(latencies) <= budget_ms / 1000, f"p99 chunk latency {p99(latencies) * 1000:.0f} ms"
     assert metrics.value("asr_limit_hits_total", reason="overload") == len(refused)
