@@ -28,6 +28,8 @@ from server.errors import ASRError, ErrorCode
 
 log = logging.getLogger(__name__)
 
+YIELDS_AFTER_BATCH = 3  # event-loop turns between a batch's results and the next batch
+
 
 class BatchRunner(Protocol):
     def run_batch(self, items: list[Any]) -> Sequence[Any]:
@@ -126,13 +128,19 @@ class Scheduler:
         Cancelling the awaiting task withdraws a queued item; an item already in a
         running batch completes and its result is dropped.
         """
+        future, timing = self.enqueue(key, item, ready_at)
+        return await future, timing
+
+    def enqueue(self, key: Hashable, item: Any, ready_at: float | None = None) -> tuple[asyncio.Future, JobTiming]:
+        """``submit`` without waiting: the item is queued now; the future resolves to the runner's
+        result (cancel it to withdraw a queued item)."""
         if self._task is None:
             raise ASRError(ErrorCode.UNAVAILABLE, "scheduler is not running")
         timing = JobTiming(ready_at if ready_at is not None else time.monotonic())
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._queue, _Job(timing.ready_at, next(self._seq), key, item, future, timing))
         self._wakeup.set()
-        return await future, timing
+        return future, timing
 
     async def run_on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a control call (e.g. freeing a stream's state) on the inference thread,
@@ -214,6 +222,12 @@ class Scheduler:
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+            # Let the streams just served queue their next chunk before the next batch forms:
+            # a stream that is behind real time has it ready, and it would otherwise miss the
+            # next step and wait a whole one more (resolving a future only schedules the
+            # awaiting task; it runs, and submits, on the loop's next iterations).
+            for _ in range(YIELDS_AFTER_BATCH):
+                await asyncio.sleep(0)
             if self.on_batch:
                 self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed,
                                           results))

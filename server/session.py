@@ -107,6 +107,10 @@ class _Window:
 _END = None  # end-of-input marker in the window queue
 
 
+async def _with_timing(future: asyncio.Future, timing):
+    return await future, timing
+
+
 class Session:
     _ids = itertools.count(1)
 
@@ -271,34 +275,58 @@ class Session:
         self.completed = True
 
     async def _recognise(self) -> AsyncIterator[Result]:
-        while True:
-            item = await self._windows.get()
-            if isinstance(item, ASRError):
-                raise item
-            if item is _END:
-                break
-            if self.buffered_seconds <= self.settings.max_buffered_seconds:
-                self._room.set()
-            work = ChunkWork(self._stream, item.samples, reset_decoder=self._reset_pending)
-            self._reset_pending = False
-            chunk, timing = await self.scheduler.submit(self.id, work, ready_at=item.ready_at)
-            self._last = (chunk, timing)
-            self.stats.chunks += 1
-            self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
-            self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
-            audio_done = min(self.stats.chunks * SEGMENT_SAMPLES, self._samples_in) / SAMPLE_RATE
-            self.observer.chunk_done(self.api, time.monotonic() - timing.ready_at, timing.queue_wait,
-                                     audio_done - self._audio_reported)
-            self._audio_reported = audio_done
-            result = self._on_chunk(chunk, timing)
-            if result is not None:
+        ahead: asyncio.Future | None = None  # the next chunk, queued before this result was handed on
+        held: list = []  # an item taken from the window queue while looking ahead (_END is None)
+        try:
+            while True:
+                if ahead is None:
+                    item = held.pop() if held else await self._windows.get()
+                    if isinstance(item, ASRError):
+                        raise item
+                    if item is _END:
+                        break
+                    ahead = self._submit(item)
+                chunk, timing = await ahead
+                ahead = None
+                self._last = (chunk, timing)
+                self.stats.chunks += 1
+                self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
+                self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
+                audio_done = min(self.stats.chunks * SEGMENT_SAMPLES, self._samples_in) / SAMPLE_RATE
+                self.observer.chunk_done(self.api, time.monotonic() - timing.ready_at, timing.queue_wait,
+                                         audio_done - self._audio_reported)
+                self._audio_reported = audio_done
+                result = self._on_chunk(chunk, timing)
+                if result is None:
+                    continue
+                # A stream behind real time already holds its next window: queue it before handing
+                # this result to the transport, so it rides the engine's very next step.
+                if not self._windows.empty():
+                    item = self._windows.get_nowait()
+                    if isinstance(item, _Window):
+                        ahead = self._submit(item)
+                    else:
+                        held.append(item)
                 yield result
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
         self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
         if self._last is not None:
             chunk, timing = self._last
             if chunk.best.tokens and not self._reset_pending:
                 self._at_end = True
                 yield self._final(chunk, timing)
+
+    def _submit(self, window: "_Window") -> asyncio.Future:
+        """Queue ``window`` on the scheduler now (in this stream's order); the returned future
+        resolves to ``(chunk result, timing)``."""
+        if self.buffered_seconds <= self.settings.max_buffered_seconds:
+            self._room.set()
+        work = ChunkWork(self._stream, window.samples, reset_decoder=self._reset_pending)
+        self._reset_pending = False
+        future, timing = self.scheduler.enqueue(self.id, work, ready_at=window.ready_at)
+        return asyncio.ensure_future(_with_timing(future, timing))
 
     def _audio_end_s(self, frames_done: int) -> float:
         return min(frames_done * FRAME_SECONDS, self._samples_in / SAMPLE_RATE)
