@@ -20,6 +20,7 @@ from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
 from server.metrics import Metrics
 from server.models import LoadedModel, load_model
+from server.scheduler import engine_thread
 from server.service import RecognitionService
 from server.stats import LimitReason
 
@@ -47,12 +48,15 @@ class AsrServer:
         """Load and warm up the model, bind the port, start serving; return the bound port."""
         s = self.settings
         loop = asyncio.get_running_loop()
+        # Every torch operation of the server runs on this one thread (see engine_thread).
+        executor = engine_thread()
         if self.model is None:
-            self.model = await loop.run_in_executor(None, load_model, s.model, s.seed)
+            self.model = await loop.run_in_executor(executor, load_model, s.model, s.seed)
         if s.metrics_port >= 0:
             self.metrics = Metrics(version=__version__, model=self.model.name, precision=s.precision,
                                    device=s.device)
-        self.service = RecognitionService(s, self.model, self.metrics.observer if self.metrics else None)
+        self.service = await loop.run_in_executor(
+            executor, RecognitionService, s, self.model, self.metrics.observer if self.metrics else None, executor)
         if self.metrics:
             self.metrics.watch(self.service)
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)

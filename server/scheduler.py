@@ -75,9 +75,18 @@ class _Job:
     timing: JobTiming = field(compare=False)
 
 
+def engine_thread() -> ThreadPoolExecutor:
+    """The single inference thread. Run *all* of a process's torch work on it (loading,
+    warm-up, steps): measured here, once a second thread has run torch's OpenMP-parallel
+    operators, small operators on every thread cost about twice as much (the engine step's
+    fixed cost nearly doubles)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+
 class Scheduler:
     def __init__(self, runner: BatchRunner, max_batch: int = 32, max_wait: float = 0.0,
-                 on_batch: Callable[[BatchRecord], None] | None = None):
+                 on_batch: Callable[[BatchRecord], None] | None = None,
+                 executor: ThreadPoolExecutor | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runner = runner
@@ -87,14 +96,15 @@ class Scheduler:
         self._queue: list[_Job] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = executor  # owned: shut down by stop()
         self._task: asyncio.Task | None = None
         self._running_batch = 0
         self.batches_run = 0
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        if self._executor is None:
+            self._executor = engine_thread()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ session's ``Result`` objects back. There is exactly one recognition path.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import time
 from dataclasses import dataclass
@@ -41,15 +42,19 @@ class ModelDescription:
 
 
 class RecognitionService:
-    def __init__(self, settings: ServerSettings, model: LoadedModel, observer: Observer | None = None):
+    def __init__(self, settings: ServerSettings, model: LoadedModel, observer: Observer | None = None,
+                 executor: ThreadPoolExecutor | None = None):
+        """Builds the engine in the calling thread: call it on ``executor``, the inference thread
+        (``server.scheduler.engine_thread``) that will run every engine step."""
         self.settings = settings
         self.model = model
+        self.executor = executor or engine_thread()  # handed to the scheduler, which owns it
         self.observer = observer or Observer()  # receives the hot path's stats (see server.stats)
         self.engine = Engine(model, device=settings.device, precision=settings.precision,
                              threads=settings.threads)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
-                                   on_batch=self._batch_done)
+                                   on_batch=self._batch_done, executor=self.executor)
         self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
@@ -59,11 +64,11 @@ class RecognitionService:
         """Check the precision against fp32 (``PrecisionError`` over the bound), warm the model
         up on the inference thread, then start batching."""
         loop = asyncio.get_running_loop()
-        self.precision_error = await loop.run_in_executor(None, self.engine.self_check,
+        self.precision_error = await loop.run_in_executor(self.executor, self.engine.self_check,
                                                           self.settings.max_precision_error)
-        await loop.run_in_executor(None, self.engine.warmup)
+        await loop.run_in_executor(self.executor, self.engine.warmup)
         admission = self.sessions.admission
-        cost = await loop.run_in_executor(None, admission.calibrate, self._time_step)
+        cost = await loop.run_in_executor(self.executor, admission.calibrate, self._time_step)
         log.info("engine step %.1f ms + %.2f ms per stream (measured); load shedding admits about %s streams "
                  "(--latency-budget-ms %g)", cost.c0 * 1000, cost.c * 1000,
                  admission.capacity() if self.settings.latency_budget_ms else "any number of",
