@@ -168,10 +168,10 @@ class GreedyDecoder:
                 rows, symbols = rows[emit], best[emit]
                 probs = torch.softmax(logits[emit].float(), dim=-1).gather(1, symbols[:, None])[:, 0]
                 out, new_state = self.predictor.step(symbols, [[t_[rows] for t_ in layer] for layer in pstate])
-                pred[rows] = out
+                pred[rows] = out.to(pred.dtype)
                 for layer, new_layer in zip(pstate, new_state):
                     for old, new in zip(layer, new_layer):
-                        old[rows] = new
+                        old[rows] = new.to(old.dtype)
                 for r, s, p in zip(rows.tolist(), symbols.tolist(), probs.tolist()):
                     tokens[r].append(s)
                     frames[r].append(first_frames[r] + t)
