@@ -149,33 +149,62 @@ class GreedyDecoder:
         return DecoderState([_initial_hypothesis(self.predictor)])
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int]) -> None:
-        """Decode ``encoder_out (B, T, E)``; ``first_frames[b]`` is the stream frame of row 0."""
+        """Decode ``encoder_out (B, T, E)``; ``first_frames[b]`` is the stream frame of row 0.
+
+        Exactly the frame-by-frame greedy search, with fewer network calls: a stream's
+        predictor output only changes when it emits, so one joiner call scores every frame
+        a stream has left with its current output; each stream then takes its first
+        non-blank frame (the frames before it are blanks either way), one predictor call
+        advances all emitting streams, and the next round re-scores from that frame. A
+        chunk costs 1 + (emission rounds) joiner calls instead of one per frame and round.
+        """
+        num_frames = encoder_out.size(1)
         hyps = [s.best for s in states]
         pred = torch.cat([h.predictor_out for h in hyps])
         pstate = stack_states([h.predictor_state for h in hyps])
         tokens: list[list[int]] = [list(h.tokens) for h in hyps]
         frames: list[list[int]] = [list(h.frames) for h in hyps]
         prob_sums = [h.token_prob_sum for h in hyps]
-        everyone = torch.arange(len(states), device=encoder_out.device)
-        for t in range(encoder_out.size(1)):
-            rows = everyone
-            for _ in range(self.max_symbols_per_frame):
-                logits = self.predictor.join(encoder_out[rows, t], pred[rows])
-                best = logits.argmax(dim=-1)
-                emit = best != self.blank
-                if not bool(emit.any()):
-                    break
-                rows, symbols = rows[emit], best[emit]
-                probs = torch.softmax(logits[emit].float(), dim=-1).gather(1, symbols[:, None])[:, 0]
-                out, new_state = self.predictor.step(symbols, [[t_[rows] for t_ in layer] for layer in pstate])
-                pred[rows] = out.to(pred.dtype)
-                for layer, new_layer in zip(pstate, new_state):
-                    for old, new in zip(layer, new_layer):
-                        old[rows] = new.to(old.dtype)
-                for r, s, p in zip(rows.tolist(), symbols.tolist(), probs.tolist()):
-                    tokens[r].append(s)
-                    frames[r].append(first_frames[r] + t)
-                    prob_sums[r] += p
+        device = encoder_out.device
+        start = [0] * len(states)  # the next frame each stream decodes
+        emitted_at_start = [0] * len(states)  # symbols it already emitted on that frame
+        active = list(range(len(states)))
+        while active:
+            spans = [(b, start[b], num_frames - start[b]) for b in active]
+            row_stream = torch.tensor([b for b, _, n in spans for _ in range(n)], device=device)
+            row_frame = torch.tensor([t for _, t0, n in spans for t in range(t0, t0 + n)], device=device)
+            logits = self.predictor.join(encoder_out[row_stream, row_frame], pred[row_stream])
+            best = logits.argmax(dim=-1).tolist()
+            emits: list[tuple[int, int, int, int]] = []  # (row, stream, frame, symbol)
+            row = 0
+            for b, t0, n in spans:
+                for k in range(n):
+                    if best[row + k] != self.blank:
+                        emits.append((row + k, b, t0 + k, best[row + k]))
+                        break
+                row += n
+            if not emits:
+                break
+            rows = torch.tensor([e[0] for e in emits], device=device)
+            streams = torch.tensor([e[1] for e in emits], device=device)
+            symbols = torch.tensor([e[3] for e in emits], device=device)
+            probs = torch.softmax(logits[rows].float(), dim=-1).gather(1, symbols[:, None])[:, 0].tolist()
+            out, new_state = self.predictor.step(symbols, [[t_[streams] for t_ in layer] for layer in pstate])
+            pred[streams] = out.to(pred.dtype)
+            for layer, new_layer in zip(pstate, new_state):
+                for old, new in zip(layer, new_layer):
+                    old[streams] = new.to(old.dtype)
+            active = []
+            for (_, b, t, symbol), p in zip(emits, probs):
+                tokens[b].append(symbol)
+                frames[b].append(first_frames[b] + t)
+                prob_sums[b] += p
+                emitted_at_start[b] = emitted_at_start[b] + 1 if t == start[b] else 1
+                start[b] = t
+                if emitted_at_start[b] == self.max_symbols_per_frame:  # the frame's cap: move on
+                    start[b], emitted_at_start[b] = t + 1, 0
+                if start[b] < num_frames:
+                    active.append(b)
         for i, state in enumerate(states):
             state.hypotheses = [Hypothesis(tuple(tokens[i]), tuple(frames[i]), pred[i:i + 1],
                                            unstack_state(pstate, i), 0.0, prob_sums[i])]

@@ -107,10 +107,6 @@ class _Window:
 _END = None  # end-of-input marker in the window queue
 
 
-async def _with_timing(future: asyncio.Future, timing):
-    return await future, timing
-
-
 class Session:
     _ids = itertools.count(1)
 
@@ -141,6 +137,8 @@ class Session:
         self._utterance_start_frame = 0
         self._reset_pending = False
         self._last: tuple[ChunkResult, JobTiming] | None = None
+        # the next chunk, queued on the scheduler before the last result was handed on
+        self._ahead: tuple[asyncio.Future, JobTiming] | None = None
         self._end_status: ASRError | None = None  # raised after the final result (``end_input``)
         self.ending = asyncio.Event()  # set by ``end_input``: stop waiting for the client
         self.last_audio_at = self.stats.opened_at  # monotonic time of the last audio (idle timeout)
@@ -275,19 +273,19 @@ class Session:
         self.completed = True
 
     async def _recognise(self) -> AsyncIterator[Result]:
-        ahead: asyncio.Future | None = None  # the next chunk, queued before this result was handed on
         held: list = []  # an item taken from the window queue while looking ahead (_END is None)
         try:
             while True:
-                if ahead is None:
+                if self._ahead is None:
                     item = held.pop() if held else await self._windows.get()
                     if isinstance(item, ASRError):
                         raise item
                     if item is _END:
                         break
-                    ahead = self._submit(item)
-                chunk, timing = await ahead
-                ahead = None
+                    self._ahead = self._submit(item)
+                future, timing = self._ahead
+                chunk = await future
+                self._ahead = None
                 self._last = (chunk, timing)
                 self.stats.chunks += 1
                 self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
@@ -304,13 +302,12 @@ class Session:
                 if not self._windows.empty():
                     item = self._windows.get_nowait()
                     if isinstance(item, _Window):
-                        ahead = self._submit(item)
+                        self._ahead = self._submit(item)
                     else:
                         held.append(item)
                 yield result
         finally:
-            if ahead is not None and not ahead.done():
-                ahead.cancel()
+            self._withdraw_ahead()
         self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
         if self._last is not None:
             chunk, timing = self._last
@@ -318,15 +315,20 @@ class Session:
                 self._at_end = True
                 yield self._final(chunk, timing)
 
-    def _submit(self, window: "_Window") -> asyncio.Future:
-        """Queue ``window`` on the scheduler now (in this stream's order); the returned future
-        resolves to ``(chunk result, timing)``."""
+    def _withdraw_ahead(self) -> None:
+        """Cancel the chunk queued ahead, if any: withdrawn unless a batch has taken it."""
+        if self._ahead is not None:
+            self._ahead[0].cancel()
+            self._ahead = None
+
+    def _submit(self, window: "_Window") -> tuple[asyncio.Future, JobTiming]:
+        """Queue ``window`` on the scheduler now (in this stream's order): the future resolves to
+        the chunk's result (cancel it to withdraw the chunk), the timing fills in as it runs."""
         if self.buffered_seconds <= self.settings.max_buffered_seconds:
             self._room.set()
         work = ChunkWork(self._stream, window.samples, reset_decoder=self._reset_pending)
         self._reset_pending = False
-        future, timing = self.scheduler.enqueue(self.id, work, ready_at=window.ready_at)
-        return asyncio.ensure_future(_with_timing(future, timing))
+        return self.scheduler.enqueue(self.id, work, ready_at=window.ready_at)
 
     def _audio_end_s(self, frames_done: int) -> float:
         return min(frames_done * FRAME_SECONDS, self._samples_in / SAMPLE_RATE)
@@ -382,6 +384,7 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self.state = SessionState.CLOSED
+        self._withdraw_ahead()  # a queued chunk must not run after the stream's state is freed
         if self._stream is not None:
             stream, self._stream = self._stream, None
             self.scheduler.call_soon_on_engine_thread(self.engine.release, stream)
