@@ -5,7 +5,9 @@ The choices behind ``server/precision.py``, measured on the full-size model
 
 * bf16 weights and activations end to end  vs  fp32 weights under ``torch.autocast(bf16)``;
 * fp16 weights and activations (is it worth offering on CPU?);
-* int8 with ``torch.ao.quantization.quantize_dynamic`` (fbgemm)  vs  torchao's
+* int8 with the server's ``RowwiseInt8Linear`` (a scale per activation row,
+  ``torch._int_mm``)  vs  ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one
+  activation scale per batch, so not batch-invariant)  vs  torchao's
   ``Int8DynamicActivationInt8WeightConfig``;
 * a bare matrix product at the model's shapes per dtype, for the kernel peak.
 
@@ -40,6 +42,7 @@ CANDIDATES = {
     "bf16 (weights + activations)": ("bf16", None, None),
     "bf16 (autocast over fp32 weights)": ("fp32", None, torch.bfloat16),
     "fp16 (weights + activations)": ("fp16", None, None),
+    "int8 rowwise (server)": ("int8", "rowwise", None),
     "int8 torch.ao quantize_dynamic": ("int8", "torch.ao", None),
     "int8 torchao Int8DynamicActivationInt8Weight": ("int8", "torchao", None),
 }
@@ -47,9 +50,9 @@ CANDIDATES = {
 
 def convert(engine: Engine, precision: str, backend: str | None) -> None:
     """Re-apply a precision to an fp32 engine's networks (bypassing the server's refusals)."""
-    engine.encoder = apply_precision(engine.encoder, precision, backend or "torch.ao")
+    engine.encoder = apply_precision(engine.encoder, precision, backend or "rowwise")
     engine.pool = engine.encoder.new_pool(engine.encoder.dtype, engine.device)
-    engine.decoding = apply_precision(engine.decoding, precision, backend or "torch.ao")
+    engine.decoding = apply_precision(engine.decoding, precision, backend or "rowwise")
     engine.predictor.network = engine.decoding
     engine.predictor.joiner_linear = engine.decoding.joiner.linear
     engine.predictor._initial = None
@@ -85,6 +88,7 @@ def matmul_peaks(rows: int = 160, repeats: int = 30) -> dict:
                 "fp16": (copy.deepcopy(lin).half(), x.half())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        variants["int8 rowwise"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "rowwise"), x)
         variants["int8 torch.ao"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "torch.ao"), x)
         variants["int8 torchao"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "torchao"), x)
     with torch.inference_mode():

@@ -57,11 +57,12 @@ async def _words(stub, audio: np.ndarray, options: dict, delay: float = 0.0, bat
     return final
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("options", [{"decoding_method": asr_pb2.GREEDY},
                                      {"decoding_method": asr_pb2.BEAM_SEARCH, "beam_width": 4}],
                          ids=["greedy", "beam4"])
-async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, options):
-    async with running_server(max_batch=16) as (server, stub):
+async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, options, precision):
+    async with running_server(max_batch=16, precision=precision) as (server, stub):
         solo = [await _words(stub, a, options) for a in waves]
         assert sum(len(t) for s in solo for t, _ in s) > 50, "the model should emit text"
         rng = random.Random(7)

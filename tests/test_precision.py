@@ -12,8 +12,8 @@ from asr.v1 import asr_pb2
 from server.config import ServerSettings
 from server.app import AsrServer
 from server.engine import Engine
-from server.precision import (CpuFeatures, PrecisionError, check_precision, detect_cpu_features,
-                              precision_warnings, relative_error)
+from server.precision import (CpuFeatures, PrecisionError, RowwiseInt8Linear, check_precision,
+                              detect_cpu_features, precision_warnings, relative_error)
 from tests.conftest import running_server, small_model
 from tests.helpers import GREEDY, transcript
 
@@ -51,9 +51,24 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
     for network in (engine.encoder, engine.decoding):
         plain = [name for name, m in network.named_modules() if type(m) is torch.nn.Linear]
         assert not plain, f"Linear layers left in fp32: {plain}"
-    quantised = [m for m in engine.decoding.modules() if "quantized" in type(m).__module__]
-    assert len(quantised) >= 3, "the predictor's LSTM gate projections and the joiner must be int8"
+    quantised = [name for name, m in engine.decoding.named_modules() if isinstance(m, RowwiseInt8Linear)]
+    assert any(n.startswith("predictor.") for n in quantised) and "joiner.linear" in quantised, quantised
     assert all(p.dtype == torch.float32 for p in model.rnnt.parameters())
+
+
+@pytest.mark.parametrize("rows, in_features, out_features", [(1, 80, 512), (7, 257, 29), (40, 512, 4097)])
+def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_batch(rows, in_features,
+                                                                                      out_features):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features)
+    int8 = RowwiseInt8Linear(linear)
+    x = torch.randn(rows, in_features) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scale
+    with torch.inference_mode():
+        batched = int8(x)
+        assert relative_error(linear(x), batched) < 0.02
+        for i in range(rows):
+            assert torch.equal(int8(x[i:i + 1]), batched[i:i + 1])
+        assert torch.equal(int8(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
 
 
 def test_bf16_keeps_weights_and_streaming_state_in_bf16():
