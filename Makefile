@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
 # Debian packages the tests drive for real (each checked by the command it provides).
-TEST_APT := prometheus chromium sox espeak-ng
-TEST_CMDS := prometheus promtool chromium sox espeak-ng
+# The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
+TEST_APT := prometheus chromium $(DATA_APT)
+TEST_CMDS := prometheus promtool chromium sox espeak-ng flite festival
 
-.PHONY: help venv demo test test-apt test-fast bench proto demo-data train-demo export-demo clean
+.PHONY: help venv demo test test-apt test-fast bench proto demo-data train-demo eval-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
@@ -19,6 +20,7 @@ help:
 	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
 	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
+	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
 venv: $(STAMP)
 
@@ -56,6 +58,11 @@ $(VENV)/.data-apt-stamp:
 
 demo-data: $(STAMP) $(VENV)/.data-apt-stamp
 	$(PY) train/make_data.py --out data/demo
+
+EVAL_SET ?= tests/data/demo-heldout/manifest.jsonl
+EVAL_ARGS ?= --greedy
+eval-demo: $(STAMP)
+	$(VENV)/bin/asr-eval $(EVAL_SET) --spawn "--model demo --metrics-port -1 $(SERVER_ARGS)" $(EVAL_ARGS)
 
 train-demo: $(STAMP)
 	$(PY) train/train_demo.py --data data/demo --work-dir data/demo-train

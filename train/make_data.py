@@ -56,6 +56,9 @@ TRAIN_FESTIVAL = ["kal_diphone", "cmu_us_slt_arctic_hts"]
 TEST_FESTIVAL = ["ked_diphone"]
 
 
+SPLITS = ("train", "dev", "test")
+
+
 @dataclass(frozen=True)
 class Job:
     index: int
@@ -75,7 +78,7 @@ def _sox_finish(src: str, dst: Path, rng: random.Random) -> None:
         effects += ["pitch", f"{rng.uniform(-250, 250):.0f}"]
     effects += ["pad", f"{rng.uniform(0.05, 0.4):.2f}", f"{rng.uniform(0.1, 0.5):.2f}",
                 "norm", f"{rng.uniform(-6, -1):.1f}"]
-    subprocess.run(["sox", "-q", src, "-b", "16", str(dst), *effects], check=True)
+    subprocess.run(["sox", "-q", "-R", src, "-b", "16", str(dst), *effects], check=True)
 
 
 def synthesize(job: Job, out_dir: Path) -> dict:
@@ -160,17 +163,19 @@ def _run(args: tuple[Job, Path]) -> tuple[str, dict | None, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("data/demo"))
-    p.add_argument("--train", type=int, default=24000, help="training utterances")
+    p.add_argument("--train", type=int, default=30000, help="training utterances")
     p.add_argument("--dev", type=int, default=400)
     p.add_argument("--test", type=int, default=600)
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help="synthesize only these splits (the plan, and so every split's content, stays the same)")
     args = p.parse_args(argv)
 
-    jobs = plan(args.train, args.dev, args.test, args.seed)
-    for split in ("train", "dev", "test"):
+    jobs = [j for j in plan(args.train, args.dev, args.test, args.seed) if j.split in args.splits]
+    for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    results: dict[str, list[dict]] = {split: [] for split in args.splits}
     failures = 0
     with multiprocessing.Pool(args.jobs) as pool:
         for split, row, err in tqdm(pool.imap(_run, [(j, args.out) for j in jobs], chunksize=8),

@@ -198,11 +198,13 @@ def compute_stats(front_end: FeatureFrontEnd, utts: list[Utterance], n: int = 60
     return GlobalStats(mean.tolist(), (1.0 / std).tolist())
 
 
-def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path | None = None) -> None:
-    """Write the shipped model files from the best checkpoint: ``model.pt``, ``config.json``,
+def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path | None = None,
+           checkpoint: str = "best") -> None:
+    """Write the shipped model files from ``checkpoint`` (``best`` by the logged dev WER, or ``last``):
+    ``model.pt``, ``config.json``,
     ``global_stats.json``, ``tokens.txt``, ``train_summary.json``; with ``data_dir`` also
     ``words.txt`` (the training vocabulary) and ``heldout_sentences.txt`` (the test split's)."""
-    ckpt = torch.load(work_dir / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(work_dir / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt["model"], out_dir / "model.pt")
     (out_dir / "config.json").write_text(json.dumps(ckpt["config"], indent=2) + "\n")
@@ -218,7 +220,7 @@ def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path
         words = sorted({w for t in texts["train"] for w in t.split()})
         (out_dir / "words.txt").write_text("\n".join(words) + "\n")
         (out_dir / "heldout_sentences.txt").write_text("\n".join(sorted(set(texts["test"]))) + "\n")
-    print(f"exported step {ckpt['step']} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
+    print(f"exported {checkpoint} checkpoint, step {ckpt['step']} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,12 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                    "minutes (the encoder learns the alignment sooner), then with noise, gain and SpecAugment")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the auxiliary CTC loss "
                    "(its head is used in training only, never shipped)")
-    p.add_argument("--export", type=Path, default=None, help="write the best model's files here and exit")
+    p.add_argument("--export", type=Path, default=None, help="write the model's files here and exit")
+    p.add_argument("--export-checkpoint", choices=["best", "last"], default="best",
+                   help="checkpoint to export: the lowest logged dev WER (greedy, whole utterance, "
+                   "--dev-utterances of dev), or the latest")
     args = p.parse_args(argv)
 
     tokens = CharTokenTable.default()
     if args.export:
-        export(args.work_dir, args.export, tokens, args.data if (args.data / "train.jsonl").exists() else None)
+        export(args.work_dir, args.export, tokens, args.data if (args.data / "train.jsonl").exists() else None,
+               args.export_checkpoint)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
