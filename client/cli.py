@@ -20,6 +20,7 @@ import soundfile
 from google.protobuf import json_format
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.connection import add_connection_args, parse_args
 from client.stream import StreamOptions, channel, decoding_method, stream_audio
 
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
     p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
     p.add_argument("--chunk-ms", type=int, default=160, help="audio per message (default: %(default)s)")
+    add_connection_args(p)
     return p
 
 
@@ -91,7 +93,7 @@ async def run(args: argparse.Namespace) -> int:
                             word_time_offsets=args.words, endpointing=not args.no_endpointing,
                             request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms)
     printer = Printer(show_timing=args.timing)
-    async with channel(args.server) as ch:
+    async with channel(args.connection) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
         try:
             async for event in stream_audio(stub, pcm, rate, options, channels=channels):
@@ -112,7 +114,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import soundfile
 from tqdm import tqdm
 
 from asr.v1 import asr_pb2_grpc
+from client.connection import Connection, add_connection_args, parse_args
 from client.cli import read_wav
 from client.spawn import spawned_server
 from client.stream import StreamOptions, channel, decoding_method, stream_audio
@@ -71,7 +72,7 @@ async def transcribe(stub, utt: Utterance, options: StreamOptions) -> str:
     return " ".join(t for t in finals if t)
 
 
-async def evaluate(address: str, utterances: list[Utterance], options: StreamOptions, concurrency: int,
+async def evaluate(address: str | Connection, utterances: list[Utterance], options: StreamOptions, concurrency: int,
                    progress: bool = True) -> dict:
     results: list[Scored | None] = [None] * len(utterances)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="streams at once (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--show", type=int, default=20, help="utterances with errors to list (default: %(default)s)")
+    add_connection_args(p)
     return p
 
 
@@ -139,7 +141,7 @@ def report(results: dict, show: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     utterances = load_manifest(args.manifest, args.limit)
     if not utterances:
         print(f"asr-eval: no utterances in {args.manifest}", file=sys.stderr)
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             with spawned_server(*shlex.split(args.spawn)) as (address, _):
                 results = asyncio.run(evaluate(address, utterances, options, args.concurrency))
         else:
-            results = asyncio.run(evaluate(args.server, utterances, options, args.concurrency))
+            results = asyncio.run(evaluate(args.connection, utterances, options, args.concurrency))
     except grpc.RpcError as exc:
         print(f"asr-eval: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -15,10 +15,14 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.connection import Connection, ConnectionOptionError, add_connection_args, connection_from_args
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> str:
-    """The serving status name of ``service`` ("" = the whole server) at ``address``."""
-    with grpc.insecure_channel(address) as channel:
+
+def check(address: str | Connection, service: str = "", timeout: float = 3.0) -> str:
+    """The serving status name of ``service`` ("" = the whole server) at ``address``
+    (HOST:PORT, or a ``Connection`` for TLS / a token)."""
+    connection = address if isinstance(address, Connection) else Connection(address)
+    with connection.sync_channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -30,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="HOST:PORT of the server (default: 127.0.0.1 and $ASR_PORT or 50051)")
     parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_connection_args(parser)
     args = parser.parse_args(argv)
     try:
-        status = check(args.server, args.service, args.timeout)
+        connection = connection_from_args(args)
+    except ConnectionOptionError as exc:
+        parser.error(str(exc))
+    try:
+        status = check(connection, args.service, args.timeout)
     except grpc.RpcError as exc:
         print(f"asr-healthcheck: {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ import psutil
 from tqdm import tqdm
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.connection import Connection, add_connection_args, parse_args
 from client.cli import read_wav
 from client.spawn import spawned_server
 from client.stream import SendLog, StreamOptions, channel, decoding_method, stream_audio
@@ -200,7 +201,7 @@ async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float,
     return record
 
 
-async def run_load(address: str, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
+async def run_load(address: str | Connection, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
                    options: StreamOptions | None = None, server_pid: int | None = None,
                    progress: bool = True, seed: int = 0) -> LoadResult:
     """Run ``streams`` simulated users for ``duration`` seconds after a ``ramp_up``; all records.
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="pid of the server, to report its CPU use (same machine)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts to DIR")
+    add_connection_args(p)
     return p
 
 
@@ -428,19 +430,20 @@ def options_from(args) -> StreamOptions:
     return StreamOptions(realtime=True, interim_results=True, decoding_method=method, beam_width=args.beam)
 
 
-async def model_name(address: str, timeout: float = 10.0) -> str:
+async def model_name(address: str | Connection, timeout: float = 10.0) -> str:
     """The server's model (``GetModelInfo``); ``SystemExit`` with a message if it does not answer."""
     async with channel(address) as ch:
         try:
             info = await asr_pb2_grpc.SpeechRecognitionStub(ch).GetModelInfo(asr_pb2.GetModelInfoRequest(),
                                                                               timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise SystemExit(f"asr-loadtest: cannot reach the server at {address}: "
+            where = address.address if isinstance(address, Connection) else address
+            raise SystemExit(f"asr-loadtest: cannot reach the server at {where}: "
                              f"{exc.code().name}: {exc.details()}") from None
     return info.model_name
 
 
-async def _main(args, address: str, server_pid: int | None) -> dict:
+async def _main(args, address: str | Connection, server_pid: int | None) -> dict:
     audio = load_audio(args.audio)
     options = options_from(args)
     model = await model_name(address)
@@ -469,12 +472,12 @@ async def _main(args, address: str, server_pid: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if args.spawn is not None:
         with spawned_server(*shlex.split(args.spawn)) as (address, proc):
             out = asyncio.run(_main(args, address, proc.pid))
     else:
-        out = asyncio.run(_main(args, args.server, args.server_pid))
+        out = asyncio.run(_main(args, args.connection, args.server_pid))
     if args.json:
         print(json.dumps(out, indent=2))
     elif args.find_capacity:

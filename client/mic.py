@@ -18,6 +18,7 @@ import sys
 import grpc
 
 from asr.v1 import asr_pb2_grpc
+from client.connection import add_connection_args, parse_args
 from client.capture import Capture, CaptureError, SoundDeviceCapture, input_devices
 from client.cli import Printer
 from client.stream import StreamOptions, channel, decoding_method, stream_chunks
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-endpointing", action="store_true", help="one final result when you stop")
     p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
     p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
+    add_connection_args(p)
     return p
 
 
@@ -79,7 +81,7 @@ async def run(args: argparse.Namespace, capture: Capture, out=None, err=None) ->
     except (NotImplementedError, RuntimeError):  # no loop signal handlers here: Ctrl-C quits at once
         handler = False
     try:
-        async with channel(args.server) as ch:
+        async with channel(args.connection) as ch:
             stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
             capture.start()
             try:
@@ -107,7 +109,7 @@ async def run(args: argparse.Namespace, capture: Capture, out=None, err=None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         if args.list_devices:
             list_devices()

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.connection import Connection
 
 CHUNK_MS = 160  # the model's segment; sending in these units gives the lowest latency
 SAMPLE_RATE = 16000
@@ -146,5 +147,7 @@ async def stream_chunks(stub: asr_pb2_grpc.SpeechRecognitionStub, chunks: AsyncI
             call.cancel()
 
 
-def channel(address: str, options: list | None = None) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=options or [])
+def channel(target: str | Connection, options: list | None = None) -> grpc.aio.Channel:
+    """An aio channel to ``target``: a HOST:PORT (plaintext) or a ``client.connection.Connection``
+    (TLS, client certificate, bearer token)."""
+    return (target if isinstance(target, Connection) else Connection(target)).channel(options)

@@ -35,6 +35,7 @@ import soundfile
 from aiohttp import WSMsgType, web
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from client.connection import Connection, add_connection_args, parse_args
 from client.stream import StreamOptions, channel, stream_chunks
 
 STATIC = Path(__file__).resolve().parent / "web"
@@ -116,8 +117,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def create_app(server: str, save_audio: Path | None = None) -> web.Application:
-    """The page and the bridge to the gRPC server at ``server`` (HOST:PORT)."""
+def create_app(server: str | Connection, save_audio: Path | None = None) -> web.Application:
+    """The page and the bridge to the gRPC server ``server`` (HOST:PORT, or a ``Connection``)."""
     app = web.Application()
     app[SAVE_DIR] = save_audio
     if save_audio:
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert")
     p.add_argument("--save-audio", type=Path, metavar="DIR",
                    help="save each session's audio as a WAV in DIR (asr-client FILE gives the same finals)")
+    add_connection_args(p, prefix="grpc-")
     return p
 
 
@@ -166,7 +168,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.tls_cert, args.tls_key)
-    runner, port = await start(create_app(args.server, args.save_audio), args.host, args.port, context)
+    runner, port = await start(create_app(args.connection, args.save_audio), args.host, args.port, context)
     scheme = "https" if context else "http"
     print(f"asr-web: open {scheme}://{args.host}:{port}/ (gRPC server {args.server})", flush=True)
     try:
@@ -176,7 +178,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, prefix="grpc-")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("asr-web: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
