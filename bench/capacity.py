@@ -48,7 +48,7 @@ from client.stream import StreamOptions  # noqa: E402
 AUDIO = ROOT / "bench" / "audio"
 RESULTS = ROOT / "bench" / "results"
 THRESHOLD_MS = 160.0
-DEFAULT_CONFIGS = "greedy:fp32,beam4:fp32"
+DEFAULT_CONFIGS = "greedy:fp32,beam4:fp32,greedy:bf16,greedy:int8,greedy:int8-fbgemm"
 
 
 def cpu_description() -> dict:
@@ -68,7 +68,7 @@ def cpu_description() -> dict:
 
 
 def parse_config(spec: str) -> tuple[str, int, str]:
-    """``greedy:fp32`` / ``beam4:int8`` -> (method, beam width, precision)."""
+    """``greedy:fp32`` / ``beam4:int8`` / ``greedy:int8-fbgemm`` -> (method, beam width, precision[-kernel])."""
     method, _, precision = spec.partition(":")
     precision = precision or "fp32"
     if method == "greedy":
@@ -89,7 +89,8 @@ def profile_engine(precision: str, method: str, beam: int, log, quick: bool) -> 
     from server.engine import Engine
     from server.models import load_model
 
-    engine = Engine(load_model("random-base"), precision=precision)
+    precision, _, kernel = precision.partition("-")
+    engine = Engine(load_model("random-base"), precision=precision, int8_kernel=kernel or "rowwise")
     engine.warmup()
     speech = [a for a in _waves()]
     windows = [w for a in speech for w in _cut(a)]
@@ -124,7 +125,9 @@ async def server_capacity(method: str, beam: int, precision: str, args, estimate
                             beam_width=beam if method == "beam" else 0)
     # Load shedding off (--latency-budget-ms 0): the search must see where latency breaks,
     # not where admission control would start refusing streams.
-    server_args = ["--model", "random-base", "--precision", precision, "--max-batch", str(args.max_batch),
+    precision, _, kernel = precision.partition("-")
+    server_args = ["--model", "random-base", "--precision", precision, "--int8-kernel", kernel or "rowwise",
+                   "--max-batch", str(args.max_batch),
                    "--max-beam-width", str(max(16, beam)), "--latency-budget-ms", "0"]
     with spawned_server(*server_args) as (address, proc):
         summaries: dict[int, dict] = {}

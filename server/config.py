@@ -47,6 +47,10 @@ class ServerSettings(BaseSettings):
         "fp32", description="numeric precision of the model, applied once at load time: fp32; bf16 "
         "(weights and activations); int8 (every Linear dynamically quantised); fp16 (CUDA only: "
         "slower than bf16 on CPU, refused there)")
+    int8_kernel: Literal["rowwise", "fbgemm"] = Field(
+        "rowwise", description="int8 products: rowwise (each activation row quantised with its own "
+        "scale: a stream's result never depends on its batch) or fbgemm (one scale per batch: faster "
+        "when batches are small, but a stream's transcript can change with who it is batched with)")
     max_precision_error: float = Field(
         0.1, gt=0, le=1.0, description="start-up self-check: largest relative error of the encoder "
         "output in the chosen precision against fp32, on a fixed input; above it the server refuses "

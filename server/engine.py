@@ -22,8 +22,8 @@ from server.decoder import BeamSearchDecoder, DecoderState, DecodingNetwork, Gre
 from server.encoder import SEGMENT, StreamingEncoder
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
-from server.precision import (PrecisionError, apply_precision, check_precision, detect_cpu_features,
-                              precision_warnings, relative_error)
+from server.precision import (INT8_KERNELS, PrecisionError, apply_precision, check_precision,
+                              detect_cpu_features, precision_warnings, relative_error)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ class StepStats:
 class Engine:
     """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
 
-    def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0):
+    def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0,
+                 int8_kernel: str = "rowwise"):
         check_precision(precision, device)
+        backend = INT8_KERNELS[int8_kernel]
         self.model = model
         self.precision = precision
         self.device = torch.device(device)
@@ -112,9 +114,9 @@ class Engine:
         self.front_end = FeatureFrontEnd(model.stats).to(self.device)
         # The engine runs its own copies of the networks, converted once to the precision;
         # the loaded model stays fp32 (the self-check compares against it).
-        self.encoder = apply_precision(StreamingEncoder(self.rnnt.transcriber).to(self.device), precision)
+        self.encoder = apply_precision(StreamingEncoder(self.rnnt.transcriber).to(self.device), precision, backend)
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
-        self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision)
+        self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         self.greedy = GreedyDecoder(self.predictor)
         self.beam = BeamSearchDecoder(self.predictor)

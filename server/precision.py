@@ -39,10 +39,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # * "torch.ao": ``quantize_dynamic`` (fbgemm) is fastest at small row counts, but it
 #   quantises the whole batch with one activation scale: a stream's transcript then
 #   depends on the other streams in its batch (measured: beam-4 WER on the demo
-#   held-out split varied 19.2 - 19.8 % between identical runs). Not for serving.
+#   held-out split varied 19.2 - 19.8 % between identical runs). ``--int8-kernel
+#   fbgemm`` for operators who trade that for throughput at small batches.
 # * "torchao": ``Int8DynamicActivationInt8Weight`` (per-row too) was slower than both.
 INT8_BACKEND = "rowwise"
 INT8_BACKENDS = ("rowwise", "torch.ao", "torchao")
+# --int8-kernel choices -> backend
+INT8_KERNELS = {"rowwise": "rowwise", "fbgemm": "torch.ao"}
 
 
 class PrecisionError(ValueError):
