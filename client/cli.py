@@ -20,7 +20,7 @@ import soundfile
 from google.protobuf import json_format
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from client.connection import add_connection_args, parse_args
+from client.connection import add_connection_args, connection_from_args, parse_args
 from client.stream import StreamOptions, channel, decoding_method, stream_audio
 
 
@@ -93,7 +93,7 @@ async def run(args: argparse.Namespace) -> int:
                             word_time_offsets=args.words, endpointing=not args.no_endpointing,
                             request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms)
     printer = Printer(show_timing=args.timing)
-    async with channel(args.connection) as ch:
+    async with channel(getattr(args, "connection", None) or connection_from_args(args)) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
         try:
             async for event in stream_audio(stub, pcm, rate, options, channels=channels):

@@ -18,7 +18,7 @@ import sys
 import grpc
 
 from asr.v1 import asr_pb2_grpc
-from client.connection import add_connection_args, parse_args
+from client.connection import add_connection_args, connection_from_args, parse_args
 from client.capture import Capture, CaptureError, SoundDeviceCapture, input_devices
 from client.cli import Printer
 from client.stream import StreamOptions, channel, decoding_method, stream_chunks
@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace, capture: Capture, out=None, err=None) ->
     except (NotImplementedError, RuntimeError):  # no loop signal handlers here: Ctrl-C quits at once
         handler = False
     try:
-        async with channel(args.connection) as ch:
+        async with channel(getattr(args, "connection", None) or connection_from_args(args)) as ch:
             stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
             capture.start()
             try:
