@@ -6,7 +6,7 @@ The choices behind ``server/precision.py``, measured on the full-size model
 * bf16 weights and activations end to end  vs  fp32 weights under ``torch.autocast(bf16)``;
 * fp16 weights and activations (is it worth offering on CPU?);
 * int8 with the server's ``RowwiseInt8Linear`` (a scale per activation row,
-  ``torch._int_mm``)  vs  ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one
+  oneDNN int8 GEMM)  vs  ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one
   activation scale per batch, so not batch-invariant)  vs  torchao's
   ``Int8DynamicActivationInt8WeightConfig``;
 * a bare matrix product at the model's shapes per dtype, for the kernel peak.

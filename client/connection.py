@@ -11,7 +11,8 @@ Every client takes the same options (``add_connection_args``):
   ``authorization: Bearer <token>`` with every call; the token is the file's first
   line that is neither blank nor a ``#`` comment (the server's token file format).
 
-``Connection.channel()`` / ``Connection.sync_channel()`` open the channel.
+``Connection.channel()`` opens an aio channel that adds the token to every call;
+``Connection.sync_channel()`` a blocking one, whose calls pass ``metadata=connection.metadata``.
 """
 
 from __future__ import annotations
@@ -68,11 +69,10 @@ class Connection:
         return grpc.aio.insecure_channel(self.address, options=self._options(options), interceptors=interceptors)
 
     def sync_channel(self, options: list | None = None) -> grpc.Channel:
+        """A blocking channel; unlike ``channel()`` its calls need ``metadata=self.metadata``."""
         if self.tls:
-            ch = grpc.secure_channel(self.address, self._credentials(), options=self._options(options))
-        else:
-            ch = grpc.insecure_channel(self.address, options=self._options(options))
-        return grpc.intercept_channel(ch, _SyncBearer(self.token)) if self.token else ch
+            return grpc.secure_channel(self.address, self._credentials(), options=self._options(options))
+        return grpc.insecure_channel(self.address, options=self._options(options))
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -102,29 +102,6 @@ def _bearer_interceptors(token: str) -> list:
             return await continuation(_with_token(details, token), request_iterator)
 
     return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
-
-
-class _SyncBearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    def __init__(self, token: str):
-        self.token = token
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(_SyncDetails.of(details, self.token), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(_SyncDetails.of(details, self.token), request)
-
-
-class _SyncDetails(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
-        self.method, self.timeout, self.metadata = method, timeout, metadata
-        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
-
-    @classmethod
-    def of(cls, details, token: str) -> "_SyncDetails":
-        metadata = list(details.metadata or []) + [("authorization", f"Bearer {token}")]
-        return cls(details.method, details.timeout, metadata, details.credentials,
-                   getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
 
 def add_connection_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -24,7 +24,8 @@ def check(address: str | Connection, service: str = "", timeout: float = 3.0) ->
     connection = address if isinstance(address, Connection) else Connection(address)
     with connection.sync_channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                              metadata=connection.metadata)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
