@@ -4,7 +4,11 @@
 the networks (the streaming encoder, the predictor and joiner) in place; nothing
 casts around each step:
 
-* ``fp32``: unchanged.
+* ``fp32``: every ``Linear`` on CPU becomes a ``PackedLinear``: oneDNN's fp32 GEMM on
+  weights reordered once at load time. At the 5-80 rows of a typical step, MKL's
+  ``addmm`` behind ``nn.Linear`` ran 2-4x slower here (and its result for a row
+  changed with the number of rows); the packed kernel gives every row the same bits
+  whatever the batch.
 * ``bf16`` / ``fp16``: weights and activations in that dtype end to end (the
   left-context state and the LSTM state follow the weights' dtype; LayerNorm and
   softmax accumulate in fp32 inside their kernels).
@@ -121,7 +125,45 @@ def apply_precision(module: torch.nn.Module, precision: str, int8_backend: str =
         return module.to(DTYPES[precision])
     if precision == "int8":
         return quantize_linears_int8(module, int8_backend)
+    if _module_device(module).type == "cpu" and packed_linear_available():
+        return _replace_linears(module, PackedLinear)
     return module
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def packed_linear_available() -> bool:
+    """Whether this torch build has oneDNN's packed fp32 linear (``PackedLinear``)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` in fp32 on oneDNN, its weight reordered once into the kernel's blocked layout.
+
+    Input ``(..., in_features)`` float32 -> output ``(..., out_features)`` float32, the same
+    maths as ``nn.Linear`` (float rounding aside: it accumulates in another order). Measured
+    here (2 threads, 512 x 2048): 0.13 / 0.31 / 0.48 ms at 5 / 20 / 40 rows against MKL's
+    0.21 / 1.0 / 1.2 ms; and each output row is bitwise the same whatever the other rows
+    (MKL changes a row's last bits with the row count), so batching cannot move a result.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float().contiguous()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def _onednn_int8_available() -> bool:
@@ -179,11 +221,13 @@ class RowwiseInt8Linear(torch.nn.Module):
                 f"bias={self.bias is not None}, kernel={'onednn' if self.use_onednn else '_int_mm'}")
 
 
-def _replace_linears(module: torch.nn.Module) -> torch.nn.Module:
+def _replace_linears(module: torch.nn.Module, kind: type = None) -> torch.nn.Module:
+    """Every plain ``nn.Linear`` in ``module`` -> ``kind(linear)`` (default ``RowwiseInt8Linear``)."""
+    kind = kind or RowwiseInt8Linear
     if type(module) is torch.nn.Linear:
-        return RowwiseInt8Linear(module)
+        return kind(module)
     for name, child in list(module.named_children()):
-        setattr(module, name, _replace_linears(child))
+        setattr(module, name, _replace_linears(child, kind))
     return module
 
 

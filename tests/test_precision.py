@@ -12,8 +12,9 @@ from asr.v1 import asr_pb2
 from server.config import ServerSettings
 from server.app import AsrServer
 from server.engine import Engine
-from server.precision import (CpuFeatures, PrecisionError, RowwiseInt8Linear, check_precision,
-                              detect_cpu_features, precision_warnings, relative_error)
+from server.precision import (CpuFeatures, PackedLinear, PrecisionError, RowwiseInt8Linear, check_precision,
+                              detect_cpu_features, packed_linear_available, precision_warnings,
+                              relative_error)
 from tests.conftest import running_server, small_model
 from tests.helpers import GREEDY, transcript
 
@@ -69,6 +70,31 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
         for i in range(rows):
             assert torch.equal(int8(x[i:i + 1]), batched[i:i + 1])
         assert torch.equal(int8(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
+
+
+@pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
+def test_fp32_runs_every_linear_on_packed_onednn_weights():
+    engine = Engine(small_model(), precision="fp32")
+    for network in (engine.encoder, engine.decoding):
+        plain = [name for name, m in network.named_modules() if type(m) is torch.nn.Linear]
+        assert not plain, f"Linear layers left on the unpacked path: {plain}"
+    packed = [name for name, m in engine.decoding.named_modules() if isinstance(m, PackedLinear)]
+    assert any(n.startswith("predictor.") for n in packed) and "joiner.linear" in packed, packed
+
+
+@pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
+@pytest.mark.parametrize("rows, in_features, out_features", [(1, 80, 512), (7, 257, 29), (45, 512, 2048)])
+def test_packed_linear_matches_linear_and_each_row_is_independent_of_the_batch(rows, in_features, out_features):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features)
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, in_features)
+    with torch.inference_mode():
+        batched = packed(x)
+        assert relative_error(linear(x), batched) < 1e-5
+        for i in range(rows):
+            assert torch.equal(packed(x[i:i + 1]), batched[i:i + 1])
+        assert torch.equal(packed(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
 
 
 def test_bf16_keeps_weights_and_streaming_state_in_bf16():
