@@ -64,6 +64,10 @@ class ServerSettings(BaseSettings):
     beam_width: int = Field(4, ge=1, le=64, description="beam width used when a request asks for "
                             "beam search without a width")
     max_beam_width: int = Field(16, ge=1, le=64, description="largest beam width a request may ask for")
+    max_symbols_per_frame: int = Field(
+        0, ge=0, le=100, description="most symbols one 40 ms encoder frame may emit, greedy and beam "
+        "(0: the model's default: 10 greedy and torchaudio's 100 in beam search; 1 for random-base, "
+        "whose random joiner would otherwise emit up to the cap at every utterance start)")
     endpoint_silence_ms: int = Field(800, ge=80, le=60_000, description="trailing non-speech that "
                                      "ends an utterance (a final result), unless a request sets its own")
     max_utterance_ms: int = Field(30_000, ge=1000, le=600_000, description="longest utterance before "

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h (N, H), c (N, H)]
 
+GREEDY_MAX_SYMBOLS = 10  # greedy: most symbols one frame may emit, unless the model or operator says
+BEAM_STEP_MAX_TOKENS = 100  # beam search: torchaudio's RNNTBeamSearch default, same meaning
+
 
 class DecodingNetwork(torch.nn.Module):
     """Copies of an RNN-T's prediction network and joiner: what the decoders run, in the
@@ -140,7 +143,7 @@ def _initial_hypothesis(predictor: Predictor) -> Hypothesis:
 class GreedyDecoder:
     """Best-symbol decoding for a batch of streams."""
 
-    def __init__(self, predictor: Predictor, max_symbols_per_frame: int = 10):
+    def __init__(self, predictor: Predictor, max_symbols_per_frame: int = GREEDY_MAX_SYMBOLS):
         self.predictor = predictor
         self.blank = predictor.blank
         self.max_symbols_per_frame = max_symbols_per_frame
@@ -229,7 +232,7 @@ _Request = Union[_JoinRequest, _PredictRequest]
 class BeamSearchDecoder:
     """torchaudio's RNN-T beam search, batched across streams (see module docstring)."""
 
-    def __init__(self, predictor: Predictor, step_max_tokens: int = 100):
+    def __init__(self, predictor: Predictor, step_max_tokens: int = BEAM_STEP_MAX_TOKENS):
         self.predictor = predictor
         self.blank = predictor.blank
         self.step_max_tokens = step_max_tokens

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from server.config import DecodingMethod
-from server.decoder import BeamSearchDecoder, DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, Predictor
+from server.decoder import (BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder, DecoderState,
+                            DecodingNetwork, GreedyDecoder, Hypothesis, Predictor)
 from server.encoder import SEGMENT, StreamingEncoder
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
@@ -96,7 +97,9 @@ class Engine:
     """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
 
     def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0,
-                 int8_kernel: str = "rowwise"):
+                 int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0):
+        """``max_symbols_per_frame``: most non-blank symbols one encoder frame may emit, in greedy
+        and beam search; 0 takes the model's default (``LoadedModel.max_symbols_per_frame``)."""
         check_precision(precision, device)
         backend = INT8_KERNELS[int8_kernel]
         self.model = model
@@ -118,8 +121,9 @@ class Engine:
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
         self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
         self.predictor = Predictor(self.decoding, model.blank, self.device)
-        self.greedy = GreedyDecoder(self.predictor)
-        self.beam = BeamSearchDecoder(self.predictor)
+        cap = max_symbols_per_frame or model.max_symbols_per_frame
+        self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)
+        self.beam = BeamSearchDecoder(self.predictor, cap or BEAM_STEP_MAX_TOKENS)
         with torch.inference_mode():
             self.predictor.initial()
 

@@ -86,6 +86,13 @@ SMALL_CONFIG = ModelConfig(
 # Blank biases that give about one token per 2-5 encoder frames on speech (seed 0).
 RANDOM_BASE_BLANK_BIAS = 2.0
 RANDOM_SMALL_BLANK_BIAS = 0.6
+# random-base emits at most one symbol per 40 ms frame. With the usual cap (10) it emits
+# 30-40 tokens in the first two chunks of every utterance and none after (measured on
+# bench/audio: 2.7 tokens per chunk, bursts of 40), which makes a step with a new stream
+# cost 30+ decoder rounds, 150 ms in fp32; no trained model decodes like that (the demo
+# model: 1.7 characters per chunk, a BPE-4096 model about 0.6 tokens). With the cap at
+# 1: 1.3 tokens per chunk, at most 4, a decoder load between the two.
+RANDOM_BASE_MAX_SYMBOLS = 1
 
 
 @dataclass
@@ -97,6 +104,9 @@ class LoadedModel:
     rnnt: torchaudio.models.RNNT
     stats: GlobalStats
     tokens: TokenTable
+    # Decoding default: most non-blank symbols one encoder frame may emit (greedy and beam);
+    # None leaves the decoders' own caps (greedy 10, beam torchaudio's 100).
+    max_symbols_per_frame: int | None = None
 
     @property
     def blank(self) -> int:
@@ -108,14 +118,18 @@ class LoadedModel:
 
 
 def random_model(config: ModelConfig, seed: int = 0, blank_bias: float = 0.0,
-                 tokens: TokenTable | None = None, name: str = "random") -> LoadedModel:
+                 tokens: TokenTable | None = None, name: str = "random",
+                 max_symbols_per_frame: int | None = None) -> LoadedModel:
     """Seeded random weights; the joiner's bias is zero except ``blank_bias`` on the blank.
 
     With random weights the joiner's own random bias decides nearly every frame (a
     non-blank token, up to the symbol cap); a trained model emits one token every
-    few frames. The blank bias restores that sparsity (values chosen by measurement
-    on the bundled samples), so decoding work in benchmarks and tests resembles a
-    trained model's.
+    few frames. The blank bias restores that sparsity on average (values chosen by
+    measurement on the bundled samples). It cannot restore the timing: from the
+    start state a random predictor runs into a token that re-selects itself, so it
+    emits up to the symbol cap on its first frames and then nothing (the endpointer
+    then restarts it); ``max_symbols_per_frame`` bounds those bursts (see
+    ``RANDOM_BASE_MAX_SYMBOLS``).
     """
     torch.manual_seed(seed)
     rnnt = config.build().eval()
@@ -123,7 +137,7 @@ def random_model(config: ModelConfig, seed: int = 0, blank_bias: float = 0.0,
         rnnt.joiner.linear.bias.zero_()
         rnnt.joiner.linear.bias[config.num_symbols - 1] = blank_bias
     return LoadedModel(name, config, rnnt, GlobalStats.identity(),
-                       tokens or SyntheticTokenTable(config.num_symbols))
+                       tokens or SyntheticTokenTable(config.num_symbols), max_symbols_per_frame)
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -184,7 +198,8 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
     if spec == "demo":
         return load_demo()
     if spec == "random-base":
-        return random_model(BASE_CONFIG, seed, blank_bias=RANDOM_BASE_BLANK_BIAS, name="random-base")
+        return random_model(BASE_CONFIG, seed, blank_bias=RANDOM_BASE_BLANK_BIAS, name="random-base",
+                            max_symbols_per_frame=RANDOM_BASE_MAX_SYMBOLS)
     if spec == "random-small":
         return random_model(SMALL_CONFIG, seed, blank_bias=RANDOM_SMALL_BLANK_BIAS,
                             tokens=CharTokenTable.default(), name="random-small")

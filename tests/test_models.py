@@ -91,3 +91,40 @@ def test_sentencepiece_tokens_text_and_words(bundle_dir):
     ids = t.sp.encode("turn on the kitchen lights")
     assert t.text(ids) == "turn on the kitchen lights"
     assert [w.text for w in t.words(ids, list(range(len(ids))))] == ["turn", "on", "the", "kitchen", "lights"]
+
+
+def _frames_per_token(engine, method, waveform):
+    """Decode ``waveform`` chunk by chunk on one stream; the encoder frame of every token."""
+    from server.engine import ChunkWork
+    from server.features import utterance_windows
+
+    stream = engine.new_stream(method, 4)
+    for window in utterance_windows(waveform).numpy():
+        engine.run_batch([ChunkWork(stream, window)])
+    return stream.decoder.best.frames
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_max_symbols_per_frame_caps_what_one_frame_emits(method, speech):
+    from collections import Counter
+
+    from server.config import DecodingMethod
+    from server.engine import Engine
+    from tests.conftest import small_model
+
+    decoding = DecodingMethod.GREEDY if method == "greedy" else DecodingMethod.BEAM_SEARCH
+    model = small_model()
+    with torch.no_grad():  # a blank bias that lets the random joiner emit several symbols per frame
+        model.rnnt.joiner.linear.bias[-1] = -1.0
+    waveform = torch.from_numpy(speech[0][1])
+    free = Counter(_frames_per_token(Engine(model), decoding, waveform))
+    capped = Counter(_frames_per_token(Engine(model, max_symbols_per_frame=1), decoding, waveform))
+    assert max(free.values()) > 1, "the uncapped decoder should emit several symbols on some frame"
+    assert capped and max(capped.values()) == 1
+    model.max_symbols_per_frame = 2  # the model's own default applies when the operator gives none
+    assert max(Counter(_frames_per_token(Engine(model), decoding, waveform)).values()) == 2
+
+
+def test_random_base_emits_at_most_one_symbol_per_frame():
+    assert load_model("random-base").max_symbols_per_frame == 1
+    assert load_model("random-small").max_symbols_per_frame is None
