@@ -18,9 +18,11 @@ waits for that step and rides the next, so its latency is up to two steps:
   ``T = c0 / (1 - rho)``, ``rho = n*c/P``: latency up to ``2T``;
 - streams whose phases fall into two groups (they started together): the two steps hold
   all ``n`` chunks between them: latency up to ``2*c0 + c*n``;
-- what the engine does now, whatever the model says (streams sent faster than real time,
-  bursts): ``2 * (T_recent + c)``, ``T_recent`` the median duration of the engine steps
-  of the last two seconds.
+- what the engine does now, whatever the model says (a slower machine, bursts):
+  ``2 * (T_recent + c)``, ``T_recent`` the median duration of the engine steps of the
+  last two seconds, each counted as if its streams had brought one chunk each (a stream
+  sent faster than real time brings up to four per step while it catches up, and is
+  gone when it has: its long steps say nothing about the load of real-time streams).
 
 A new stream is admitted only if, with ``n + 1`` streams, ``rho < 1``, the expected batch
 ``(n+1)*T/P`` fits in ``--max-batch``, two steps (``T`` and ``T_recent``) fit in 80 % of
@@ -29,8 +31,8 @@ last chunk has ended, so a stream that fell behind catches up only if two steps 
 period; past that, everyone falls behind for good, whatever the budget), the largest of
 the three latencies is at most
 80 % of the budget (the rest is left for what the model leaves out: the event loop,
-serialisation, jitter), and the scheduler's backlog is below one full batch (``queue
-depth < --max-batch``: a longer queue means the engine is already behind).
+serialisation, jitter), and the scheduler's backlog is below one full batch (fewer than ``--max-batch`` streams with
+chunks waiting: more means the engine is already behind).
 
 ``c0`` and ``c`` come from timing engine steps of two batch sizes at start-up
 (``calibrate``); afterwards every step's measured time is compared with ``s(B)`` and the
@@ -130,13 +132,17 @@ class Admission:
         self.calibrated = StepCost.fit(samples)
         return self.calibrated
 
-    def step_done(self, batch_size: int, seconds: float) -> None:
-        """An engine step of ``batch_size`` streams took ``seconds`` (called after every step)."""
+    def step_done(self, batch_size: int, seconds: float, streams: int | None = None) -> None:
+        """An engine step of ``batch_size`` chunks of ``streams`` streams (default: one chunk each)
+        took ``seconds`` (called after every step)."""
         if batch_size <= 0 or seconds <= 0:
             return
-        self._steps.append((self.clock(), seconds))
+        one_chunk_each = seconds
         if self.calibrated is not None:
             self._ratios.append(seconds / self.calibrated(batch_size))
+            if streams and streams < batch_size:
+                one_chunk_each = seconds * self.calibrated(streams) / self.calibrated(batch_size)
+        self._steps.append((self.clock(), one_chunk_each))
 
     @property
     def scale(self) -> float:
@@ -177,7 +183,8 @@ class Admission:
 
     # --- the decision ----------------------------------------------------------------------
     def check(self, active: int, *, draining: bool = False, queue_depth: int = 0) -> Refusal | None:
-        """None when a new stream may start beside ``active`` ones, else why not."""
+        """None when a new stream may start beside ``active`` ones, else why not; ``queue_depth``:
+        the streams with chunks waiting for the engine."""
         if draining:
             return Refusal(LimitReason.DRAINING, ASRError(
                 ErrorCode.UNAVAILABLE, "the server is shutting down and accepts no new streams; "
@@ -218,6 +225,6 @@ class Admission:
                     f"over {HEADROOM:.0%} of the {budget_ms:g} ms budget ({measured}, recent steps "
                     f"{self.recent_step_s() * 1000:.0f} ms)")
         if queue_depth >= self.max_batch:
-            return (f"{queue_depth} chunks are waiting for the engine, a full batch or more "
+            return (f"{queue_depth} streams have chunks waiting for the engine, a full batch or more "
                     f"(--max-batch {self.max_batch}): it is behind")
         return None

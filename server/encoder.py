@@ -16,6 +16,13 @@ Attention is a weighted sum over keys, so their order in the ring does not
 matter; results match ``Emformer.infer`` to float rounding (the tests check
 1e-4) for any mix of stream positions.
 
+A step may also carry several consecutive chunks of one stream (a stream that is
+behind: the end of its input, or audio sent faster than real time). Each chunk is
+a *group* of rows of its own; a later chunk sees, in the ring positions of the
+earlier chunks of the same step, their fresh keys and values (put into its copy
+of the ring before attention), so every chunk attends to exactly the keys, in
+exactly the order, that it would have seen one step at a time.
+
 Shapes (B streams, D model width, E encoder output width):
 ``features (B, 20, 80)`` -> ``encoder output (B, 4, E)``.
 """
@@ -161,14 +168,17 @@ class StreamingEncoder(torch.nn.Module):
         return LeftContextPool(self.num_layers, self.dim, self.left_context, dtype, device)
 
     def forward(self, features: torch.Tensor, pool: LeftContextPool, slots: torch.Tensor,
-                 chunks_done: torch.Tensor) -> torch.Tensor:
-        """One chunk for each of B streams.
+                 chunks_done: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """One chunk for each of B groups (a stream's chunk; a stream may have several).
 
         Args:
             features: ``(B, T >= 20, 80)``, the window's frames; frames past 20 are ignored.
             pool: the streams' left-context store; updated in place.
-            slots: ``(B,)`` long, each stream's pool slot.
-            chunks_done: ``(B,)`` long, chunks each stream has run before this one.
+            slots: ``(B,)`` long, each group's stream's pool slot.
+            chunks_done: ``(B,)`` long, chunks the stream has run before this group's chunk.
+            previous: ``(B, P)`` long or None: for each group, the groups of this step that hold
+                its stream's P preceding chunks, oldest first, padded with -1 (P < 8); None when
+                every group is a different stream.
         Returns:
             ``(B, 4, E)`` encoder output for the chunk's 4 segment frames.
         """
@@ -185,10 +195,17 @@ class StreamingEncoder(torch.nn.Module):
         write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
             SEGMENT, device=slots.device)
         write_slots = slots[:, None].expand(B, SEGMENT)
+        carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
-            keys = torch.cat([pool.keys[index].index_select(0, slots), k], dim=1)
-            values = torch.cat([pool.values[index].index_select(0, slots), v], dim=1)
+            context_k = pool.keys[index].index_select(0, slots)
+            context_v = pool.values[index].index_select(0, slots)
+            if carried is not None:  # earlier chunks of the same stream in this step
+                to_group, to_pos, from_row = carried
+                context_k.index_put_((to_group, to_pos), k.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
+                context_v.index_put_((to_group, to_pos), v.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
+            keys = torch.cat([context_k, k], dim=1)
+            values = torch.cat([context_v, v], dim=1)
             attn = F.scaled_dot_product_attention(
                 q.reshape(B, rows, H, -1).transpose(1, 2),
                 keys.reshape(B, -1, H, D // H).transpose(1, 2),
@@ -200,3 +217,21 @@ class StreamingEncoder(torch.nn.Module):
             pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:].to(pool.dtype))
             pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:].to(pool.dtype))
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
+
+    @staticmethod
+    def _carried_keys(previous: torch.Tensor, chunks_done: torch.Tensor, rows: int,
+                      pool: LeftContextPool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where each group's copy of the ring takes keys of its stream's earlier chunks in this
+        step: (group, ring position) <- row of the flattened ``(B * rows, D)`` keys."""
+        group, depth = torch.nonzero(previous >= 0, as_tuple=True)
+        if group.numel() == 0:
+            return None
+        source = previous[group, depth]
+        chunk = chunks_done[source]  # that chunk's index in its stream
+        if bool((chunks_done[group] - chunk >= pool.chunks_in_ring).any()):
+            raise ValueError(f"a step may carry at most {pool.chunks_in_ring} chunks of one stream")
+        frame = torch.arange(SEGMENT, device=previous.device)
+        to_group = group[:, None].expand(-1, SEGMENT).reshape(-1)
+        to_pos = ((chunk % pool.chunks_in_ring) * SEGMENT)[:, None].add(frame).reshape(-1)
+        from_row = (source * rows + RIGHT_CONTEXT)[:, None].add(frame).reshape(-1)
+        return to_group, to_pos, from_row

@@ -1,15 +1,21 @@
 """The engine: one batched model step over many streams' chunks.
 
-``Engine.run_batch`` takes the chunks the scheduler picked (one per stream, each
-stream at its own position) and runs, for all of them at once: the feature
-front end, the streaming Emformer encoder (``server.encoder``) and the decoders
-(``server.decoder``). It owns the weights, the precision and the per-stream
-model state (left-context slots, decoder hypotheses). It runs only on the
-scheduler's inference thread; nothing here knows about gRPC or asyncio.
+``Engine.run_batch`` takes the chunks the scheduler picked (each stream at its own
+position; a stream that is behind may bring several consecutive chunks) and runs,
+for all of them at once: the feature front end, the streaming Emformer encoder
+(``server.encoder``) and the decoders (``server.decoder``), then the endpointing
+rule of each stream. It owns the weights, the precision and the per-stream model
+state (left-context slots, decoder hypotheses, the current utterance). It runs
+only on the scheduler's inference thread; nothing here knows about gRPC or asyncio.
+
+Endpointing is decided here, right after each chunk is decoded, because the next
+chunk of the same stream may be decoded in the same step and must then start
+from a fresh decoder state (``Endpoint``).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from server.config import DecodingMethod
+from server.config import DecodingMethod, Endpointing
 from server.decoder import (BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder, DecoderState,
                             DecodingNetwork, GreedyDecoder, Hypothesis, Predictor)
 from server.encoder import SEGMENT, StreamingEncoder
@@ -29,6 +35,29 @@ from server.precision import (INT8_KERNELS, PrecisionError, apply_precision, che
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
+MAX_CHUNKS_PER_STREAM = 2  # most consecutive chunks of one stream in a step (the ring holds 8)
+
+
+class Endpoint(enum.Enum):
+    """What the endpointing rule decided after a chunk; the next chunk starts a new utterance."""
+
+    FINAL = "final"  # tokens, then trailing non-speech or the longest utterance: a final result
+    RESTART = "restart"  # the longest utterance passed with no token at all: start over quietly
+
+
+def endpoint(rule: Endpointing | None, token_frames: tuple[int, ...], frames_done: int,
+             utterance_start_frame: int) -> Endpoint | None:
+    """The endpointing rule on the best hypothesis of an utterance (frames of 40 ms)."""
+    if rule is None or not rule.enabled:
+        return None
+    utterance_ms = (frames_done - utterance_start_frame) * FRAME_SECONDS * 1000
+    if token_frames:
+        silence_ms = (frames_done - (token_frames[-1] + 1)) * FRAME_SECONDS * 1000
+        if silence_ms >= rule.trailing_silence_ms or utterance_ms >= rule.max_utterance_ms:
+            return Endpoint.FINAL
+    elif utterance_ms >= rule.max_utterance_ms:
+        return Endpoint.RESTART
+    return None
 
 
 @dataclass
@@ -38,8 +67,10 @@ class StreamState:
     method: DecodingMethod
     beam_width: int
     decoder: DecoderState
+    endpointing: Endpointing | None = None  # None: one utterance for the whole stream
     slot: int | None = None
     chunks_done: int = 0
+    utterance_start_frame: int = 0  # encoder frame where the current utterance began
 
     @property
     def frames_done(self) -> int:
@@ -53,7 +84,6 @@ class ChunkWork:
 
     stream: StreamState
     window: np.ndarray
-    reset_decoder: bool = False  # start a new utterance before decoding this chunk
 
 
 @dataclass
@@ -70,9 +100,11 @@ class ChunkResult:
     alternatives: list[Alternative]
     stability: float
     frames_done: int  # encoder frames of the stream decoded so far
-    batch_size: int
+    batch_size: int  # chunks in the step
     compute_seconds: float
     step_stats: "StepStats"
+    utterance_start_frame: int = 0  # encoder frame where this chunk's utterance began
+    endpoint: Endpoint | None = None  # the utterance ended with this chunk
 
     @property
     def best(self) -> Alternative:
@@ -163,8 +195,9 @@ class Engine:
     def tokens(self):
         return self.model.tokens
 
-    def new_stream(self, method: DecodingMethod, beam_width: int) -> StreamState:
-        return StreamState(method, beam_width, self._new_decoder_state(method))
+    def new_stream(self, method: DecodingMethod, beam_width: int,
+                   endpointing: Endpointing | None = None) -> StreamState:
+        return StreamState(method, beam_width, self._new_decoder_state(method), endpointing)
 
     def _new_decoder_state(self, method: DecodingMethod) -> DecoderState:
         return (self.greedy if method is DecodingMethod.GREEDY else self.beam).new_state()
@@ -180,49 +213,87 @@ class Engine:
         return self.pool.in_use
 
     def run_batch(self, works: list[ChunkWork]) -> list[ChunkResult]:
-        """Advance every stream in ``works`` by one chunk (each stream at most once)."""
+        """Advance every stream in ``works`` by its chunks there, in order (a stream may bring up
+        to ``MAX_CHUNKS_PER_STREAM`` consecutive chunks); one result per work, in order."""
         t0 = time.perf_counter()
         stats = StepStats(batch_size=len(works))
+        depth, previous = self._chunk_depths(works)
         with torch.inference_mode():
             for w in works:
                 if w.stream.slot is None:
                     w.stream.slot = self.pool.allocate()
-                if w.reset_decoder:
-                    w.stream.decoder = self._new_decoder_state(w.stream.method)
             windows = torch.from_numpy(np.stack([w.window for w in works])).to(self.device)
             if windows.shape[1] != WINDOW_SAMPLES:
                 raise ValueError(f"windows must have {WINDOW_SAMPLES} samples, got {windows.shape[1]}")
             features = self.front_end(windows)
             t1 = time.perf_counter()
             slots = torch.tensor([w.stream.slot for w in works], device=self.device)
-            done = torch.tensor([w.stream.chunks_done for w in works], device=self.device)
-            encoded = self.encoder(features, self.pool, slots, done)
+            done = torch.tensor([w.stream.chunks_done + d for w, d in zip(works, depth)], device=self.device)
+            encoded = self.encoder(features, self.pool, slots, done, previous)
             t2 = time.perf_counter()
-            greedy = [i for i, w in enumerate(works) if w.stream.method is DecodingMethod.GREEDY]
-            beam = [i for i, w in enumerate(works) if w.stream.method is not DecodingMethod.GREEDY]
-            if greedy:
-                self.greedy.step(encoded[greedy], [works[i].stream.decoder for i in greedy],
-                                 [works[i].stream.frames_done for i in greedy])
-            if beam:
-                self.beam.step(encoded[beam], [works[i].stream.decoder for i in beam],
-                               [works[i].stream.frames_done for i in beam],
-                               [works[i].stream.beam_width for i in beam])
+            # A stream's chunks are decoded one level at a time: its second chunk after its first.
+            decoded: list = [None] * len(works)
+            for level in range(max(depth) + 1):
+                members = [i for i, d in enumerate(depth) if d == level]
+                self._decode(encoded, works, members, stats)
+                for i in members:
+                    decoded[i] = self._advance(works[i].stream)
             t3 = time.perf_counter()
-        for w in works:
-            w.stream.chunks_done += 1
         stats.features, stats.encoder, stats.decoder = t1 - t0, t2 - t1, t3 - t2
         stats.total = time.perf_counter() - t0
-        stats.greedy_streams, stats.beam_streams = len(greedy), len(beam)
-        return [self._result(w.stream, stats) for w in works]
+        return [ChunkResult(alternatives, stability, frames_done, stats.batch_size, stats.total, stats,
+                            utterance_start, ending)
+                for alternatives, stability, frames_done, utterance_start, ending in decoded]
+
+    def _chunk_depths(self, works: list[ChunkWork]) -> tuple[list[int], torch.Tensor | None]:
+        """Each work's position among its stream's chunks in this step, and the encoder's
+        ``previous`` table (None when every stream brings one chunk)."""
+        depth, groups = [], {}
+        for i, w in enumerate(works):
+            mine = groups.setdefault(id(w.stream), [])
+            depth.append(len(mine))
+            mine.append(i)
+        deepest = max(depth)
+        if deepest >= MAX_CHUNKS_PER_STREAM:
+            raise ValueError(f"a step takes at most {MAX_CHUNKS_PER_STREAM} chunks of one stream")
+        if deepest == 0:
+            return depth, None
+        table = [[-1] * deepest for _ in works]
+        for members in groups.values():
+            for k, i in enumerate(members):
+                table[i][:k] = members[:k]
+        return depth, torch.tensor(table, device=self.device)
+
+    def _decode(self, encoded: torch.Tensor, works: list[ChunkWork], members: list[int], stats: StepStats) -> None:
+        greedy = [i for i in members if works[i].stream.method is DecodingMethod.GREEDY]
+        beam = [i for i in members if works[i].stream.method is not DecodingMethod.GREEDY]
+        if greedy:
+            self.greedy.step(encoded[greedy], [works[i].stream.decoder for i in greedy],
+                             [works[i].stream.frames_done for i in greedy])
+        if beam:
+            self.beam.step(encoded[beam], [works[i].stream.decoder for i in beam],
+                           [works[i].stream.frames_done for i in beam],
+                           [works[i].stream.beam_width for i in beam])
+        stats.greedy_streams += len(greedy)
+        stats.beam_streams += len(beam)
+
+    def _advance(self, stream: StreamState) -> tuple:
+        """After a chunk is decoded: its result, and the endpointing rule (a new utterance, with
+        a fresh decoder state, begins after an endpoint)."""
+        stream.chunks_done += 1
+        dec = stream.decoder
+        utterance_start = stream.utterance_start_frame
+        ending = endpoint(stream.endpointing, dec.best.frames, stream.frames_done, utterance_start)
+        snapshot = ([self._alternative(h) for h in dec.hypotheses], dec.stability(), stream.frames_done,
+                    utterance_start, ending)
+        if ending is not None:
+            stream.decoder = self._new_decoder_state(stream.method)
+            stream.utterance_start_frame = stream.frames_done
+        return snapshot
 
     @staticmethod
     def _alternative(h: Hypothesis) -> Alternative:
         return Alternative(h.tokens, h.frames, h.confidence)
-
-    def _result(self, stream: StreamState, stats: StepStats) -> ChunkResult:
-        dec = stream.decoder
-        return ChunkResult([self._alternative(h) for h in dec.hypotheses], dec.stability(),
-                           stream.frames_done, stats.batch_size, stats.total, stats)
 
     def warmup(self) -> None:
         """Run a few steps on silence so the first real stream does not pay for allocation."""
@@ -230,5 +301,6 @@ class Engine:
         silence = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         for _ in range(2):
             self.run_batch([ChunkWork(s, silence) for s in streams])
+        self.run_batch([ChunkWork(s, silence) for s in streams for _ in range(2)])  # catching up
         for s in streams:
             self.release(s)

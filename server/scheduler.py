@@ -2,10 +2,11 @@
 
 Sessions ``submit`` a chunk when its audio is complete and await the result.
 Whenever the engine is free, the scheduler takes up to ``max_batch`` queued
-chunks, oldest-ready first (so no stream starves), at most one per stream (so
-a stream's chunks run in order), optionally waiting up to ``max_wait`` seconds
-for a fuller batch, and runs them as one ``runner.run_batch`` call on its single
-inference thread, so the asyncio loop never blocks on the model.
+chunks, oldest-ready first (so no stream starves), at most
+``max_chunks_per_stream`` consecutive ones of a stream (in the stream's order: a
+stream that is behind catches up in one step), optionally waiting up to
+``max_wait`` seconds for a fuller batch, and runs them as one ``runner.run_batch``
+call on its single inference thread, so the asyncio loop never blocks on the model.
 
 A batch that raises fails only its own chunks' futures, with an ``INTERNAL``
 ``ASRError``; the loop goes on serving everyone else. The scheduler moves
@@ -33,7 +34,8 @@ YIELDS_AFTER_BATCH = 3  # event-loop turns between a batch's results and the nex
 
 class BatchRunner(Protocol):
     def run_batch(self, items: list[Any]) -> Sequence[Any]:
-        """Process ``items`` (at most one per stream); one result (or Exception) per item, in order."""
+        """Process ``items`` (a stream's items in its order, at most ``max_chunks_per_stream`` of
+        them); one result (or Exception) per item, in order."""
 
 
 @dataclass
@@ -58,11 +60,12 @@ class JobTiming:
 class BatchRecord:
     """What the scheduler saw of one batch (for metrics)."""
 
-    size: int
+    size: int  # chunks in the batch
     seconds: float
     queue_depth_after: int
     failed: bool
     outputs: Sequence[Any] = ()  # the runner's results for the batch (or its errors)
+    streams: int = 0  # distinct streams among the chunks (0: as many as chunks)
 
 
 @dataclass(order=True)
@@ -86,11 +89,12 @@ def engine_thread() -> ThreadPoolExecutor:
 class Scheduler:
     def __init__(self, runner: BatchRunner, max_batch: int = 32, max_wait: float = 0.0,
                  on_batch: Callable[[BatchRecord], None] | None = None,
-                 executor: ThreadPoolExecutor | None = None):
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+                 executor: ThreadPoolExecutor | None = None, max_chunks_per_stream: int = 1):
+        if max_batch < 1 or max_chunks_per_stream < 1:
+            raise ValueError("max_batch and max_chunks_per_stream must be >= 1")
         self.runner = runner
         self.max_batch = max_batch
+        self.max_chunks_per_stream = max_chunks_per_stream
         self.max_wait = max_wait
         self.on_batch = on_batch
         self._queue: list[_Job] = []
@@ -127,6 +131,11 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_streams(self) -> int:
+        """Streams with a chunk waiting (a stream that is behind may have several)."""
+        return len({job.key for job in self._queue if not job.future.done()})
 
     @property
     def busy(self) -> bool:
@@ -173,16 +182,18 @@ class Scheduler:
     # --- the loop ------------------------------------------------------------------------
     def _take_batch(self) -> list[_Job]:
         batch: list[_Job] = []
-        keys: set = set()
+        taken: dict = {}  # key -> chunks of that stream in the batch
+        blocked: set = set()  # streams with a chunk deferred: their later chunks wait too
         deferred: list[_Job] = []
         while self._queue and len(batch) < self.max_batch:
             job = heapq.heappop(self._queue)
             if job.future.done():  # withdrawn by its session
                 continue
-            if job.key in keys:  # a stream's next chunk waits for its previous one
+            if job.key in blocked or taken.get(job.key, 0) >= self.max_chunks_per_stream:
+                blocked.add(job.key)  # the stream's next chunks wait for the next step
                 deferred.append(job)
                 continue
-            keys.add(job.key)
+            taken[job.key] = taken.get(job.key, 0) + 1
             batch.append(job)
         for job in deferred:
             heapq.heappush(self._queue, job)
@@ -240,4 +251,4 @@ class Scheduler:
                 await asyncio.sleep(0)
             if self.on_batch:
                 self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed,
-                                          results))
+                                          results, len({job.key for job in batch})))

@@ -18,7 +18,7 @@ import numpy as np
 
 from server import __version__
 from server.config import DecodingMethod, Encoding, Endpointing, ServerSettings, StreamConfig
-from server.engine import ChunkWork, Engine
+from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
 from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
 from server.models import LoadedModel
 from server.scheduler import BatchRecord, Scheduler
@@ -55,7 +55,8 @@ class RecognitionService:
                              max_symbols_per_frame=settings.max_symbols_per_frame)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
-                                   on_batch=self._batch_done, executor=self.executor)
+                                   on_batch=self._batch_done, executor=self.executor,
+                                   max_chunks_per_stream=MAX_CHUNKS_PER_STREAM)
         self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
@@ -81,7 +82,7 @@ class RecognitionService:
 
     def _batch_done(self, record: BatchRecord) -> None:
         if not record.failed:
-            self.sessions.admission.step_done(record.size, record.seconds)
+            self.sessions.admission.step_done(record.size, record.seconds, record.streams or record.size)
         self.observer.batch_done(record, first_step_stats(record.outputs))
 
     def _time_step(self, batch: int, warm_steps: int = 10, timed_steps: int = 5) -> float:

@@ -17,6 +17,7 @@ is recognised, the final result delivered, then ``results`` raises ``status``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import logging
@@ -30,7 +31,7 @@ import numpy as np
 from server.admission import Admission
 from server.audio import AudioDecoder
 from server.config import ServerSettings, StreamConfig
-from server.engine import FRAME_SECONDS, ChunkResult, ChunkWork, Engine, StreamState
+from server.engine import FRAME_SECONDS, MAX_CHUNKS_PER_STREAM, ChunkResult, ChunkWork, Endpoint, Engine, StreamState
 from server.errors import ASRError, ErrorCode
 from server.features import SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
 from server.scheduler import JobTiming, Scheduler
@@ -134,11 +135,10 @@ class Session:
         self._room = asyncio.Event()
         self._room.set()
         self._utterance_index = 0
-        self._utterance_start_frame = 0
-        self._reset_pending = False
         self._last: tuple[ChunkResult, JobTiming] | None = None
-        # the next chunk, queued on the scheduler before the last result was handed on
-        self._ahead: tuple[asyncio.Future, JobTiming] | None = None
+        # chunks queued on the scheduler, oldest first: every window that is ready, up to
+        # MAX_CHUNKS_PER_STREAM, so that a stream that is behind catches up in one step
+        self._in_flight: collections.deque[tuple[asyncio.Future, JobTiming]] = collections.deque()
         self._end_status: ASRError | None = None  # raised after the final result (``end_input``)
         self.ending = asyncio.Event()  # set by ``end_input``: stop waiting for the client
         self.last_audio_at = self.stats.opened_at  # monotonic time of the last audio (idle timeout)
@@ -150,7 +150,8 @@ class Session:
                            "later messages must carry audio only")
         self.config = config.validate(self.settings)
         self._decoder = AudioDecoder(self.config)
-        self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width)
+        self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width,
+                                              self.config.endpointing)
         self.state = SessionState.ACTIVE
 
     @property
@@ -273,19 +274,39 @@ class Session:
         self.completed = True
 
     async def _recognise(self) -> AsyncIterator[Result]:
-        held: list = []  # an item taken from the window queue while looking ahead (_END is None)
+        stopped, error = False, None  # the window queue yielded the end of input or an error
+        getter: asyncio.Future | None = None  # a pending ``_windows.get()`` while a chunk runs
         try:
             while True:
-                if self._ahead is None:
-                    item = held.pop() if held else await self._windows.get()
-                    if isinstance(item, ASRError):
-                        raise item
-                    if item is _END:
+                # Queue every window that is ready, up to MAX_CHUNKS_PER_STREAM (the engine runs a
+                # stream's consecutive chunks in one step), before handing a result on.
+                while not stopped and len(self._in_flight) < MAX_CHUNKS_PER_STREAM:
+                    if getter is not None and getter.done():
+                        item, getter = getter.result(), None
+                    elif getter is None and not self._windows.empty():
+                        item = self._windows.get_nowait()
+                    elif not self._in_flight:
+                        getter = getter or asyncio.ensure_future(self._windows.get())
+                        item, getter = await getter, None
+                    else:
                         break
-                    self._ahead = self._submit(item)
-                future, timing = self._ahead
+                    if isinstance(item, _Window):
+                        self._in_flight.append(self._submit(item))
+                    else:  # _END or an ASRError
+                        stopped, error = True, item
+                if not self._in_flight:
+                    if error is not None:
+                        raise error
+                    break
+                future, timing = self._in_flight[0]
+                if not future.done() and not stopped and len(self._in_flight) < MAX_CHUNKS_PER_STREAM:
+                    # wait for the chunk, or for a window that could still join its step
+                    getter = getter or asyncio.ensure_future(self._windows.get())
+                    await asyncio.wait((future, getter), return_when=asyncio.FIRST_COMPLETED)
+                    if not future.done():
+                        continue
                 chunk = await future
-                self._ahead = None
+                self._in_flight.popleft()
                 self._last = (chunk, timing)
                 self.stats.chunks += 1
                 self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
@@ -295,70 +316,45 @@ class Session:
                                          audio_done - self._audio_reported)
                 self._audio_reported = audio_done
                 result = self._on_chunk(chunk, timing)
-                if result is None:
-                    continue
-                # A stream behind real time already holds its next window: queue it before handing
-                # this result to the transport, so it rides the engine's very next step.
-                if not self._windows.empty():
-                    item = self._windows.get_nowait()
-                    if isinstance(item, _Window):
-                        self._ahead = self._submit(item)
-                    else:
-                        held.append(item)
-                yield result
+                if result is not None:
+                    yield result
         finally:
-            self._withdraw_ahead()
+            if getter is not None:
+                getter.cancel()
+            self._withdraw_in_flight()
         self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
         if self._last is not None:
             chunk, timing = self._last
-            if chunk.best.tokens and not self._reset_pending:
+            if chunk.best.tokens and chunk.endpoint is None:
                 self._at_end = True
                 yield self._final(chunk, timing)
 
-    def _withdraw_ahead(self) -> None:
-        """Cancel the chunk queued ahead, if any: withdrawn unless a batch has taken it."""
-        if self._ahead is not None:
-            self._ahead[0].cancel()
-            self._ahead = None
+    def _withdraw_in_flight(self) -> None:
+        """Cancel the queued chunks: withdrawn unless a batch has taken them."""
+        while self._in_flight:
+            self._in_flight.popleft()[0].cancel()
 
     def _submit(self, window: "_Window") -> tuple[asyncio.Future, JobTiming]:
         """Queue ``window`` on the scheduler now (in this stream's order): the future resolves to
         the chunk's result (cancel it to withdraw the chunk), the timing fills in as it runs."""
         if self.buffered_seconds <= self.settings.max_buffered_seconds:
             self._room.set()
-        work = ChunkWork(self._stream, window.samples, reset_decoder=self._reset_pending)
-        self._reset_pending = False
-        return self.scheduler.enqueue(self.id, work, ready_at=window.ready_at)
+        return self.scheduler.enqueue(self.id, ChunkWork(self._stream, window.samples), ready_at=window.ready_at)
 
     def _audio_end_s(self, frames_done: int) -> float:
         return min(frames_done * FRAME_SECONDS, self._samples_in / SAMPLE_RATE)
 
     def _on_chunk(self, chunk: ChunkResult, timing: JobTiming) -> Result | None:
-        """Endpointing: a final result after trailing non-speech, else an interim result."""
-        cfg = self.config
-        best = chunk.best
-        utterance_frames = chunk.frames_done - self._utterance_start_frame
-        if cfg.endpointing.enabled:
-            if best.tokens:
-                silence_frames = chunk.frames_done - (best.frames[-1] + 1)
-                if (silence_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.trailing_silence_ms
-                        or utterance_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.max_utterance_ms):
-                    return self._final(chunk, timing)
-            elif utterance_frames * FRAME_SECONDS * 1000 >= cfg.endpointing.max_utterance_ms:
-                self._start_new_utterance(chunk.frames_done)  # only non-speech: restart quietly
-                return None
-        if not cfg.interim_results:
-            return None
+        """A final result where the engine's endpointing ended the utterance, else an interim one."""
+        if chunk.endpoint is Endpoint.FINAL:
+            return self._final(chunk, timing)
+        if chunk.endpoint is Endpoint.RESTART or not self.config.interim_results:
+            return None  # non-speech only: the utterance restarts quietly
         return self._result(chunk, timing, is_final=False)
-
-    def _start_new_utterance(self, frame: int) -> None:
-        self._reset_pending = True
-        self._utterance_start_frame = frame
 
     def _final(self, chunk: ChunkResult, timing: JobTiming) -> Result:
         result = self._result(chunk, timing, is_final=True)
         self._utterance_index += 1
-        self._start_new_utterance(chunk.frames_done)
         return result
 
     def _result(self, chunk: ChunkResult, timing: JobTiming, is_final: bool) -> Result:
@@ -374,7 +370,7 @@ class Session:
             alternatives.append(Alternative(self.tokens.text(list(alt.tokens)),
                                             alt.confidence if is_final else 0.0, words))
         return Result(alternatives, is_final, 1.0 if is_final else chunk.stability,
-                      self._utterance_start_frame * FRAME_SECONDS, self._audio_end_s(chunk.frames_done),
+                      chunk.utterance_start_frame * FRAME_SECONDS, self._audio_end_s(chunk.frames_done),
                       self._utterance_index, timing.ready_at, timing.queue_wait, timing.compute,
                       timing.batch_size)
 
@@ -384,7 +380,7 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self.state = SessionState.CLOSED
-        self._withdraw_ahead()  # a queued chunk must not run after the stream's state is freed
+        self._withdraw_in_flight()  # a queued chunk must not run after the stream's state is freed
         if self._stream is not None:
             stream, self._stream = self._stream, None
             self.scheduler.call_soon_on_engine_thread(self.engine.release, stream)
@@ -411,7 +407,7 @@ class SessionManager:
     def open(self, api: str = "asr.v1") -> Session:
         """A new session, or ``ASRError`` at once when admission refuses it (counted by reason)."""
         refusal = self.admission.check(len(self.live), draining=self.draining,
-                                       queue_depth=self.scheduler.queue_depth)
+                                       queue_depth=self.scheduler.queued_streams)
         if refusal is not None:
             self.reject(api, refusal.reason)
             raise refusal.error

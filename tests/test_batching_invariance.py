@@ -117,3 +117,42 @@ def test_encoder_output_at_staggered_positions_with_slot_reuse_matches_torchaudi
         got = torch.cat(outs[i])
         assert got.shape == expected[i].shape
         torch.testing.assert_close(got, expected[i], rtol=0, atol=1e-4, msg=f"stream {i}")
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_consecutive_chunks_of_a_stream_in_one_step_equal_one_chunk_per_step(waves, method):
+    """A stream that is behind brings several chunks to one step (``MAX_CHUNKS_PER_STREAM``):
+    every chunk's result, endpoint (a short trailing silence ends utterances often, so the
+    decoder restarts between chunks of one step) and encoder state equal the one-by-one run."""
+    from server.config import DecodingMethod, Endpointing
+    from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+
+    engine = Engine(small_model())
+    decoding = DecodingMethod.GREEDY if method == "greedy" else DecodingMethod.BEAM_SEARCH
+    rule = Endpointing(trailing_silence_ms=240, max_utterance_ms=2000)
+    windows = [utterance_windows(torch.from_numpy(w)).numpy() for w in waves[:6]]
+
+    def run(grouped: bool) -> list[list[tuple]]:
+        rng = random.Random(7)
+        streams = [engine.new_stream(decoding, 3, rule) for _ in windows]
+        position = [0] * len(windows)
+        out: list[list[tuple]] = [[] for _ in windows]
+        while any(p < len(w) for p, w in zip(position, windows)):
+            works, owners = [], []
+            for i, s in enumerate(streams):
+                left = len(windows[i]) - position[i]
+                take = min(left, rng.randint(1, MAX_CHUNKS_PER_STREAM) if grouped else 1)
+                for _ in range(take):
+                    works.append(ChunkWork(s, windows[i][position[i]]))
+                    owners.append(i)
+                    position[i] += 1
+            for i, r in zip(owners, engine.run_batch(works)):
+                out[i].append(([(a.tokens, a.frames) for a in r.alternatives], r.frames_done,
+                               r.utterance_start_frame, r.endpoint))
+        for s in streams:
+            engine.release(s)
+        return out
+
+    one_by_one, grouped = run(False), run(True)
+    assert grouped == one_by_one
+    assert sum(r[3] is not None for rs in one_by_one for r in rs) >= 3, "expected endpoints in between"

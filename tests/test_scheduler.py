@@ -84,6 +84,22 @@ async def test_a_stream_appears_once_per_batch_and_in_order():
     await s.stop()
 
 
+async def test_a_stream_that_is_behind_brings_up_to_max_chunks_per_stream_in_order():
+    runner = FakeRunner(step_seconds=0.02)
+    s = await started(runner, max_batch=8, max_chunks_per_stream=3)
+    first = asyncio.create_task(s.submit("x", ("x", 0)))  # occupies the engine while the rest queue
+    await asyncio.sleep(0.005)
+    now = time.monotonic()
+    behind = [asyncio.create_task(s.submit("a", ("a", i), ready_at=now + i * 1e-3)) for i in range(7)]
+    others = [asyncio.create_task(s.submit(k, (k, 0), ready_at=now + 0.0035)) for k in "bc"]
+    await asyncio.gather(first, *behind, *others)
+    later = runner.batches[1:]
+    assert [[i for k, i in b if k == "a"] for b in later] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert {k for k, _ in later[0]} == {"a", "b", "c"}  # the others ride along, oldest first
+    assert later[0] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("c", 0)]
+    await s.stop()
+
+
 async def test_a_failing_batch_fails_only_its_own_items_and_the_loop_goes_on():
     runner = FakeRunner(step_seconds=0.01)
     s = await started(runner, max_batch=2)
