@@ -7,10 +7,10 @@ from the same weights, with a per-stream key mask instead:
 
 * each stream owns a *slot* in ``LeftContextPool``: per layer, a ring of the last
   32 utterance keys and values (the 30-frame left context, rounded up to whole
-  4-frame segments);
-* a step gathers the slots of the batch, masks the ring entries a stream has not
-  filled yet (and the 2 oldest once the ring is full), and writes back only the 4
-  new frames of each stream.
+  4-frame segments), all layers in one tensor;
+* a step gathers the slots of the batch once for all layers, masks the ring entries
+  a stream has not filled yet (and the 2 oldest once the ring is full), and writes
+  back only the 4 new frames of each stream, all layers at once.
 
 Attention is a weighted sum over keys, so their order in the ring does not
 matter; results match ``Emformer.infer`` to float rounding (the tests check
@@ -65,27 +65,30 @@ class StreamingLayer(torch.nn.Module):
 
 
 class LeftContextPool:
-    """Left-context keys and values of every stream, one slot per stream.
+    """Left-context keys and values of every stream, one slot per stream, all layers together.
 
-    ``keys[l]`` and ``values[l]`` are ``(slots, ring, D)`` for layer ``l``; the ring
-    holds the utterance keys of the stream's last ``ring // 4`` chunks, chunk ``n``
-    at positions ``(n % (ring // 4)) * 4 + [0, 4)``.
+    ``kv`` is ``(slots, layers, 2, ring + rows, D)``: ``kv[s, l, 0]`` the keys and
+    ``kv[s, l, 1]`` the values of layer ``l``. The first ``ring`` positions hold the
+    utterance keys of the stream's last ``ring // 4`` chunks, chunk ``n`` at positions
+    ``(n % (ring // 4)) * 4 + [0, 4)``; the last ``rows`` positions are scratch room for
+    the current chunk's own keys (right context and segment), so that one gather per
+    step yields every layer's attention keys in place (``StreamingEncoder.forward``).
     """
 
     def __init__(self, num_layers: int, dim: int, left_context: int, dtype: torch.dtype,
                  device: torch.device, initial_slots: int = 8):
         self.num_layers, self.dim, self.left_context = num_layers, dim, left_context
         self.ring = -(-left_context // SEGMENT) * SEGMENT  # 30 -> 32
+        self.rows = SEGMENT + RIGHT_CONTEXT
         self.chunks_in_ring = self.ring // SEGMENT
         self.dtype, self.device = dtype, device
-        self.keys = torch.zeros(num_layers, initial_slots, self.ring, dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        self.kv = torch.zeros(initial_slots, num_layers, 2, self.ring + self.rows, dim, dtype=dtype, device=device)
         self._free = list(range(initial_slots - 1, -1, -1))
         self._masks = self._mask_table()
 
     @property
     def capacity(self) -> int:
-        return self.keys.size(1)
+        return self.kv.size(0)
 
     @property
     def in_use(self) -> int:
@@ -95,8 +98,7 @@ class LeftContextPool:
         if not self._free:
             self._grow()
         slot = self._free.pop()
-        self.keys[:, slot].zero_()
-        self.values[:, slot].zero_()
+        self.kv[slot].zero_()
         return slot
 
     def release(self, slot: int) -> None:
@@ -104,9 +106,7 @@ class LeftContextPool:
 
     def _grow(self) -> None:
         old = self.capacity
-        extra = torch.zeros(self.num_layers, old, self.ring, self.dim, dtype=self.dtype, device=self.device)
-        self.keys = torch.cat([self.keys, extra], dim=1)
-        self.values = torch.cat([self.values, torch.zeros_like(extra)], dim=1)
+        self.kv = torch.cat([self.kv, torch.zeros_like(self.kv)])
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
     def _mask_table(self) -> torch.Tensor:
@@ -192,20 +192,19 @@ class StreamingEncoder(torch.nn.Module):
         rows = x.size(1)
         context_mask = pool.mask_rows(chunks_done)
         mask = torch.cat([context_mask, context_mask.new_ones(B, rows)], dim=1)[:, None, None, :]
-        write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
-            SEGMENT, device=slots.device)
-        write_slots = slots[:, None].expand(B, SEGMENT)
+        ring = pool.ring
+        # Every layer's keys and values of the B groups, context and scratch rows: one gather.
+        kv = pool.kv.index_select(0, slots)  # (B, layers, 2, ring + rows, D)
         carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
-            context_k = pool.keys[index].index_select(0, slots)
-            context_v = pool.values[index].index_select(0, slots)
+            keys, values = kv[:, index, 0], kv[:, index, 1]  # (B, ring + rows, D) views
+            keys[:, ring:] = k
+            values[:, ring:] = v
             if carried is not None:  # earlier chunks of the same stream in this step
                 to_group, to_pos, from_row = carried
-                context_k.index_put_((to_group, to_pos), k.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
-                context_v.index_put_((to_group, to_pos), v.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
-            keys = torch.cat([context_k, k], dim=1)
-            values = torch.cat([context_v, v], dim=1)
+                keys.index_put_((to_group, to_pos), k.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
+                values.index_put_((to_group, to_pos), v.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
             attn = F.scaled_dot_product_attention(
                 q.reshape(B, rows, H, -1).transpose(1, 2),
                 keys.reshape(B, -1, H, D // H).transpose(1, 2),
@@ -214,8 +213,10 @@ class StreamingEncoder(torch.nn.Module):
             x = layer.out(attn.transpose(1, 2).reshape(B, rows, D)) + x
             ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
             x = layer.ln_out(ff + x)
-            pool.keys[index].index_put_((write_slots, write_pos), k[:, RIGHT_CONTEXT:].to(pool.dtype))
-            pool.values[index].index_put_((write_slots, write_pos), v[:, RIGHT_CONTEXT:].to(pool.dtype))
+        # The segment's keys and values of every layer go into the ring, at the chunk's place.
+        write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
+            SEGMENT, device=slots.device)
+        pool.kv[slots[:, None], :, :, write_pos] = kv[:, :, :, ring + RIGHT_CONTEXT:].permute(0, 3, 1, 2, 4)
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
 
     @staticmethod

@@ -101,7 +101,7 @@ def test_bf16_keeps_weights_and_streaming_state_in_bf16():
     engine = Engine(small_model(), precision="bf16")
     assert {p.dtype for p in engine.encoder.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in engine.decoding.parameters()} == {torch.bfloat16}
-    assert engine.pool.keys.dtype == torch.bfloat16
+    assert engine.pool.kv.dtype == torch.bfloat16
     out, state = engine.predictor.initial()
     assert out.dtype == torch.bfloat16 and state[0][0].dtype == torch.bfloat16
 
