@@ -344,3 +344,83 @@ class BeamSearchDecoder:
         return [Hypothesis(h.tokens + (tok,), h.frames + (frame,), out, state, score,
                            h.token_prob_sum + math.exp(float(logp[r, tok])))
                 for r, h, tok, score, (out, state) in zip(rows, base, tokens, new_scores, outputs)]
+
+
+class ModifiedBeamSearchDecoder:
+    """Modified beam search (k2 / icefall's ``modified_beam_search``), batched across streams
+    and hypotheses: at most one symbol per frame, so a chunk costs exactly one joiner call and
+    one predictor call per frame, for all streams at once.
+
+    On every frame each hypothesis is scored once; each stream keeps the ``beam`` best of its
+    hypotheses x (blank + every symbol), by accumulated log-probability (float32). Candidates
+    that end with the same symbols merge (their probabilities add); the new symbols of the
+    survivors go through one batched predictor call. Hypotheses are returned best first by
+    length-normalised score, as torchaudio ranks them.
+    """
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.blank = predictor.blank
+
+    def new_state(self) -> DecoderState:
+        return DecoderState([_initial_hypothesis(self.predictor)])
+
+    def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
+             beam_widths: list[int]) -> None:
+        """Decode ``encoder_out (B, T, E)`` into ``states``; ``first_frames[b]``: stream frame of row 0."""
+        hyps = [s.hypotheses for s in states]
+        for t in range(encoder_out.size(1)):
+            hyps = self._frame(encoder_out[:, t], hyps, [f + t for f in first_frames], beam_widths)
+        for state, mine in zip(states, hyps):
+            state.hypotheses = sorted(mine, key=lambda h: h.rank_key, reverse=True)
+
+    def _frame(self, encoder_rows: torch.Tensor, hyps: list[list[Hypothesis]], frames: list[int],
+               beams: list[int]) -> list[list[Hypothesis]]:
+        flat = [h for mine in hyps for h in mine]
+        owner = torch.tensor([b for b, mine in enumerate(hyps) for _ in mine], device=encoder_rows.device)
+        logp = F.log_softmax(self.predictor.join(encoder_rows[owner], torch.cat([h.predictor_out for h in flat]))
+                             .float(), dim=-1)
+        scores = logp + torch.tensor([h.score for h in flat], device=logp.device)[:, None]
+        vocab = logp.size(1)
+        # every stream's candidates in one row (padded with -inf), one top-k for all streams
+        most = max(len(mine) for mine in hyps)
+        table = scores.new_full((len(hyps), most * vocab), -math.inf)
+        start = 0
+        for b, mine in enumerate(hyps):
+            table[b, :len(mine) * vocab] = scores[start:start + len(mine)].reshape(-1)
+            start += len(mine)
+        k = min(max(beams), most * vocab)
+        best_scores, best_index = table.topk(k, dim=1)
+        best_scores, best_index = best_scores.tolist(), best_index.tolist()
+        chosen_logp = logp.cpu()
+        survivors: list[dict[tuple[int, ...], Hypothesis]] = []
+        extend: list[tuple[int, tuple[int, ...], int, Hypothesis, float]] = []  # new symbols to predict
+        offset = 0
+        for b, mine in enumerate(hyps):
+            kept: dict[tuple[int, ...], Hypothesis] = {}
+            for score, index in zip(best_scores[b][:beams[b]], best_index[b][:beams[b]]):
+                if score == -math.inf:
+                    break
+                parent, symbol = mine[index // vocab], index % vocab
+                if symbol == self.blank:
+                    key, frames_, prob = parent.tokens, parent.frames, parent.token_prob_sum
+                else:
+                    key = parent.tokens + (symbol,)
+                    frames_ = parent.frames + (frames[b],)
+                    prob = parent.token_prob_sum + math.exp(float(chosen_logp[offset + index // vocab, symbol]))
+                previous = kept.get(key)
+                if previous is not None:  # the same symbols by another path: probabilities add
+                    previous.score = float(torch.tensor(previous.score).logaddexp(torch.tensor(score)))
+                    continue
+                kept[key] = Hypothesis(key, frames_, parent.predictor_out, parent.predictor_state, score, prob)
+                if symbol != self.blank:
+                    extend.append((b, key, symbol, parent, score))
+            survivors.append(kept)
+            offset += len(mine)
+        if extend:
+            tokens = torch.tensor([symbol for _, _, symbol, _, _ in extend], device=encoder_rows.device)
+            out, new_state = self.predictor.step(tokens, stack_states([p.predictor_state for *_, p, _ in extend]))
+            for k_, (b, key, _, _, _) in enumerate(extend):
+                hyp = survivors[b][key]
+                hyp.predictor_out, hyp.predictor_state = out[k_:k_ + 1], unstack_state(new_state, k_)
+        return [list(kept.values()) for kept in survivors]

@@ -8,9 +8,10 @@ from the same weights, with a per-stream key mask instead:
 * each stream owns a *slot* in ``LeftContextPool``: per layer, a ring of the last
   32 utterance keys and values (the 30-frame left context, rounded up to whole
   4-frame segments), all layers in one tensor;
-* a step gathers the slots of the batch once for all layers, masks the ring entries
-  a stream has not filled yet (and the 2 oldest once the ring is full), and writes
-  back only the 4 new frames of each stream, all layers at once.
+* a step gathers the slots of the batch (one copy per layer, with room for the
+  chunk's own keys), masks the ring entries a stream has not filled yet (and the 2
+  oldest once the ring is full), and writes back only the 4 new frames of each
+  stream, all layers at once.
 
 Attention is a weighted sum over keys, so their order in the ring does not
 matter; results match ``Emformer.infer`` to float rounding (the tests check
@@ -72,7 +73,7 @@ class LeftContextPool:
     utterance keys of the stream's last ``ring // 4`` chunks, chunk ``n`` at positions
     ``(n % (ring // 4)) * 4 + [0, 4)``; the last ``rows`` positions are scratch room for
     the current chunk's own keys (right context and segment), so that one gather per
-    step yields every layer's attention keys in place (``StreamingEncoder.forward``).
+    layer yields its attention keys and values in place (``StreamingEncoder.forward``).
     """
 
     def __init__(self, num_layers: int, dim: int, left_context: int, dtype: torch.dtype,
@@ -193,12 +194,14 @@ class StreamingEncoder(torch.nn.Module):
         context_mask = pool.mask_rows(chunks_done)
         mask = torch.cat([context_mask, context_mask.new_ones(B, rows)], dim=1)[:, None, None, :]
         ring = pool.ring
-        # Every layer's keys and values of the B groups, context and scratch rows: one gather.
-        kv = pool.kv.index_select(0, slots)  # (B, layers, 2, ring + rows, D)
         carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
+        segments = []  # each layer's (B, 2, 4, D) segment keys and values, for the ring
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
-            keys, values = kv[:, index, 0], kv[:, index, 1]  # (B, ring + rows, D) views
+            # The layer's keys and values of the B groups, context and scratch rows, in one gather
+            # (layer by layer: at 32 streams all layers at once were 97 MB, out of every cache).
+            kv = pool.kv[:, index].index_select(0, slots)  # (B, 2, ring + rows, D)
+            keys, values = kv[:, 0], kv[:, 1]
             keys[:, ring:] = k
             values[:, ring:] = v
             if carried is not None:  # earlier chunks of the same stream in this step
@@ -213,10 +216,11 @@ class StreamingEncoder(torch.nn.Module):
             x = layer.out(attn.transpose(1, 2).reshape(B, rows, D)) + x
             ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
             x = layer.ln_out(ff + x)
+            segments.append(kv[:, :, ring + RIGHT_CONTEXT:])
         # The segment's keys and values of every layer go into the ring, at the chunk's place.
         write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
             SEGMENT, device=slots.device)
-        pool.kv[slots[:, None], :, :, write_pos] = kv[:, :, :, ring + RIGHT_CONTEXT:].permute(0, 3, 1, 2, 4)
+        pool.kv[slots[:, None], :, :, write_pos] = torch.stack(segments, dim=1).permute(0, 3, 1, 2, 4)
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
 
     @staticmethod
