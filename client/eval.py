@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", type=Path, help="JSON-lines manifest (audio, text) or a directory of WAV + TXT")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
-    where.add_argument("--spawn", metavar="ARGS", help="start 'asr-server ARGS' for the evaluation")
+    where.add_argument("--spawn", metavar="ARGS", help="start 'asr-server ARGS' for the evaluation (without "
+                       "load shedding: --latency-budget-ms 0 unless ARGS say otherwise)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="beam search with N hypotheses")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the server's method)")
     p.add_argument("--limit", type=int, default=0, help="only the first N utterances")
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                             endpointing=False)
     try:
         if args.spawn is not None:
-            with spawned_server(*shlex.split(args.spawn)) as (address, _):
+            # its own server sheds no load: it serves the evaluation's streams as fast as it can
+            # (an explicit --latency-budget-ms in ARGS still wins)
+            with spawned_server(*shlex.split(args.spawn), env={"ASR_LATENCY_BUDGET_MS": "0"}) as (address, _):
                 results = asyncio.run(evaluate(address, utterances, options, args.concurrency))
         else:
             results = asyncio.run(evaluate(args.connection, utterances, options, args.concurrency))

@@ -64,6 +64,11 @@ class ServerSettings(BaseSettings):
     beam_width: int = Field(4, ge=1, le=64, description="beam width used when a request asks for "
                             "beam search without a width")
     max_beam_width: int = Field(16, ge=1, le=64, description="largest beam width a request may ask for")
+    beam_search: Literal["torchaudio", "modified"] = Field(
+        "torchaudio", description="beam search algorithm: torchaudio (torchaudio's RNNTBeamSearch, "
+        "exactly: as many expansion rounds per frame as the hypotheses need) or modified (k2's "
+        "modified beam search: one symbol per 40 ms frame, one joiner and one predictor call per "
+        "frame; for sub-word models: it costs the character-level demo model 10 WER points)")
     max_symbols_per_frame: int = Field(
         0, ge=0, le=100, description="most symbols one 40 ms encoder frame may emit, greedy and beam "
         "(0: the model's default: 10 greedy and torchaudio's 100 in beam search; 1 for random-base, "

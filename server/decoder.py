@@ -31,6 +31,7 @@ PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h (N, H), c (N, H)
 
 GREEDY_MAX_SYMBOLS = 10  # greedy: most symbols one frame may emit, unless the model or operator says
 BEAM_STEP_MAX_TOKENS = 100  # beam search: torchaudio's RNNTBeamSearch default, same meaning
+BEAM_SEARCHES = ("torchaudio", "modified")  # BeamSearchDecoder, ModifiedBeamSearchDecoder
 
 
 class DecodingNetwork(torch.nn.Module):

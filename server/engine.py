@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from server.config import DecodingMethod, Endpointing
-from server.decoder import (BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder, DecoderState,
-                            DecodingNetwork, GreedyDecoder, Hypothesis, Predictor)
+from server.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
+                            DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
+                            Predictor)
 from server.encoder import SEGMENT, StreamingEncoder
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
@@ -129,9 +130,13 @@ class Engine:
     """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
 
     def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0,
-                 int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0):
+                 int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0, beam_search: str = "torchaudio"):
         """``max_symbols_per_frame``: most non-blank symbols one encoder frame may emit, in greedy
-        and beam search; 0 takes the model's default (``LoadedModel.max_symbols_per_frame``)."""
+        and torchaudio's beam search; 0 takes the model's default (``LoadedModel.max_symbols_per_frame``).
+        ``beam_search``: ``"torchaudio"`` (``BeamSearchDecoder``, torchaudio's algorithm) or
+        ``"modified"`` (``ModifiedBeamSearchDecoder``, one symbol per frame)."""
+        if beam_search not in BEAM_SEARCHES:
+            raise ValueError(f"unknown beam search {beam_search!r}; choose one of {', '.join(BEAM_SEARCHES)}")
         check_precision(precision, device)
         backend = INT8_KERNELS[int8_kernel]
         self.model = model
@@ -155,7 +160,9 @@ class Engine:
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         cap = max_symbols_per_frame or model.max_symbols_per_frame
         self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)
-        self.beam = BeamSearchDecoder(self.predictor, cap or BEAM_STEP_MAX_TOKENS)
+        self.beam_search = beam_search
+        self.beam = (ModifiedBeamSearchDecoder(self.predictor) if beam_search == "modified"
+                     else BeamSearchDecoder(self.predictor, cap or BEAM_STEP_MAX_TOKENS))
         with torch.inference_mode():
             self.predictor.initial()
 

@@ -52,7 +52,8 @@ class RecognitionService:
         self.observer = observer or Observer()  # receives the hot path's stats (see server.stats)
         self.engine = Engine(model, device=settings.device, precision=settings.precision,
                              threads=settings.threads, int8_kernel=settings.int8_kernel,
-                             max_symbols_per_frame=settings.max_symbols_per_frame)
+                             max_symbols_per_frame=settings.max_symbols_per_frame,
+                             beam_search=settings.beam_search)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
                                    on_batch=self._batch_done, executor=self.executor,

@@ -105,7 +105,6 @@ class _Window:
     ready_at: float
 
 
-_END = None  # end-of-input marker in the window queue
 
 
 class Session:
@@ -131,7 +130,11 @@ class Session:
         self._stream: StreamState | None = None
         self._buffer = np.zeros(0, dtype=np.float32)
         self._samples_in = 0  # 16 kHz samples received
-        self._windows: asyncio.Queue[_Window | None | ASRError] = asyncio.Queue()
+        # windows not yet handed to the scheduler (in order), waiting for room in ``_in_flight``
+        self._windows: collections.deque[_Window] = collections.deque()
+        self._input_done = False  # every window is cut (the client half-closed, or the stream ended)
+        self._failure: ASRError | None = None  # raised by ``results`` once the windows before it are done
+        self._changed = asyncio.Event()  # a window, the end of input or a failure arrived
         self._room = asyncio.Event()
         self._room.set()
         self._utterance_index = 0
@@ -157,7 +160,8 @@ class Session:
     @property
     def buffered_seconds(self) -> float:
         """Audio received but not yet recognised."""
-        return (self._windows.qsize() * SEGMENT_SAMPLES + len(self._buffer)) / SAMPLE_RATE
+        windows = len(self._windows) + len(self._in_flight)
+        return (windows * SEGMENT_SAMPLES + len(self._buffer)) / SAMPLE_RATE
 
     def feed(self, data: bytes) -> None:
         """Append one audio message; raises ``ASRError`` for malformed audio or limits."""
@@ -199,7 +203,7 @@ class Session:
             self._buffer = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples
             self._samples_in += len(samples)
         while len(self._buffer) >= WINDOW_SAMPLES:
-            self._windows.put_nowait(_Window(self._buffer[:WINDOW_SAMPLES], now))
+            self._add_window(_Window(self._buffer[:WINDOW_SAMPLES], now))
             self._buffer = self._buffer[SEGMENT_SAMPLES:]
 
     def finish_input(self) -> None:
@@ -215,10 +219,11 @@ class Session:
         for _ in range(windows_total - windows_queued):
             window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
             window[:min(len(self._buffer), WINDOW_SAMPLES)] = self._buffer[:WINDOW_SAMPLES]
-            self._windows.put_nowait(_Window(window, now))
+            self._add_window(_Window(window, now))
             self._buffer = self._buffer[SEGMENT_SAMPLES:]
         self._buffer = np.zeros(0, dtype=np.float32)
-        self._windows.put_nowait(_END)
+        self._input_done = True
+        self._changed.set()
         self.state = SessionState.DRAINING
 
     def end_input(self, status: ASRError) -> bool:
@@ -248,7 +253,9 @@ class Session:
 
     def fail(self, error: ASRError) -> None:
         """Stop the stream with ``error`` (raised from ``results``)."""
-        self._windows.put_nowait(error)
+        if self._failure is None:
+            self._failure = error
+        self._changed.set()
 
     # --- output --------------------------------------------------------------------------
     async def results(self) -> AsyncIterator[Result]:
@@ -273,40 +280,37 @@ class Session:
             raise
         self.completed = True
 
+    def _add_window(self, window: _Window) -> None:
+        """A window is complete: to the scheduler at once if there is room (so that it can join
+        the very next step), else it waits its turn."""
+        self._windows.append(window)
+        self._top_up()
+        self._changed.set()
+
+    def _top_up(self) -> None:
+        """Hand waiting windows to the scheduler, in order, up to ``MAX_CHUNKS_PER_STREAM`` in
+        flight: the engine runs a stream's consecutive chunks in one step."""
+        while self._windows and len(self._in_flight) < MAX_CHUNKS_PER_STREAM and self._stream is not None:
+            self._in_flight.append(self._submit(self._windows.popleft()))
+        if self.buffered_seconds <= self.settings.max_buffered_seconds:
+            self._room.set()
+
     async def _recognise(self) -> AsyncIterator[Result]:
-        stopped, error = False, None  # the window queue yielded the end of input or an error
-        getter: asyncio.Future | None = None  # a pending ``_windows.get()`` while a chunk runs
         try:
             while True:
-                # Queue every window that is ready, up to MAX_CHUNKS_PER_STREAM (the engine runs a
-                # stream's consecutive chunks in one step), before handing a result on.
-                while not stopped and len(self._in_flight) < MAX_CHUNKS_PER_STREAM:
-                    if getter is not None and getter.done():
-                        item, getter = getter.result(), None
-                    elif getter is None and not self._windows.empty():
-                        item = self._windows.get_nowait()
-                    elif not self._in_flight:
-                        getter = getter or asyncio.ensure_future(self._windows.get())
-                        item, getter = await getter, None
-                    else:
-                        break
-                    if isinstance(item, _Window):
-                        self._in_flight.append(self._submit(item))
-                    else:  # _END or an ASRError
-                        stopped, error = True, item
+                self._top_up()
                 if not self._in_flight:
-                    if error is not None:
-                        raise error
-                    break
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._input_done:
+                        break
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
                 future, timing = self._in_flight[0]
-                if not future.done() and not stopped and len(self._in_flight) < MAX_CHUNKS_PER_STREAM:
-                    # wait for the chunk, or for a window that could still join its step
-                    getter = getter or asyncio.ensure_future(self._windows.get())
-                    await asyncio.wait((future, getter), return_when=asyncio.FIRST_COMPLETED)
-                    if not future.done():
-                        continue
                 chunk = await future
                 self._in_flight.popleft()
+                self._top_up()  # a stream that is behind queues its next chunk before the result goes out
                 self._last = (chunk, timing)
                 self.stats.chunks += 1
                 self.stats.compute_seconds += timing.compute / max(1, timing.batch_size)
@@ -319,8 +323,6 @@ class Session:
                 if result is not None:
                     yield result
         finally:
-            if getter is not None:
-                getter.cancel()
             self._withdraw_in_flight()
         self.stats.audio_seconds = self._samples_in / SAMPLE_RATE
         if self._last is not None:
@@ -337,8 +339,6 @@ class Session:
     def _submit(self, window: "_Window") -> tuple[asyncio.Future, JobTiming]:
         """Queue ``window`` on the scheduler now (in this stream's order): the future resolves to
         the chunk's result (cancel it to withdraw the chunk), the timing fills in as it runs."""
-        if self.buffered_seconds <= self.settings.max_buffered_seconds:
-            self._room.set()
         return self.scheduler.enqueue(self.id, ChunkWork(self._stream, window.samples), ready_at=window.ready_at)
 
     def _audio_end_s(self, frames_done: int) -> float:
@@ -381,6 +381,7 @@ class Session:
             return
         self.state = SessionState.CLOSED
         self._withdraw_in_flight()  # a queued chunk must not run after the stream's state is freed
+        self._windows.clear()
         if self._stream is not None:
             stream, self._stream = self._stream, None
             self.scheduler.call_soon_on_engine_thread(self.engine.release, stream)

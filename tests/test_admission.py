@@ -247,7 +247,9 @@ async def test_load_shedding_on_a_slow_engine_keeps_the_admitted_streams_in_budg
     clips = [audio[:int(seconds * 16000)] for seconds in (3.0, 3.35, 3.7, 4.05, 4.4, 4.75)]
     async with running_server(max_streams=0, latency_budget_ms=budget_ms) as (server, stub):
         cost = server.service.sessions.admission.calibrated
-        assert cost.c0 >= c0 and cost.c >= c * 0.9, cost
+        # the calibration's two step times (1 and 8 streams) include the injected sleeps (the
+        # model's own cost splits between c0 and c as it likes: its decoder rounds are shared)
+        assert cost(1) >= 0.99 * (c0 + c) and cost(8) >= 0.99 * (c0 + 8 * c), cost
         references = [await transcript(stub, clip) for clip in clips]
         go = asyncio.Event()
         order = np.random.default_rng(0).permutation(30) % len(clips)  # the ends are spread too

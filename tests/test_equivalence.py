@@ -62,3 +62,48 @@ def test_batched_encoder_matches_transcribe_streaming_at_mixed_positions(speech)
         got = torch.cat(outs[i])
         assert got.shape == expected[i].shape
         torch.testing.assert_close(got, expected[i], rtol=0, atol=1e-4)
+
+
+def _decode(engine, method, beam, waves, positions_apart: int):
+    """Tokens and frames of every wave, decoded as streams that start ``positions_apart`` chunks
+    apart (all in one batch once they run), best hypothesis first."""
+    from server.engine import ChunkWork
+
+    windows = [utterance_windows(torch.from_numpy(w)).numpy() for w in waves]
+    streams = [engine.new_stream(method, beam) for _ in waves]
+    step = 0
+    while True:
+        works = [ChunkWork(s, windows[i][step - i * positions_apart]) for i, s in enumerate(streams)
+                 if 0 <= step - i * positions_apart < len(windows[i])]
+        if not works and step > len(waves) * positions_apart:
+            break
+        if works:
+            engine.run_batch(works)
+        step += 1
+    out = [[(h.tokens, h.frames) for h in s.decoder.hypotheses] for s in streams]
+    for s in streams:
+        engine.release(s)
+    return out
+
+
+def test_modified_beam_search_with_one_hypothesis_is_greedy_with_one_symbol_per_frame(speech):
+    from server.config import DecodingMethod
+    from server.engine import Engine
+
+    model, waves = small_model(), [a for _, a, _ in speech]
+    modified = _decode(Engine(model, beam_search="modified"), DecodingMethod.BEAM_SEARCH, 1, waves, 3)
+    greedy = _decode(Engine(model, max_symbols_per_frame=1), DecodingMethod.GREEDY, 1, waves, 3)
+    assert modified == greedy
+    assert sum(len(h[0][0]) for h in greedy) > 20, "the model should emit tokens, or the comparison proves little"
+
+
+def test_modified_beam_search_of_a_stream_does_not_depend_on_its_batch(speech):
+    from server.config import DecodingMethod
+    from server.engine import Engine
+
+    engine = Engine(small_model(), beam_search="modified")
+    waves = [a for _, a, _ in speech]
+    batched = _decode(engine, DecodingMethod.BEAM_SEARCH, 4, waves, 2)
+    alone = [_decode(engine, DecodingMethod.BEAM_SEARCH, 4, [w], 0)[0] for w in waves]
+    assert batched == alone
+    assert all(len(hyps) > 1 for hyps in batched)

@@ -73,13 +73,18 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
-def test_fp32_runs_every_linear_on_packed_onednn_weights():
-    engine = Engine(small_model(), precision="fp32")
-    for network in (engine.encoder, engine.decoding):
-        plain = [name for name, m in network.named_modules() if type(m) is torch.nn.Linear]
-        assert not plain, f"Linear layers left on the unpacked path: {plain}"
-    packed = [name for name, m in engine.decoding.named_modules() if isinstance(m, PackedLinear)]
-    assert any(n.startswith("predictor.") for n in packed) and "joiner.linear" in packed, packed
+def test_fp32_packs_the_large_linears_for_onednn_and_leaves_small_ones_to_mkl():
+    from server.precision import PACKED_MIN_PARAMS, apply_precision
+
+    net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512),
+                              torch.nn.Sequential(torch.nn.Linear(512, 29)))
+    x = torch.randn(7, 512)
+    with torch.inference_mode():
+        expected = net(x)
+        converted = apply_precision(net, "fp32")
+        assert relative_error(expected, converted(x)) < 1e-5
+    assert isinstance(converted[0], PackedLinear) and isinstance(converted[2], PackedLinear)
+    assert type(converted[3][0]) is torch.nn.Linear and 512 * 29 < PACKED_MIN_PARAMS
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
