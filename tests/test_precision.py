@@ -144,3 +144,26 @@ async def test_reduced_precision_server_transcribes_and_reports_its_precision(sp
         assert info.precision == precision
         text = await transcript(stub, speech[0][1], **GREEDY)
         assert text, "the reduced-precision model should still emit tokens"
+
+
+def test_row_buckets_cover_every_row_count_with_few_kernels():
+    from server.precision import row_bucket
+
+    buckets = [row_bucket(n) for n in range(1, 2049)]
+    assert all(b >= n for n, b in zip(range(1, 2049), buckets))
+    assert buckets == sorted(buckets)
+    assert len(set(b for b in buckets[:512])) <= 20 and len(set(buckets)) <= 32
+    assert all(b <= max(8, 1.25 * n) for n, b in zip(range(1, 2049), buckets) if n > 64)  # waste <= 25 %
+
+
+def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
+    from server.precision import BucketedLinear, apply_precision
+
+    linear = torch.nn.Linear(64, 96)
+    net = apply_precision(torch.nn.Sequential(torch.nn.Linear(64, 96)), "bf16")
+    net[0].load_state_dict({k: v.to(torch.bfloat16) for k, v in linear.state_dict().items()})
+    assert isinstance(net[0], BucketedLinear)
+    x = torch.randn(5, 3, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        # (oneDNN may round a padded batch's bf16 products differently: close, not equal)
+        assert relative_error(torch.nn.functional.linear(x, net[0].weight, net[0].bias), net(x)) < 1e-2
