@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_seed:
         log("seed loop (torchaudio RNNTBeamSearch.infer, beam 10, one stream at a time):")
         results["seed"] = asyncio.run(seed_capacity(args, log))
-        log(f"  -> seed capacity {results['seed']['capacity']}")
+        seed = results["seed"]
+        log(f"  -> seed capacity {seed['capacity']}" + ("" if seed["capacity"] else
+            f" (p99 {seed['trials'][0]['chunk_latency_ms']['p99']:.0f} ms with one stream: ratios to it are undefined)"))
     for spec in args.configs.split(","):
         method, beam, precision = parse_config(spec.strip())
         name = f"{'greedy' if method == 'greedy' else f'beam{beam}'}:{precision}"

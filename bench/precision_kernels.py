@@ -3,6 +3,7 @@
 The choices behind ``server/precision.py``, measured on the full-size model
 (``random-base``), greedy, streams past their left-context warm-up:
 
+* fp32 on oneDNN with packed weights (``PackedLinear``)  vs  MKL (``nn.Linear``);
 * bf16 weights and activations end to end  vs  fp32 weights under ``torch.autocast(bf16)``;
 * fp16 weights and activations (is it worth offering on CPU?);
 * int8 with the server's ``RowwiseInt8Linear`` (a scale per activation row,
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.config import DecodingMethod  # noqa: E402
+from server.decoder import DecodingNetwork  # noqa: E402
+from server.encoder import StreamingEncoder  # noqa: E402
 from server.engine import ChunkWork, Engine  # noqa: E402
 from server.features import WINDOW_SAMPLES  # noqa: E402
 from server.models import load_model  # noqa: E402
@@ -39,8 +42,9 @@ from server.precision import apply_precision  # noqa: E402
 # name -> (precision given to apply_precision, int8 backend, autocast dtype)
 CANDIDATES = {
     "fp32": ("fp32", None, None),
+    "fp32 on MKL (nn.Linear, unpacked)": ("fp32-unpacked", None, None),
     "bf16 (weights + activations)": ("bf16", None, None),
-    "bf16 (autocast over fp32 weights)": ("fp32", None, torch.bfloat16),
+    "bf16 (autocast over fp32 weights)": ("fp32-unpacked", None, torch.bfloat16),
     "fp16 (weights + activations)": ("fp16", None, None),
     "int8 rowwise (server)": ("int8", "rowwise", None),
     "int8 torch.ao quantize_dynamic": ("int8", "torch.ao", None),
@@ -49,10 +53,14 @@ CANDIDATES = {
 
 
 def convert(engine: Engine, precision: str, backend: str | None) -> None:
-    """Re-apply a precision to an fp32 engine's networks (bypassing the server's refusals)."""
-    engine.encoder = apply_precision(engine.encoder, precision, backend or "rowwise")
+    """Give an engine fresh copies of the networks in ``precision`` (bypassing the server's refusals);
+    ``fp32-unpacked``: plain ``nn.Linear`` on MKL, what ``fp32`` ran before ``PackedLinear``."""
+    def fresh(network: torch.nn.Module) -> torch.nn.Module:
+        network = network.to(engine.device)
+        return network if precision == "fp32-unpacked" else apply_precision(network, precision, backend or "rowwise")
+    engine.encoder = fresh(StreamingEncoder(engine.rnnt.transcriber))
     engine.pool = engine.encoder.new_pool(engine.encoder.dtype, engine.device)
-    engine.decoding = apply_precision(engine.decoding, precision, backend or "rowwise")
+    engine.decoding = fresh(DecodingNetwork(engine.rnnt))
     engine.predictor.network = engine.decoding
     engine.predictor.joiner_linear = engine.decoding.joiner.linear
     engine.predictor._initial = None
@@ -84,7 +92,9 @@ def matmul_peaks(rows: int = 160, repeats: int = 30) -> dict:
     x = torch.randn(rows, 512)
     flops = 2 * rows * 512 * 2048
     import copy
-    variants = {"fp32": (lin, x), "bf16": (copy.deepcopy(lin).bfloat16(), x.bfloat16()),
+    variants = {"fp32 (MKL)": (lin, x), "fp32 packed (oneDNN)": (apply_precision(
+                    torch.nn.Sequential(copy.deepcopy(lin)), "fp32"), x),
+                "bf16": (copy.deepcopy(lin).bfloat16(), x.bfloat16()),
                 "fp16": (copy.deepcopy(lin).half(), x.half())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

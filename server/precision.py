@@ -149,15 +149,21 @@ def packed_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+ROW_UNIT = 5  # the encoder's rows per chunk (4 segment frames + 1 look-ahead frame)
+
+
 def row_bucket(rows: int) -> int:
-    """The row count a ``PackedLinear`` runs at: ``rows`` rounded up to a multiple of 8 (up to
-    64), 16 (128), 32 (256), 64 (512), then 128. oneDNN builds and caches a kernel for every
-    row count it meets (measured: 0.5-0.7 MiB of memory each, kept for good); the buckets bound
-    them to about 20 per layer shape, at the price of a few zero rows."""
-    for limit, step in ((64, 8), (128, 16), (256, 32), (512, 64)):
+    """The row count a oneDNN product runs at: ``rows`` rounded up to a multiple of 5 up to 80
+    (the encoder's products, which make up nearly all of a step, then never pad: padding costs a
+    copy, about 5 ms a step at one stream), of 20 up to 160, 40 up to 320, 80 up to 640, then 160.
+    oneDNN builds and keeps a kernel for every row count it meets (measured: 0.5-0.7 MiB each, kept
+    for good); the buckets bound them to about 30 per layer shape."""
+    if rows <= 16 * ROW_UNIT:
+        return max(ROW_UNIT, -(-rows // ROW_UNIT) * ROW_UNIT)
+    for limit, step in ((160, 20), (320, 40), (640, 80)):
         if rows <= limit:
-            return max(step, -(-rows // step) * step)
-    return -(-rows // 128) * 128
+            return -(-rows // step) * step
+    return -(-rows // 160) * 160
 
 
 class BucketedLinear(torch.nn.Module):

@@ -150,7 +150,9 @@ async def test_a_thousand_abrupt_disconnects_leave_nothing_behind(speech):
     pcm = pcm16(np.concatenate([clip, clip]))
     rng = np.random.default_rng(9)
     process = psutil.Process()
-    async with running_server(latency_budget_ms=160) as (server, stub):
+    # Load shedding off: every stream reaches a session and is cut there (how many load shedding
+    # would refuse depends on the machine's speed; refusals are test_admission's subject).
+    async with running_server(latency_budget_ms=0) as (server, stub):
         reference = await transcript(stub, clip)
         kinds = rng.choice(["cancel", "drop", "cut"], size=WARM_UP + DISCONNECTS)
         semaphore = asyncio.Semaphore(CONCURRENCY)
