@@ -7,7 +7,7 @@ The choices behind ``server/precision.py``, measured on the full-size model
 * bf16 weights and activations end to end  vs  fp32 weights under ``torch.autocast(bf16)``;
 * fp16 weights and activations (is it worth offering on CPU?);
 * int8 with the server's ``RowwiseInt8Linear`` (a scale per activation row,
-  oneDNN int8 GEMM)  vs  ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one
+  fbgemm's int8 GEMM where exact, else oneDNN's; both measured)  vs  ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one
   activation scale per batch, so not batch-invariant)  vs  torchao's
   ``Int8DynamicActivationInt8WeightConfig``;
 * a bare matrix product at the model's shapes per dtype, for the kernel peak.
@@ -47,6 +47,7 @@ CANDIDATES = {
     "bf16 (autocast over fp32 weights)": ("fp32-unpacked", None, torch.bfloat16),
     "fp16 (weights + activations)": ("fp16", None, None),
     "int8 rowwise (server)": ("int8", "rowwise", None),
+    "int8 rowwise on oneDNN's GEMM": ("int8", "rowwise-onednn", None),
     "int8 torch.ao quantize_dynamic": ("int8", "torch.ao", None),
     "int8 torchao Int8DynamicActivationInt8Weight": ("int8", "torchao", None),
 }

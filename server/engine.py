@@ -30,7 +30,7 @@ from server.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMB
 from server.encoder import SEGMENT, StreamingEncoder
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
-from server.precision import (INT8_KERNELS, PrecisionError, apply_precision, check_precision,
+from server.precision import (INT8_KERNELS, PrecisionError, RowwiseInt8Linear, apply_precision, check_precision,
                               detect_cpu_features, precision_warnings, relative_error)
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,9 @@ class Engine:
         self.encoder = apply_precision(StreamingEncoder(self.rnnt.transcriber).to(self.device), precision, backend)
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
         self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
+        if precision == "int8":
+            gemms = sorted({m.gemm for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)})
+            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {'/'.join(gemms)} GEMM)" if gemms else "")
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         cap = max_symbols_per_frame or model.max_symbols_per_frame
         self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)

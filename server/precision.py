@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,9 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 # int8 kernels (bench/precision_kernels.py, BENCHMARKS.md):
-# * "rowwise" (default): ``RowwiseInt8Linear``, one activation scale per row, oneDNN's
-#   int8 GEMM on pre-packed weights (VNNI / AMX); exact integer products, so batching
-#   is invariant.
+# * "rowwise" (default): ``RowwiseInt8Linear``, one activation scale per row, fbgemm's
+#   (or oneDNN's) int8 GEMM on pre-packed weights (VNNI / AMX); exact integer products,
+#   so batching is invariant.
 # * "torch.ao": ``quantize_dynamic`` (fbgemm) is fastest at small row counts, but it
 #   quantises the whole batch with one activation scale: a stream's transcript then
 #   depends on the other streams in its batch (measured: beam-4 WER on the demo
@@ -49,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 #   fbgemm`` for operators who trade that for throughput at small batches.
 # * "torchao": ``Int8DynamicActivationInt8Weight`` (per-row too) was slower than both.
 INT8_BACKEND = "rowwise"
-INT8_BACKENDS = ("rowwise", "torch.ao", "torchao")
+INT8_BACKENDS = ("rowwise", "rowwise-onednn", "torch.ao", "torchao")  # rowwise-onednn: for bench comparisons
 # --int8-kernel choices -> backend
 INT8_KERNELS = {"rowwise": "rowwise", "fbgemm": "torch.ao"}
 
@@ -224,6 +225,59 @@ def _onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
+_FBGEMM_EXACT: bool | None = None
+
+
+def fbgemm_rowwise_exact() -> bool:
+    """Whether fbgemm's int8 GEMM here gives exactly the integer products ``RowwiseInt8Linear``
+    needs (checked once, on the extreme values 255 x 127 that saturate the 16-bit pair sums of
+    CPUs without VNNI): then it is the row-wise kernel, else oneDNN's is."""
+    global _FBGEMM_EXACT
+    if _FBGEMM_EXACT is None:
+        _FBGEMM_EXACT = False
+        if "fbgemm" in torch.backends.quantized.supported_engines:
+            try:
+                with torch.inference_mode():
+                    torch.manual_seed(0)
+                    k, n = 256, 64
+                    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+                    w[0] = 127
+                    w[1, ::2], w[1, 1::2] = 127, -127
+                    x = torch.randint(-127, 128, (6, k)).float()
+                    x[0], x[1] = 127.0, -127.0
+                    exact = (x.double() @ w.double().t()).float()
+                    got = _fbgemm_unit_product(x, _fbgemm_pack(w, torch.ones(n)), _fbgemm_range_row(k))
+                    _FBGEMM_EXACT = bool(torch.equal(got, exact))
+            except (RuntimeError, AttributeError) as e:  # a build without the quantized ops
+                log.info("fbgemm int8 GEMM unavailable: %s", e)
+            if not _FBGEMM_EXACT:
+                log.info("fbgemm's int8 GEMM is not exact here; row-wise int8 runs on oneDNN")
+    return _FBGEMM_EXACT
+
+
+def _fbgemm_pack(quantised: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 weights ``quantised`` (out, in) with per-row ``scale``, no bias."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes one
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(quantised.float() * scale[:, None], scale.double(),
+                                             torch.zeros(scale.numel(), dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def _fbgemm_range_row(in_features: int) -> torch.Tensor:
+    row = torch.zeros(1, in_features)
+    row[0, 0], row[0, 1] = -128.0, 127.0
+    return row
+
+
+def _fbgemm_unit_product(unit: torch.Tensor, packed, range_row: torch.Tensor) -> torch.Tensor:
+    """``unit @ dequantised_weight.T`` for ``unit`` (rows, in) holding integers in [-127, 127] as
+    floats. fbgemm's dynamic linear quantises its input with one scale from the input's min and
+    max; the appended range row (-128 ... 127) pins that to scale 1, zero point 128, so every
+    value is quantised exactly and each row's result depends on that row alone."""
+    return torch.ops.quantized.linear_dynamic(torch.cat([unit, range_row]), packed, False)[:-1]
+
+
 class RowwiseInt8Linear(torch.nn.Module):
     """``nn.Linear`` in int8: weights quantised once per output channel (symmetric), each input
     row quantised on the fly with its own scale, products accumulated exactly in int32.
@@ -231,20 +285,36 @@ class RowwiseInt8Linear(torch.nn.Module):
     Input ``(..., in_features)`` float32 -> output ``(..., out_features)`` float32. Each output
     row depends on its input row alone, bit for bit, whatever else is in the batch.
 
-    Kernel: oneDNN's int8 GEMM on weights packed once at load time (``onednn.qlinear_pointwise``;
-    it is given rows already quantised, with scale 1, and the row scales are applied to its
-    output), else ``torch._int_mm``, which repacks the weights at every call: at the 20-80 rows
-    of a typical step that made it 1.4-2x slower than fbgemm, while oneDNN matches or beats it.
+    GEMM (``gemm``; default: the first that works here):
+
+    * ``"fbgemm"``: fbgemm's u8s8 GEMM (``quantized::linear_dynamic``), given each row already
+      divided by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``);
+      the row scales and the bias are applied to its output in one ``addcmul``. Used where
+      ``fbgemm_rowwise_exact``. At 5-20 rows it costs 10-40 % less than oneDNN's call here
+      (machine B: a full-size int8 step at one stream 27 ms against 32).
+    * ``"onednn"``: oneDNN's int8 GEMM on weights packed once (``onednn.qlinear_pointwise``,
+      given rows already quantised, with scale 1; row scales applied to its output), at bucketed
+      row counts (``row_bucket``: oneDNN keeps a kernel per row count).
+    * ``"int_mm"``: ``torch._int_mm``, which repacks the weights at every call (1.4-2x slower).
     """
 
-    def __init__(self, linear: torch.nn.Linear, use_onednn: bool | None = None):
+    GEMMS = ("fbgemm", "onednn", "int_mm")
+
+    def __init__(self, linear: torch.nn.Linear, gemm: str | None = None):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         quantised = torch.round(weight / scale[:, None]).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.use_onednn = _onednn_int8_available() if use_onednn is None else use_onednn
-        if self.use_onednn:
+        if gemm is None:
+            gemm = "fbgemm" if fbgemm_rowwise_exact() else "onednn" if _onednn_int8_available() else "int_mm"
+        if gemm not in self.GEMMS:
+            raise ValueError(f"unknown int8 GEMM {gemm!r}; choose one of {', '.join(self.GEMMS)}")
+        self.gemm = gemm
+        if gemm == "fbgemm":
+            self._packed = _fbgemm_pack(quantised, scale)
+            self.register_buffer("range_row", _fbgemm_range_row(self.in_features))
+        elif gemm == "onednn":
             self._packed = torch.ops.onednn.qlinear_prepack(quantised, [256, self.in_features])
             self.register_buffer("weight_zero_points", torch.zeros(self.out_features, dtype=torch.int64))
         else:
@@ -256,7 +326,11 @@ class RowwiseInt8Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         # abs().amax(): measured 10x faster here than linalg.vector_norm(ord=inf) or aminmax
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
-        if self.use_onednn:  # int8 values as uint8 around zero point 128 (oneDNN's activation type);
+        if self.gemm == "fbgemm":  # fbgemm rounds rows / scale itself (exactly: unit scale)
+            out = _fbgemm_unit_product(rows.div(scale), self._packed, self.range_row)
+            out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if self.gemm == "onednn":  # int8 values as uint8 around zero point 128 (oneDNN's activation type);
             # round(v + 128) == round(v) + 128 (128 is even, so ties round alike)
             quantised = rows.div(scale).add_(128).round_().to(torch.uint8)
             count = quantised.size(0)
@@ -276,10 +350,11 @@ class RowwiseInt8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kernel={'onednn' if self.use_onednn else '_int_mm'}")
+                f"bias={self.bias is not None}, gemm={self.gemm}")
 
 
-def _replace_linears(module: torch.nn.Module, kind: type = None, min_params: int = 0) -> torch.nn.Module:
+def _replace_linears(module: torch.nn.Module, kind: Callable[[torch.nn.Linear], torch.nn.Module] | None = None,
+                     min_params: int = 0) -> torch.nn.Module:
     """Every plain ``nn.Linear`` in ``module`` of at least ``min_params`` weights -> ``kind(linear)``
     (default ``RowwiseInt8Linear``)."""
     kind = kind or RowwiseInt8Linear
@@ -292,12 +367,15 @@ def _replace_linears(module: torch.nn.Module, kind: type = None, min_params: int
 
 def quantize_linears_int8(module: torch.nn.Module, backend: str = INT8_BACKEND) -> torch.nn.Module:
     """Every ``nn.Linear`` in ``module`` -> dynamically quantised int8, with ``backend`` one of
-    ``INT8_BACKENDS``: ``"rowwise"`` (``RowwiseInt8Linear``), ``"torch.ao"`` (``quantize_dynamic``,
+    ``INT8_BACKENDS``: ``"rowwise"`` (``RowwiseInt8Linear``; ``"rowwise-onednn"`` forces its
+    oneDNN GEMM), ``"torch.ao"`` (``quantize_dynamic``,
     fbgemm) or ``"torchao"`` (``Int8DynamicActivationInt8Weight``)."""
     if backend not in INT8_BACKENDS:
         raise PrecisionError(f"unknown int8 backend {backend!r}; choose one of {', '.join(INT8_BACKENDS)}")
     if backend == "rowwise":
         return _replace_linears(module)
+    if backend == "rowwise-onednn":
+        return _replace_linears(module, lambda linear: RowwiseInt8Linear(linear, "onednn"))
     if backend == "torchao":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

@@ -57,12 +57,21 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
     assert all(p.dtype == torch.float32 for p in model.rnnt.parameters())
 
 
+def _int8_gemms() -> list[str]:
+    """The row-wise int8 GEMMs this machine runs (fbgemm where its products are exact here)."""
+    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact
+
+    return ([g for g, ok in (("fbgemm", fbgemm_rowwise_exact()), ("onednn", _onednn_int8_available())) if ok]
+            + ["int_mm"])
+
+
+@pytest.mark.parametrize("gemm", _int8_gemms())
 @pytest.mark.parametrize("rows, in_features, out_features", [(1, 80, 512), (7, 257, 29), (40, 512, 4097)])
 def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_batch(rows, in_features,
-                                                                                      out_features):
+                                                                                      out_features, gemm):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, out_features)
-    int8 = RowwiseInt8Linear(linear)
+    int8 = RowwiseInt8Linear(linear, gemm)
     x = torch.randn(rows, in_features) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scale
     with torch.inference_mode():
         batched = int8(x)
@@ -70,6 +79,26 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
         for i in range(rows):
             assert torch.equal(int8(x[i:i + 1]), batched[i:i + 1])
         assert torch.equal(int8(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
+
+
+def test_rowwise_int8_gemms_compute_the_same_integer_products():
+    """Whatever GEMM runs, the product is the exact integer product of the quantised rows and
+    weights (only the float scaling after it may round differently)."""
+    from server.precision import _fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, fbgemm_rowwise_exact
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(300, 70)
+    x = torch.randn(9, 300) * torch.logspace(-3, 3, 9)[:, None]
+    with torch.inference_mode():
+        outputs = [RowwiseInt8Linear(linear, gemm)(x) for gemm in _int8_gemms()]
+        for out in outputs[1:]:
+            assert (out - outputs[0]).abs().max() <= 1e-5 * outputs[0].abs().max()
+        if fbgemm_rowwise_exact():  # the pinned unit quantisation: exact, extreme values included
+            w = torch.randint(-127, 128, (70, 300), dtype=torch.int8)
+            units = torch.randint(-127, 128, (9, 300)).float()
+            units[0], units[1] = 127.0, -127.0
+            got = _fbgemm_unit_product(units, _fbgemm_pack(w, torch.ones(70)), _fbgemm_range_row(300))
+            assert torch.equal(got, (units.double() @ w.double().t()).float())
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
