@@ -101,6 +101,25 @@ async def test_capacity_search_treats_errors_as_over_capacity():
     assert found == 5
 
 
+async def test_capacity_search_tries_a_figure_near_the_threshold_again_and_takes_the_mean():
+    calls: dict[int, int] = {}
+
+    async def trial(n):  # p99 = 15 N, but the first trial at N = 8 is unlucky: 170 ms
+        calls[n] = calls.get(n, 0) + 1
+        return _fake_summary(n, 170 if (n, calls[n]) == (8, 1) else 15 * n)
+
+    found, trials = await find_capacity(trial, 160, start=2, repeat_within=0.2)
+    assert found == 10  # 15 x 10 = 150 <= 160 < 165; without the second look 8 failed and the answer was 7
+    assert calls == {2: 1, 4: 1, 8: 2, 16: 1, 12: 2, 10: 2, 11: 2}  # 30, 60, 240 ms: far from 160, once
+    assert [t["streams"] for t in trials] == [2, 4, 8, 8, 16, 12, 12, 10, 10, 11, 11]
+    found, _ = await find_capacity(lambda n: trial(n) if n != 8 else _unlucky(n), 160, start=2)
+    assert found == 7  # the same search without repeat_within
+
+
+async def _unlucky(n):
+    return _fake_summary(n, 170)
+
+
 class SlowsDownWithLoad(asr_pb2_grpc.SpeechRecognitionServicer):
     """A fake server that answers each chunk after ``ms_per_stream`` x (open streams) ms."""
 
