@@ -278,6 +278,30 @@ def _fbgemm_unit_product(unit: torch.Tensor, packed, range_row: torch.Tensor) ->
     return torch.ops.quantized.linear_dynamic(torch.cat([unit, range_row]), packed, False)[:-1]
 
 
+FBGEMM_MAX_ROWS = 32  # row-wise int8 products up to this many rows run on fbgemm, larger ones on oneDNN
+
+
+def hybrid_int8_available() -> bool:
+    """Whether ``RowwiseInt8Linear`` may take fbgemm's GEMM for small products and oneDNN's for
+    large ones: both exact here and bit-for-bit equal on a probe (checked once)."""
+    global _HYBRID
+    if _HYBRID is None:
+        _HYBRID = False
+        if fbgemm_rowwise_exact() and _onednn_int8_available():
+            with torch.inference_mode():
+                torch.manual_seed(0)
+                linear = torch.nn.Linear(2048, 96)
+                x = torch.randn(40, 2048) * torch.logspace(-3, 3, 40)[:, None]
+                small, large = RowwiseInt8Linear(linear, "fbgemm"), RowwiseInt8Linear(linear, "onednn")
+                _HYBRID = bool(torch.equal(small(x), large(x)))
+            if not _HYBRID:
+                log.info("fbgemm's and oneDNN's int8 products differ here; row-wise int8 runs on fbgemm alone")
+    return _HYBRID
+
+
+_HYBRID: bool | None = None
+
+
 class RowwiseInt8Linear(torch.nn.Module):
     """``nn.Linear`` in int8: weights quantised once per output channel (symmetric), each input
     row quantised on the fly with its own scale, products accumulated exactly in int32.
@@ -285,20 +309,23 @@ class RowwiseInt8Linear(torch.nn.Module):
     Input ``(..., in_features)`` float32 -> output ``(..., out_features)`` float32. Each output
     row depends on its input row alone, bit for bit, whatever else is in the batch.
 
-    GEMM (``gemm``; default: the first that works here):
+    GEMM (``gemm``; default: the first that works here). Both int8 GEMMs give the exact integer
+    products scaled by the weight scales (``acc * w_scale``, one rounding), and the row scales
+    and the bias are applied to that in one ``addcmul``:
 
-    * ``"fbgemm"``: fbgemm's u8s8 GEMM (``quantized::linear_dynamic``), given each row already
-      divided by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``);
-      the row scales and the bias are applied to its output in one ``addcmul``. Used where
-      ``fbgemm_rowwise_exact``. At 5-20 rows it costs 10-40 % less than oneDNN's call here
-      (machine B: a full-size int8 step at one stream 27 ms against 32).
+    * ``"hybrid"``: fbgemm up to ``FBGEMM_MAX_ROWS`` rows, oneDNN above (where
+      ``hybrid_int8_available``: the two agree bit for bit). Measured on machine B at
+      512 x 2048: 5 rows 136 / 169 us, 20 rows 192 / 224, 80 rows 433 / 392, 160 rows 696 / 620.
+    * ``"fbgemm"``: fbgemm's u8s8 GEMM (``quantized::linear_dynamic``), handed each row already
+      divided by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``).
+      Where ``fbgemm_rowwise_exact``.
     * ``"onednn"``: oneDNN's int8 GEMM on weights packed once (``onednn.qlinear_pointwise``,
-      given rows already quantised, with scale 1; row scales applied to its output), at bucketed
-      row counts (``row_bucket``: oneDNN keeps a kernel per row count).
+      given rows already quantised, with scale 1), at bucketed row counts (``row_bucket``:
+      oneDNN keeps a kernel per row count).
     * ``"int_mm"``: ``torch._int_mm``, which repacks the weights at every call (1.4-2x slower).
     """
 
-    GEMMS = ("fbgemm", "onednn", "int_mm")
+    GEMMS = ("hybrid", "fbgemm", "onednn", "int_mm")
 
     def __init__(self, linear: torch.nn.Linear, gemm: str | None = None):
         super().__init__()
@@ -307,45 +334,43 @@ class RowwiseInt8Linear(torch.nn.Module):
         quantised = torch.round(weight / scale[:, None]).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if gemm is None:
-            gemm = "fbgemm" if fbgemm_rowwise_exact() else "onednn" if _onednn_int8_available() else "int_mm"
+            gemm = ("hybrid" if hybrid_int8_available() else "fbgemm" if fbgemm_rowwise_exact()
+                    else "onednn" if _onednn_int8_available() else "int_mm")
         if gemm not in self.GEMMS:
             raise ValueError(f"unknown int8 GEMM {gemm!r}; choose one of {', '.join(self.GEMMS)}")
         self.gemm = gemm
-        if gemm == "fbgemm":
-            self._packed = _fbgemm_pack(quantised, scale)
+        self.fbgemm_max_rows = {"hybrid": FBGEMM_MAX_ROWS, "fbgemm": 1 << 62}.get(gemm, -1)
+        if gemm in ("hybrid", "fbgemm"):
+            self._fbgemm = _fbgemm_pack(quantised, scale)
             self.register_buffer("range_row", _fbgemm_range_row(self.in_features))
-        elif gemm == "onednn":
-            self._packed = torch.ops.onednn.qlinear_prepack(quantised, [256, self.in_features])
+        if gemm in ("hybrid", "onednn"):
+            self._onednn = torch.ops.onednn.qlinear_prepack(quantised, [256, self.in_features])
             self.register_buffer("weight_zero_points", torch.zeros(self.out_features, dtype=torch.int64))
-        else:
+        if gemm == "int_mm":
             self.register_buffer("weight_t", quantised.t().contiguous())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        count = rows.size(0)
         # abs().amax(): measured 10x faster here than linalg.vector_norm(ord=inf) or aminmax
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
-        if self.gemm == "fbgemm":  # fbgemm rounds rows / scale itself (exactly: unit scale)
-            out = _fbgemm_unit_product(rows.div(scale), self._packed, self.range_row)
-            out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        if self.gemm == "onednn":  # int8 values as uint8 around zero point 128 (oneDNN's activation type);
-            # round(v + 128) == round(v) + 128 (128 is even, so ties round alike)
-            quantised = rows.div(scale).add_(128).round_().to(torch.uint8)
-            count = quantised.size(0)
+        if count <= self.fbgemm_max_rows:  # fbgemm rounds rows / scale itself (exactly: unit scale)
+            out = _fbgemm_unit_product(rows.div(scale), self._fbgemm, self.range_row)
+        elif self.gemm != "int_mm":  # int8 values as uint8 around zero point 128 (oneDNN's activation type),
+            # rounded before the shift (v + 128 in float32 can itself round, then ties fall otherwise)
+            quantised = rows.div(scale).round_().add_(128).to(torch.uint8)
             padded = row_bucket(count)  # bounds the kernels oneDNN keeps (one per row count)
             if padded != count:
                 quantised = torch.nn.functional.pad(quantised, (0, 0, 0, padded - count), value=128)
             out = torch.ops.onednn.qlinear_pointwise(
-                quantised, 1.0, 128, self._packed, self.weight_scale,
+                quantised, 1.0, 128, self._onednn, self.weight_scale,
                 self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")[:count]
-            out.mul_(scale)
-        else:  # in place: at a few hundred rows, temporaries here cost as much as the product
+        else:
             quantised = rows.div(scale).round_().to(torch.int8)
-            out = torch._int_mm(quantised, self.weight_t).float().mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            out.add_(self.bias)
+            out = torch._int_mm(quantised, self.weight_t).float().mul_(self.weight_scale)
+        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
