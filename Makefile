@@ -8,8 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
-TEST_APT := prometheus chromium $(DATA_APT)
-TEST_CMDS := prometheus promtool chromium sox espeak-ng flite festival
+# g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
+TEST_APT := prometheus chromium g++ $(DATA_APT)
+TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival
 
 .PHONY: help venv demo test test-apt test-fast bench proto demo-data train-demo eval-demo clean
 

@@ -158,8 +158,11 @@ class Engine:
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
         self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
         if precision == "int8":
-            gemms = sorted({m.gemm for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)})
-            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {'/'.join(gemms)} GEMM)" if gemms else "")
+            rowwise = [m for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)]
+            gemms = "/".join(sorted({m.gemm for m in rowwise}))
+            native = any(m._fused is not None for m in rowwise)
+            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, "
+                     f"{'native' if native else 'composed'} fbgemm path)" if rowwise else "")
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         cap = max_symbols_per_frame or model.max_symbols_per_frame
         self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)

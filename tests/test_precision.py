@@ -200,3 +200,32 @@ def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
     with torch.inference_mode():
         # (oneDNN may round a padded batch's bf16 products differently: close, not equal)
         assert relative_error(torch.nn.functional.linear(x, net[0].weight, net[0].bias), net(x)) < 1e-2
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, True),
+                                                                   (32, 80, 29, False), (17, 300, 4097, True)])
+def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_features, out_features, bias):
+    """server/native's fused operator (built here: g++ comes with ``make test-apt``) and the
+    composed Python path compute the same products to the bit, so which one runs never
+    changes a transcript."""
+    from server import native
+    from server.precision import fbgemm_rowwise_exact
+
+    if not fbgemm_rowwise_exact():
+        pytest.skip("fbgemm's int8 GEMM is not exact on this CPU: the fused operator is not used")
+    assert native.why_unavailable() is not None or native.load(), "the native operator failed to build"
+    op = native.rowwise_int8_linear()
+    if op is None:
+        pytest.skip(f"native operator unavailable here: {native.why_unavailable()}")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    composed = RowwiseInt8Linear(linear, "fbgemm")
+    composed._fused = None
+    x = (torch.randn(rows, in_features * 2) * torch.logspace(-3, 3, rows)[:, None])[:, ::2]  # not contiguous
+    x[0] = 0.0  # an all-zero row: the scale's clamp
+    assert not x.is_contiguous()
+    with torch.inference_mode():
+        assert torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
+        fused = RowwiseInt8Linear(linear)  # the default picks the fused operator up
+        assert fused._fused is not None
+        assert torch.equal(fused(x.reshape(1, rows, in_features)), composed(x).reshape(1, rows, out_features))

@@ -1,0 +1,99 @@
+"""The server's own C++ operators, compiled on first use and cached.
+
+``rowwise_int8_linear()`` returns ``torch.ops.asr_native.rowwise_int8_linear`` (see
+``rowwise_int8.cpp``: ``RowwiseInt8Linear``'s small-product path in one call, the same bits),
+or ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
+or a build error. Callers then run the composed Python path, which gives the same results,
+slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
+from pip); later processes load the cached library in well under a second.
+
+Cache: ``$ASR_NATIVE_CACHE``, else ``~/.cache/asr-server/native``, one folder per torch version
+and compiler flags (the build is for this CPU).
+
+    python -m server.native     # build now (the Docker image does this at build time)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("rowwise_int8.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma"]
+_loaded: bool | None = None
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return all(f in line.split() for f in flags)
+
+
+def _cache_dir() -> Path:
+    tag = hashlib.sha256((SOURCE.read_text() + torch.__version__ + " ".join(FLAGS)).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("ASR_NATIVE_CACHE") or Path.home() / ".cache" / "asr-server" / "native")
+    path = root / f"torch-{torch.__version__.replace('+', '-')}-{tag}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".writable"
+        probe.touch()
+        return path
+    except OSError:  # a read-only home (containers): build in a private temporary folder
+        return Path(tempfile.mkdtemp(prefix="asr-native-"))
+
+
+def why_unavailable() -> str | None:
+    """Why the operators cannot be built here (``None``: they can be tried)."""
+    if os.environ.get("ASR_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return "ASR_NATIVE_KERNELS=0"
+    if not _cpu_has("avx2", "fma"):
+        return "the CPU lacks AVX2 / FMA"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler (apt install g++)"
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no fbgemm"
+    return None
+
+
+def load() -> bool:
+    """Build (or find in the cache) and load the operators; ``True`` if they are loaded."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    _loaded = False
+    reason = why_unavailable()
+    if reason:
+        log.info("native int8 operator not built: %s; the composed path runs instead", reason)
+        return False
+    from torch.utils import cpp_extension
+
+    bin_dir = str(Path(sys.executable).parent)  # ninja comes with the virtual environment
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           build_directory=str(_cache_dir()), is_python_module=False, verbose=False)
+        _loaded = hasattr(torch.ops.asr_native, "rowwise_int8_linear")
+    except Exception as e:  # noqa: BLE001 - any build failure falls back to the composed path
+        log.warning("native int8 operator could not be built (%s); the composed path runs instead",
+                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+    return _loaded
+
+
+def rowwise_int8_linear():
+    """``torch.ops.asr_native.rowwise_int8_linear``, or ``None`` where it cannot be built."""
+    return torch.ops.asr_native.rowwise_int8_linear if load() else None
+

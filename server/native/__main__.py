@@ -1,0 +1,11 @@
+"""``python -m server.native``: build the native operators now (the Docker image does this)."""
+
+import logging
+import sys
+
+from server.native import load, why_unavailable
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+ok = load()
+print("asr_native.rowwise_int8_linear:", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
+sys.exit(0 if ok else 1)
