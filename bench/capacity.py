@@ -48,7 +48,7 @@ from client.stream import StreamOptions  # noqa: E402
 AUDIO = ROOT / "bench" / "audio"
 RESULTS = ROOT / "bench" / "results"
 THRESHOLD_MS = 160.0
-REPEAT_WITHIN = 0.15  # a trial whose p99 lies within 15 % of the threshold runs twice (find_capacity)
+REPEAT_WITHIN = 0.10  # a trial whose p99 lies within 10 % of the threshold runs twice (find_capacity)
 DEFAULT_CONFIGS = "greedy:fp32,beam4:fp32,greedy:bf16,greedy:int8,greedy:int8-fbgemm"
 
 

@@ -77,6 +77,8 @@ def load() -> bool:
     if reason:
         log.info("native int8 operator not built: %s; the composed path runs instead", reason)
         return False
+    # importing cpp_extension warns that no CUDA runtime is found: irrelevant to a CPU operator
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     bin_dir = str(Path(sys.executable).parent)  # ninja comes with the virtual environment
