@@ -167,6 +167,16 @@ def row_bucket(rows: int) -> int:
     return -(-rows // 160) * 160
 
 
+def _bucketed_rows(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
+    """``x`` (..., in_features) as rows zero-padded to ``row_bucket`` rows, and the real row count."""
+    rows = x.reshape(-1, in_features)
+    count = rows.size(0)
+    padded = row_bucket(count)
+    if padded != count:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - count))
+    return rows, count
+
+
 class BucketedLinear(torch.nn.Module):
     """``nn.Linear`` (its own weights, any dtype) run at ``row_bucket`` rows: torch runs bf16 / fp16
     products on CPU through oneDNN, which keeps a kernel per row count (measured: 100 MiB for one
@@ -178,11 +188,7 @@ class BucketedLinear(torch.nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        count = rows.size(0)
-        padded = row_bucket(count)
-        if padded != count:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - count))
+        rows, count = _bucketed_rows(x, self.in_features)
         out = torch.nn.functional.linear(rows, self.weight, self.bias)[:count]
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -209,11 +215,7 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        count = rows.size(0)
-        padded = row_bucket(count)
-        if padded != count:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - count))
+        rows, count = _bucketed_rows(x, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return out[:count].reshape(*x.shape[:-1], self.out_features)
 
