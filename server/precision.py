@@ -27,6 +27,7 @@ measure (``server.engine.Engine.self_check``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -227,34 +228,29 @@ def _onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
-_FBGEMM_EXACT: bool | None = None
-
-
+@functools.cache
 def fbgemm_rowwise_exact() -> bool:
     """Whether fbgemm's int8 GEMM here gives exactly the integer products ``RowwiseInt8Linear``
     needs (checked once, on the extreme values 255 x 127 that saturate the 16-bit pair sums of
     CPUs without VNNI): then it is the row-wise kernel, else oneDNN's is."""
-    global _FBGEMM_EXACT
-    if _FBGEMM_EXACT is None:
-        _FBGEMM_EXACT = False
-        if "fbgemm" in torch.backends.quantized.supported_engines:
-            try:
-                with torch.inference_mode():
-                    torch.manual_seed(0)
-                    k, n = 256, 64
-                    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-                    w[0] = 127
-                    w[1, ::2], w[1, 1::2] = 127, -127
-                    x = torch.randint(-127, 128, (6, k)).float()
-                    x[0], x[1] = 127.0, -127.0
-                    exact = (x.double() @ w.double().t()).float()
-                    got = _fbgemm_unit_product(x, _fbgemm_pack(w, torch.ones(n)), _fbgemm_range_row(k))
-                    _FBGEMM_EXACT = bool(torch.equal(got, exact))
-            except (RuntimeError, AttributeError) as e:  # a build without the quantized ops
-                log.info("fbgemm int8 GEMM unavailable: %s", e)
-            if not _FBGEMM_EXACT:
-                log.info("fbgemm's int8 GEMM is not exact here; row-wise int8 runs on oneDNN")
-    return _FBGEMM_EXACT
+    exact = False
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        try:
+            with torch.inference_mode():
+                torch.manual_seed(0)
+                k, n = 256, 64
+                w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+                w[0] = 127
+                w[1, ::2], w[1, 1::2] = 127, -127
+                x = torch.randint(-127, 128, (6, k)).float()
+                x[0], x[1] = 127.0, -127.0
+                got = _fbgemm_unit_product(x, _fbgemm_pack(w, torch.ones(n)), _fbgemm_range_row(k))
+                exact = bool(torch.equal(got, (x.double() @ w.double().t()).float()))
+        except (RuntimeError, AttributeError) as e:  # a build without the quantized ops
+            log.info("fbgemm int8 GEMM unavailable: %s", e)
+    if not exact:
+        log.info("fbgemm's int8 GEMM is not exact here; row-wise int8 runs on oneDNN")
+    return exact
 
 
 def _fbgemm_pack(quantised: torch.Tensor, scale: torch.Tensor):
@@ -284,7 +280,7 @@ def fused_rowwise_int8():
     """``server.native``'s fused operator for the fbgemm path (``None`` where it cannot be built
     or does not give the composed path's bits on a probe here)."""
     global _FUSED
-    if _FUSED is None:
+    if _FUSED is None:  # not functools.cache: the probe's own RowwiseInt8Linear asks again (-> None)
         _FUSED = False
         from server import native
 
@@ -307,25 +303,21 @@ _FUSED = None
 FBGEMM_MAX_ROWS = 32  # row-wise int8 products up to this many rows run on fbgemm, larger ones on oneDNN
 
 
+@functools.cache
 def hybrid_int8_available() -> bool:
     """Whether ``RowwiseInt8Linear`` may take fbgemm's GEMM for small products and oneDNN's for
     large ones: both exact here and bit-for-bit equal on a probe (checked once)."""
-    global _HYBRID
-    if _HYBRID is None:
-        _HYBRID = False
-        if fbgemm_rowwise_exact() and _onednn_int8_available():
-            with torch.inference_mode():
-                torch.manual_seed(0)
-                linear = torch.nn.Linear(2048, 96)
-                x = torch.randn(40, 2048) * torch.logspace(-3, 3, 40)[:, None]
-                small, large = RowwiseInt8Linear(linear, "fbgemm"), RowwiseInt8Linear(linear, "onednn")
-                _HYBRID = bool(torch.equal(small(x), large(x)))
-            if not _HYBRID:
-                log.info("fbgemm's and oneDNN's int8 products differ here; row-wise int8 runs on fbgemm alone")
-    return _HYBRID
-
-
-_HYBRID: bool | None = None
+    if not (fbgemm_rowwise_exact() and _onednn_int8_available()):
+        return False
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(2048, 96)
+        x = torch.randn(40, 2048) * torch.logspace(-3, 3, 40)[:, None]
+        small, large = RowwiseInt8Linear(linear, "fbgemm"), RowwiseInt8Linear(linear, "onednn")
+        agree = bool(torch.equal(small(x), large(x)))
+    if not agree:
+        log.info("fbgemm's and oneDNN's int8 products differ here; row-wise int8 runs on fbgemm alone")
+    return agree
 
 
 class RowwiseInt8Linear(torch.nn.Module):
