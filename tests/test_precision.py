@@ -229,3 +229,33 @@ def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_fea
         fused = RowwiseInt8Linear(linear)  # the default picks the fused operator up
         assert fused._fused is not None
         assert torch.equal(fused(x.reshape(1, rows, in_features)), composed(x).reshape(1, rows, out_features))
+
+
+@pytest.mark.parametrize("rows, padded, in_features", [(33, 40, 512), (160, 160, 2048), (41, 45, 37), (1, 5, 1024)])
+def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in_features):
+    """The large-product (oneDNN) path's one-pass activation quantisation in server/native equals
+    the composed torch ops bit for bit (ties round to even, padding rows are zero point 128),
+    and a RowwiseInt8Linear using it equals one without it."""
+    from server import native
+    from server.precision import _onednn_int8_available, _quantize_u8
+
+    assert native.why_unavailable() is not None or native.load(), "the native operator failed to build"
+    op = native.rowwise_quantize_u8()
+    if op is None:
+        pytest.skip(f"native operator unavailable here: {native.why_unavailable()}")
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, in_features * 2) * torch.logspace(-4, 4, rows)[:, None])[:, ::2]  # not contiguous
+    x[0] = 0.0
+    x[-1, :4] = torch.tensor([0.5, 1.5, -2.5, 126.5]) * (x[-1].abs().max() / 127.0)  # ties at the row's scale
+    want_q, want_s = _quantize_u8(x, padded)
+    got_q, got_s = op(x, padded)
+    assert got_q.dtype == torch.uint8 and got_q.shape == (padded, in_features)
+    assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
+    assert (got_q[rows:] == 128).all()
+    if _onednn_int8_available():  # the GEMM that uses it
+        linear = torch.nn.Linear(in_features, 96)
+        fused, composed = RowwiseInt8Linear(linear, "onednn"), RowwiseInt8Linear(linear, "onednn")
+        composed._quantize_u8 = _quantize_u8
+        assert fused._quantize_u8 is op
+        with torch.inference_mode():
+            assert torch.equal(fused(x), composed(x))

@@ -2,7 +2,8 @@
 
 ``rowwise_int8_linear()`` returns ``torch.ops.asr_native.rowwise_int8_linear`` (see
 ``rowwise_int8.cpp``: ``RowwiseInt8Linear``'s small-product path in one call, the same bits),
-or ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
+``rowwise_quantize_u8()`` its large-product path's activation quantisation in one pass,
+each ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
 or a build error. Callers then run the composed Python path, which gives the same results,
 slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
 from pip); later processes load the cached library in well under a second.
@@ -88,7 +89,7 @@ def load() -> bool:
     try:
         cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
                            build_directory=str(_cache_dir()), is_python_module=False, verbose=False)
-        _loaded = hasattr(torch.ops.asr_native, "rowwise_int8_linear")
+        _loaded = all(hasattr(torch.ops.asr_native, op) for op in ("rowwise_int8_linear", "rowwise_quantize_u8"))
     except Exception as e:  # noqa: BLE001 - any build failure falls back to the composed path
         log.warning("native int8 operator could not be built (%s); the composed path runs instead",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
@@ -99,3 +100,8 @@ def rowwise_int8_linear():
     """``torch.ops.asr_native.rowwise_int8_linear``, or ``None`` where it cannot be built."""
     return torch.ops.asr_native.rowwise_int8_linear if load() else None
 
+
+
+def rowwise_quantize_u8():
+    """``torch.ops.asr_native.rowwise_quantize_u8``, or ``None`` where it cannot be built."""
+    return torch.ops.asr_native.rowwise_quantize_u8 if load() else None
