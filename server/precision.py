@@ -277,22 +277,25 @@ def _fbgemm_unit_product(unit: torch.Tensor, packed, range_row: torch.Tensor) ->
 
 
 def fused_rowwise_int8():
-    """``server.native``'s fused operator for the fbgemm path (``None`` where it cannot be built
-    or does not give the composed path's bits on a probe here)."""
+    """``server.native``'s one-call fbgemm path (``rowwise_int8_gemm``; ``None`` where it cannot
+    be built or does not give the composed path's bits on a probe here)."""
     global _FUSED
     if _FUSED is None:  # not functools.cache: the probe's own RowwiseInt8Linear asks again (-> None)
         _FUSED = False
         from server import native
 
-        op = native.rowwise_int8_linear() if fbgemm_rowwise_exact() else None
+        op = native.rowwise_int8_gemm() if fbgemm_rowwise_exact() else None
         if op is not None:
             with torch.inference_mode():
                 torch.manual_seed(0)
-                linear = torch.nn.Linear(300, 70)
-                composed = RowwiseInt8Linear(linear, "fbgemm")
-                composed._fused = None
-                x = torch.randn(9, 300) * torch.logspace(-3, 3, 9)[:, None]
-                ok = torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
+                ok = True
+                for bias in (True, False):
+                    linear = torch.nn.Linear(300, 70, bias=bias)
+                    composed = RowwiseInt8Linear(linear, "fbgemm")
+                    composed._fused = None
+                    for rows in (1, 9, 150):
+                        x = torch.randn(rows, 300) * torch.logspace(-3, 3, rows)[:, None]
+                        ok = ok and torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
             _FUSED = op if ok else False
             if not ok:
                 log.warning("native int8 operator differs from the composed path here; not used")
@@ -342,7 +345,11 @@ def fused_quantize_u8():
     return op if ok else None
 
 
-FBGEMM_MAX_ROWS = 32  # row-wise int8 products up to this many rows run on fbgemm, larger ones on oneDNN
+# "hybrid": row-wise int8 products up to this many rows run on fbgemm, larger ones on oneDNN;
+# measured on machine B (2 threads, 512 x 2048 ... 1024 x 4097): the composed fbgemm path is
+# faster than oneDNN to about 32 rows, the native one-call path (``fused_rowwise_int8``) to 120-160
+FBGEMM_MAX_ROWS = 32
+NATIVE_FBGEMM_MAX_ROWS = 128
 
 
 @functools.cache
@@ -373,11 +380,13 @@ class RowwiseInt8Linear(torch.nn.Module):
     products scaled by the weight scales (``acc * w_scale``, one rounding), and the row scales
     and the bias are applied to that in one ``addcmul``:
 
-    * ``"hybrid"``: fbgemm up to ``FBGEMM_MAX_ROWS`` rows, oneDNN above (where
-      ``hybrid_int8_available``: the two agree bit for bit). Measured on machine B at
-      512 x 2048: 5 rows 136 / 169 us, 20 rows 192 / 224, 80 rows 433 / 392, 160 rows 696 / 620.
-    * ``"fbgemm"``: fbgemm's u8s8 GEMM (``quantized::linear_dynamic``), handed each row already
-      divided by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``).
+    * ``"hybrid"``: fbgemm up to ``NATIVE_FBGEMM_MAX_ROWS`` rows (``FBGEMM_MAX_ROWS`` without
+      the native operator), oneDNN above (where ``hybrid_int8_available``: the two agree bit for
+      bit). Measured on machine B, native fbgemm / oneDNN, median of 7: 512 x 2048 at 60 rows
+      354 / 438 us, 120 rows 565 / 582, 160 rows 688 / 684; 1024 x 4097 at 160 rows 2591 / 2150.
+    * ``"fbgemm"``: fbgemm's u8s8 GEMM. With ``server.native`` (``fused_rowwise_int8``) in one
+      call; else composed around ``quantized::linear_dynamic``, handed each row already divided
+      by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``).
       Where ``fbgemm_rowwise_exact``.
     * ``"onednn"``: oneDNN's int8 GEMM on weights packed once (``onednn.qlinear_pointwise``,
       given rows already quantised, with scale 1), at bucketed row counts (``row_bucket``:
@@ -399,12 +408,13 @@ class RowwiseInt8Linear(torch.nn.Module):
         if gemm not in self.GEMMS:
             raise ValueError(f"unknown int8 GEMM {gemm!r}; choose one of {', '.join(self.GEMMS)}")
         self.gemm = gemm
-        self.fbgemm_max_rows = {"hybrid": FBGEMM_MAX_ROWS, "fbgemm": 1 << 62}.get(gemm, -1)
         self._fused = None
         if gemm in ("hybrid", "fbgemm"):
             self._fbgemm = _fbgemm_pack(quantised, scale)
             self.register_buffer("range_row", _fbgemm_range_row(self.in_features))
             self._fused = fused_rowwise_int8()
+        hybrid_rows = FBGEMM_MAX_ROWS if self._fused is None else NATIVE_FBGEMM_MAX_ROWS
+        self.fbgemm_max_rows = {"hybrid": hybrid_rows, "fbgemm": 1 << 62}.get(gemm, -1)
         if gemm in ("hybrid", "onednn"):
             self._quantize_u8 = fused_quantize_u8() or _quantize_u8
             self._onednn = torch.ops.onednn.qlinear_prepack(quantised, [256, self.in_features])
@@ -417,7 +427,7 @@ class RowwiseInt8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         count = rows.size(0)
-        if self._fused is not None and count <= self.fbgemm_max_rows:  # all of the fbgemm path, in C++
+        if self._fused is not None and count <= self.fbgemm_max_rows:  # the fbgemm path in one C++ call
             return self._fused(rows, self._fbgemm, self.bias).reshape(*x.shape[:-1], self.out_features)
         if count <= self.fbgemm_max_rows:  # fbgemm rounds rows / scale itself (exactly: unit scale)
             scale = _row_scales(rows)

@@ -81,7 +81,7 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
         assert torch.equal(int8(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
 
 
-@pytest.mark.parametrize("rows", [3, 40, 100])  # below and above FBGEMM_MAX_ROWS
+@pytest.mark.parametrize("rows", [3, 40, 100, 150])  # below and above FBGEMM_MAX_ROWS (and the native one)
 def test_rowwise_int8_gemms_give_the_same_bits(rows):
     """Whatever GEMM runs, the result is the exact integer product of the quantised rows and
     weights, scaled the same way: bit for bit the same (the hybrid's small and large batches
@@ -203,18 +203,19 @@ def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
 
 
 @pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, True),
-                                                                   (32, 80, 29, False), (17, 300, 4097, True)])
+                                                                   (32, 80, 29, False), (17, 300, 4097, True),
+                                                                   (128, 512, 1536, True), (160, 1024, 70, False)])
 def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_features, out_features, bias):
-    """server/native's fused operator (built here: g++ comes with ``make test-apt``) and the
-    composed Python path compute the same products to the bit, so which one runs never
+    """server/native's one-call fbgemm operator (built here: g++ comes with ``make test-apt``)
+    and the composed Python path compute the same products to the bit, so which one runs never
     changes a transcript."""
     from server import native
-    from server.precision import fbgemm_rowwise_exact
+    from server.precision import NATIVE_FBGEMM_MAX_ROWS, fbgemm_rowwise_exact, hybrid_int8_available
 
     if not fbgemm_rowwise_exact():
         pytest.skip("fbgemm's int8 GEMM is not exact on this CPU: the fused operator is not used")
     assert native.why_unavailable() is not None or native.load(), "the native operator failed to build"
-    op = native.rowwise_int8_linear()
+    op = native.rowwise_int8_gemm()
     if op is None:
         pytest.skip(f"native operator unavailable here: {native.why_unavailable()}")
     torch.manual_seed(rows)
@@ -228,7 +229,11 @@ def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_fea
         assert torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
         fused = RowwiseInt8Linear(linear)  # the default picks the fused operator up
         assert fused._fused is not None
+        if hybrid_int8_available():
+            assert fused.fbgemm_max_rows == NATIVE_FBGEMM_MAX_ROWS
         assert torch.equal(fused(x.reshape(1, rows, in_features)), composed(x).reshape(1, rows, out_features))
+        with pytest.raises(RuntimeError, match="columns"):
+            op(torch.randn(2, in_features + 1), composed._fbgemm, composed.bias)
 
 
 @pytest.mark.parametrize("rows, padded, in_features", [(33, 40, 512), (160, 160, 2048), (41, 45, 37), (1, 5, 1024)])

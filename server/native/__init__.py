@@ -1,8 +1,8 @@
 """The server's own C++ operators, compiled on first use and cached.
 
-``rowwise_int8_linear()`` returns ``torch.ops.asr_native.rowwise_int8_linear`` (see
-``rowwise_int8.cpp``: ``RowwiseInt8Linear``'s small-product path in one call, the same bits),
-``rowwise_quantize_u8()`` its large-product path's activation quantisation in one pass,
+``rowwise_int8_gemm()`` returns ``torch.ops.asr_native.rowwise_int8_gemm`` (see
+``rowwise_int8.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
+``rowwise_quantize_u8()`` its oneDNN path's activation quantisation in one pass,
 each ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
 or a build error. Callers then run the composed Python path, which gives the same results,
 slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
@@ -29,7 +29,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rowwise_int8.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma"]
+SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
+OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8")
+# -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
+# -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
 _loaded: bool | None = None
 
 
@@ -43,7 +47,9 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def _cache_dir() -> Path:
-    tag = hashlib.sha256((SOURCE.read_text() + torch.__version__ + " ".join(FLAGS)).encode()).hexdigest()[:12]
+    sources = [SOURCE, *sorted(SHIM.rglob("*.h"))]
+    text = "".join(p.read_text() for p in sources) + torch.__version__ + " ".join(FLAGS)
+    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
     root = Path(os.environ.get("ASR_NATIVE_CACHE") or Path.home() / ".cache" / "asr-server" / "native")
     path = root / f"torch-{torch.__version__.replace('+', '-')}-{tag}"
     try:
@@ -87,21 +93,20 @@ def load() -> bool:
     if bin_dir not in path.split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + path
     try:
-        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_include_paths=[str(SHIM)],
                            build_directory=str(_cache_dir()), is_python_module=False, verbose=False)
-        _loaded = all(hasattr(torch.ops.asr_native, op) for op in ("rowwise_int8_linear", "rowwise_quantize_u8"))
+        _loaded = all(hasattr(torch.ops.asr_native, op) for op in OPERATORS)
     except Exception as e:  # noqa: BLE001 - any build failure falls back to the composed path
         log.warning("native int8 operator could not be built (%s); the composed path runs instead",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
     return _loaded
 
 
-def rowwise_int8_linear():
-    """``torch.ops.asr_native.rowwise_int8_linear``, or ``None`` where it cannot be built."""
-    return torch.ops.asr_native.rowwise_int8_linear if load() else None
-
-
-
 def rowwise_quantize_u8():
     """``torch.ops.asr_native.rowwise_quantize_u8``, or ``None`` where it cannot be built."""
     return torch.ops.asr_native.rowwise_quantize_u8 if load() else None
+
+
+def rowwise_int8_gemm():
+    """``torch.ops.asr_native.rowwise_int8_gemm``, or ``None`` where it cannot be built."""
+    return torch.ops.asr_native.rowwise_int8_gemm if load() else None

@@ -7,5 +7,5 @@ from server.native import load, why_unavailable
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 ok = load()
-print("asr_native.rowwise_int8_linear:", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
+print("asr_native operators (rowwise_int8_gemm, rowwise_quantize_u8):", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
 sys.exit(0 if ok else 1)

@@ -1,18 +1,20 @@
-// Row-wise int8 linear on fbgemm in one call: server.precision.RowwiseInt8Linear's small-product
-// path (abs, amax, clamp, two divides, a concatenation, fbgemm, a slice and an addcmul: about ten
-// dispatched operators in Python) fused into one operator, bit for bit the same result.
+// server.precision.RowwiseInt8Linear's int8 products in single operators, bit for bit the results
+// of the composed torch path (each row quantised with its own scale max|row| / 127, clamped at
+// 1e-12 / 127, to round(row / scale); exact int32 products; weight scale, row scale, bias).
+//
+// asr_native::rowwise_int8_gemm(rows (n, k) float32, packed fbgemm weights, bias (out,)?) ->
+// (n, out) float32: the whole linear on fbgemm's int8 GEMM, called directly (one quantising pass,
+// the GEMM with fbgemm's float output stage, one pass for row scale and bias), instead of about
+// ten dispatched operators around quantized::linear_dynamic. Built with torch's fbgemm headers;
+// asmjit_shim/ stands in for the asmjit headers they include and torch does not ship.
 //
 // asr_native::rowwise_quantize_u8(rows (n, k) float32, padded_rows) -> (quantised (padded_rows, k)
 // uint8, scale (n, 1) float32): the large-product (oneDNN) path's activation quantisation in one
 // pass instead of six: round(row / scale) + 128, the padding rows all 128 (zero).
-//
-// asr_native::rowwise_int8_linear(rows (n, k) float32, packed fbgemm weights, bias (out,)?) ->
-// (n, out) float32. Each row is divided by its scale max|row| / 127 (clamped at 1e-12 / 127);
-// a range row (-128, 127, 0, ...) appended pins fbgemm's per-batch quantisation to scale 1 and
-// zero point 128, so every value quantises exactly and each row depends on itself alone.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/quantized/PackedParams.h>
+#include <ATen/native/quantized/cpu/fbgemm_utils.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -21,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -46,17 +49,6 @@ float row_abs_max(const float* x, int64_t k) {  // max |x_j| (AVX2: the build re
 float row_scale(const float* x, int64_t k) {  // the row's int8 scale, max |x_j| / 127
   const float m = row_abs_max(x, k);
   return (m > 1e-12f ? m : 1e-12f) / 127.0f;
-}
-
-void unit_rows(const float* __restrict__ x, float* __restrict__ u, float* __restrict__ s, int64_t begin,
-               int64_t end, int64_t k) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xi = x + i * k;
-    const float si = row_scale(xi, k);
-    s[i] = si;
-    float* ui = u + i * k;
-    for (int64_t j = 0; j < k; ++j) ui[j] = xi[j] / si;  // a true division: the composed path's bits
-  }
 }
 
 void quantize_rows_u8(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int64_t begin,
@@ -102,38 +94,77 @@ std::tuple<at::Tensor, at::Tensor> rowwise_quantize_u8(const at::Tensor& rows_in
   return {quantised, scale};
 }
 
-at::Tensor rowwise_int8_linear(const at::Tensor& rows_in, const c10::intrusive_ptr<LinearPackedParamsBase>& packed,
-                               const std::optional<at::Tensor>& bias) {
+// The whole row-wise int8 linear on fbgemm's int8 GEMM, called directly: rows quantised to uint8
+// around 128 (rowwise_quantize_u8's bits); fbgemm's float output stage gives each exact product
+// times its weight scale (acc - 128 * colsum) * w_scale, as in linear_dynamic at unit activation
+// scale; then out = fma(that, row_scale, bias), as torch's addcmul: the other paths' bits.
+at::Tensor rowwise_int8_gemm(const at::Tensor& rows_in, const c10::intrusive_ptr<LinearPackedParamsBase>& packed,
+                             const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == at::kFloat, "rows must be (n, k) float32");
+  auto* weight = dynamic_cast<PackedLinearWeight*>(packed.get());
+  TORCH_CHECK(weight != nullptr, "packed must be fbgemm's PackedLinearWeight");
+  TORCH_CHECK(weight->q_scheme == c10::kPerChannelAffine, "weights must be quantised per channel");
   const at::Tensor rows = rows_in.contiguous();
   const int64_t n = rows.size(0), k = rows.size(1);
-  TORCH_CHECK(k >= 2, "rows need at least two columns");
-  at::Tensor unit = at::empty({n + 1, k}, rows.options());
-  at::Tensor scale = at::empty({n, 1}, rows.options());
+  const int64_t m = weight->w->numCols();
+  TORCH_CHECK(weight->w->numRows() == k, "rows have ", k, " columns, the weights ", weight->w->numRows());
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == m, "bias must be (", m, ",) float32");
+  }
+  at::Tensor quantised = at::empty({n, k}, rows.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({n}, rows.options());
   const float* x = rows.data_ptr<float>();
-  float* u = unit.data_ptr<float>();
+  uint8_t* q = quantised.data_ptr<uint8_t>();
   float* s = scale.data_ptr<float>();
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
-    unit_rows(x, u, s, begin, end, k);
+    quantize_rows_u8(x, q, s, begin, end, k);
   });
-  float* range = u + n * k;
-  for (int64_t j = 0; j < k; ++j) range[j] = 0.f;
-  range[0] = -128.f;
-  range[1] = 127.f;
-  const at::Tensor products = packed->apply_dynamic(unit, /*reduce_range=*/false).narrow(0, 0, n);
-  // the same epilogue operators as the Python path, so the same bits on every CPU
-  return bias.has_value() ? at::addcmul(*bias, products, scale) : products.mul(scale);
+  at::Tensor out = at::empty({n, m}, rows.options());
+  at::Tensor buffer = at::empty({n, m}, rows.options().dtype(at::kInt));
+  float* o = out.data_ptr<float>();
+  int32_t* acc = buffer.data_ptr<int32_t>();
+  const int tasks = at::get_num_threads();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> row_offsets(fbgemm::PackAWithRowOffset<uint8_t>::rowOffsetBufferSize());
+    for (int64_t task = begin; task < end; ++task) {
+      fbgemm::PackAWithRowOffset<uint8_t> pack_a(fbgemm::matrix_op_t::NoTranspose, static_cast<uint32_t>(n),
+                                                 static_cast<uint32_t>(k), q, static_cast<uint32_t>(k), nullptr, 1,
+                                                 row_offsets.data());
+      fbgemm::DoNothing<float, float> nothing;
+      // weights are symmetric (zero point 0): no row-offset term
+      fbgemm::ReQuantizeForFloat<false, fbgemm::QuantizationGranularity::OUT_CHANNEL> output(
+          nothing, 1.0f, weight->w_scale.data(), 128, weight->w_zp.data(), nullptr, weight->col_offsets.data(),
+          nullptr, static_cast<uint32_t>(m));
+      fbgemm::fbgemmPacked(pack_a, *weight->w, o, acc, static_cast<int32_t>(m), output, static_cast<int>(task),
+                           tasks);
+    }
+  });
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / m), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* oi = o + i * m;
+      const float si = s[i];
+      if (b != nullptr) {
+        for (int64_t j = 0; j < m; ++j) oi[j] = std::fma(oi[j], si, b[j]);  // torch's addcmul fuses too
+      } else {
+        for (int64_t j = 0; j < m; ++j) oi[j] *= si;
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
-  m.def("rowwise_int8_linear(Tensor rows, __torch__.torch.classes.quantized.LinearPackedParamsBase packed, "
-        "Tensor? bias) -> Tensor");
   m.def("rowwise_quantize_u8(Tensor rows, int padded_rows) -> (Tensor, Tensor)");
+  m.def("rowwise_int8_gemm(Tensor rows, __torch__.torch.classes.quantized.LinearPackedParamsBase packed, "
+        "Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
-  m.impl("rowwise_int8_linear", &rowwise_int8_linear);
   m.impl("rowwise_quantize_u8", &rowwise_quantize_u8);
+  m.impl("rowwise_int8_gemm", &rowwise_int8_gemm);
 }
