@@ -27,7 +27,7 @@ from server.config import DecodingMethod, Endpointing
 from server.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
                             DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
                             Predictor)
-from server.encoder import SEGMENT, StreamingEncoder
+from server.encoder import SEGMENT, StreamingEncoder, native_ring_attention
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
 from server.precision import (INT8_KERNELS, PrecisionError, RowwiseInt8Linear, apply_precision, check_precision,
@@ -163,6 +163,9 @@ class Engine:
             native = any(m._fused is not None for m in rowwise)
             log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, "
                      f"{'native' if native else 'composed'} fbgemm path)" if rowwise else "")
+        if self.encoder.dtype == torch.float32 and self.device.type == "cpu":
+            log.info("encoder attention: %s", "native, ring read in place" if native_ring_attention()
+                     else "gather + scaled_dot_product_attention")
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         cap = max_symbols_per_frame or model.max_symbols_per_frame
         self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)

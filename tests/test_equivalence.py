@@ -33,7 +33,23 @@ async def test_greedy_through_grpc_equals_single_stream_greedy(small_server, spe
         assert got == model.tokens.text(expected), name
 
 
-def test_batched_encoder_matches_transcribe_streaming_at_mixed_positions(speech):
+@pytest.fixture(params=["native", "sdpa"])
+def ring_attention(request, monkeypatch):
+    """Run a test with server/native's in-place ring attention, and with the gather +
+    ``scaled_dot_product_attention`` path it replaces."""
+    import server.encoder
+
+    if request.param == "native":
+        if server.encoder.native_ring_attention() is None:
+            from server import native
+
+            pytest.fail(f"native ring attention unavailable: {native.why_unavailable() or 'build or probe failed'}")
+    else:
+        monkeypatch.setattr(server.encoder, "native_ring_attention", lambda: None)
+    return request.param
+
+
+def test_batched_encoder_matches_transcribe_streaming_at_mixed_positions(speech, ring_attention):
     """Streams at different positions (left context filling or full) in one batch."""
     model = small_model(seed=3)
     encoder = StreamingEncoder(model.rnnt.transcriber)
@@ -107,3 +123,39 @@ def test_modified_beam_search_of_a_stream_does_not_depend_on_its_batch(speech):
     alone = [_decode(engine, DecodingMethod.BEAM_SEARCH, 4, [w], 0)[0] for w in waves]
     assert batched == alone
     assert all(len(hyps) > 1 for hyps in batched)
+
+
+def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbours():
+    """server/native's ring attention against the path it replaces: the batch's ring gathered,
+    the chunk's own keys appended, ``scaled_dot_product_attention`` with the context mask;
+    strided inputs (views of the fused q/k/v projection), empty and full contexts; a stream's
+    result is the same bits alone as in its batch; bad shapes are refused."""
+    import torch.nn.functional as F
+
+    from server import native
+
+    op = native.ring_attention()
+    assert op is not None, native.why_unavailable() or "build failed"
+    torch.manual_seed(0)
+    slots_total, layers, ring, rows, dim, heads, batch = 12, 3, 32, 5, 256, 4, 7
+    kv = torch.randn(slots_total, layers, 2, ring + rows, dim)
+    q, k, v = torch.randn(batch, rows, 3 * dim).split(dim, dim=-1)
+    slots = torch.randperm(slots_total)[:batch]
+    valid = torch.rand(batch, ring) > 0.5
+    valid[0], valid[1] = False, True
+    layer_kv = kv[:, 1]
+    keys, values = layer_kv.index_select(0, slots).unbind(1)
+    keys, values = torch.cat([keys[:, :ring], k], 1), torch.cat([values[:, :ring], v], 1)
+    mask = torch.cat([valid, valid.new_ones(batch, rows)], 1)[:, None, None, :]
+    split = lambda t: t.reshape(batch, -1, heads, dim // heads).transpose(1, 2)  # noqa: E731
+    want = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=mask, scale=0.125)
+    want = want.transpose(1, 2).reshape(batch, rows, dim)
+    got = op(q, k, v, layer_kv, slots, valid, heads, 0.125)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for i in (0, 3):
+        alone = op(q[i:i + 1], k[i:i + 1], v[i:i + 1], layer_kv, slots[i:i + 1], valid[i:i + 1], heads, 0.125)
+        assert torch.equal(alone[0], got[i])
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        op(q, k, v, layer_kv, slots, valid, 5, 0.125)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        op(q, k, v, layer_kv, slots + slots_total, valid, heads, 0.125)

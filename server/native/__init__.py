@@ -3,6 +3,7 @@
 ``rowwise_int8_gemm()`` returns ``torch.ops.asr_native.rowwise_int8_gemm`` (see
 ``rowwise_int8.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
 ``rowwise_quantize_u8()`` its oneDNN path's activation quantisation in one pass,
+``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
 each ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
 or a build error. Callers then run the composed Python path, which gives the same results,
 slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rowwise_int8.cpp")
 SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
-OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8")
+OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention")
 # -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
 # -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
@@ -110,3 +111,8 @@ def rowwise_quantize_u8():
 def rowwise_int8_gemm():
     """``torch.ops.asr_native.rowwise_int8_gemm``, or ``None`` where it cannot be built."""
     return torch.ops.asr_native.rowwise_int8_gemm if load() else None
+
+
+def ring_attention():
+    """``torch.ops.asr_native.ring_attention``, or ``None`` where it cannot be built."""
+    return torch.ops.asr_native.ring_attention if load() else None

@@ -156,10 +156,130 @@ at::Tensor rowwise_int8_gemm(const at::Tensor& rows_in, const c10::intrusive_ptr
   return out;
 }
 
+
+// ---- attention over the left-context ring, read in place ----
+
+__m256 exp_ps(__m256 x) {  // e^x, Cephes' single-precision polynomial (about 1 ulp), x <= 88
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  if (i < n) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  acc0 = _mm256_add_ps(acc0, acc1);
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+// One stream's attention: for each head and query row, softmax(scale * q.k) over its valid ring
+// keys and the chunk's own keys, times the values.
+void ring_attention_stream(const float* q, int64_t q_row, const float* k_new, const float* v_new, int64_t kv_row,
+                           const float* ring_k, const float* ring_v, int64_t ring_row, const bool* valid,
+                           int64_t ring, int64_t rows, int64_t heads, int64_t head_dim, float scale, float* out,
+                           int64_t out_row) {
+  std::vector<const float*> keys, values;
+  for (int64_t j = 0; j < ring; ++j) {
+    if (valid[j]) {
+      keys.push_back(ring_k + j * ring_row);
+      values.push_back(ring_v + j * ring_row);
+    }
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    keys.push_back(k_new + j * kv_row);
+    values.push_back(v_new + j * kv_row);
+  }
+  const int64_t n = static_cast<int64_t>(keys.size());
+  std::vector<float> p((n + 7) / 8 * 8);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t offset = h * head_dim;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * q_row + offset;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(qr, keys[j] + offset, head_dim) * scale;
+        top = p[j] > top ? p[j] : top;
+      }
+      for (int64_t j = n; j < static_cast<int64_t>(p.size()); ++j) p[j] = -INFINITY;
+      const __m256 top_v = _mm256_set1_ps(top);
+      for (size_t j = 0; j < p.size(); j += 8)
+        _mm256_storeu_ps(&p[j], exp_ps(_mm256_sub_ps(_mm256_loadu_ps(&p[j]), top_v)));
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) sum += p[j];  // not the padding lanes
+      const float inv = 1.0f / sum;
+      float* o = out + r * out_row + offset;
+      for (int64_t d = 0; d < head_dim; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values[j] + offset + d), acc);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+      }
+    }
+  }
+}
+
+// asr_native::ring_attention(q, k, v (B, rows, D) float32, last dim contiguous; ring_kv (slots, 2,
+// ring + rows, D): one layer of server.encoder.LeftContextPool.kv, read in place; slots (B,) long;
+// valid (B, ring) bool; heads; scale) -> (B, rows, D): StreamingEncoder's attention without the
+// per-layer gather of the batch's ring (each stream's keys are its valid ring entries, then its
+// chunk's own rows k, v). Streams run in parallel; each stream's result depends on it alone.
+at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ring_kv,
+                          const at::Tensor& slots_in, const at::Tensor& valid_in, int64_t heads, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v, &ring_kv})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(-1) == 1, "float32 tensors, last dimension contiguous");
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must be (B, rows, D)");
+  TORCH_CHECK(k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0), "k and v must share their strides");
+  const int64_t B = q.size(0), rows = q.size(1), D = q.size(2);
+  TORCH_CHECK(ring_kv.dim() == 4 && ring_kv.size(1) == 2 && ring_kv.size(3) == D, "ring_kv must be (slots, 2, P, D)");
+  TORCH_CHECK(heads > 0 && D % heads == 0 && (D / heads) % 8 == 0, "head width must be a multiple of 8");
+  const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  const at::Tensor valid = valid_in.to(at::kBool).contiguous();
+  TORCH_CHECK(slots.numel() == B && valid.dim() == 2 && valid.size(0) == B, "slots (B,), valid (B, ring)");
+  const int64_t ring = valid.size(1);
+  TORCH_CHECK(ring <= ring_kv.size(2), "valid has more ring entries than ring_kv");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slot[b] >= 0 && slot[b] < ring_kv.size(0), "slot out of range");
+  at::Tensor out = at::empty({B, rows, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* pool = ring_kv.data_ptr<float>();
+  const bool* mask = valid.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* stream_ring = pool + slot[b] * ring_kv.stride(0);
+      ring_attention_stream(qp + b * q.stride(0), q.stride(1), kp + b * k.stride(0), vp + b * v.stride(0), k.stride(1),
+                            stream_ring, stream_ring + ring_kv.stride(1), ring_kv.stride(2), mask + b * ring, ring, rows,
+                            heads, D / heads, static_cast<float>(scale), op + b * rows * D, D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
   m.def("rowwise_quantize_u8(Tensor rows, int padded_rows) -> (Tensor, Tensor)");
+  m.def("ring_attention(Tensor q, Tensor k, Tensor v, Tensor ring_kv, Tensor slots, Tensor valid, int heads, "
+        "float scale) -> Tensor");
   m.def("rowwise_int8_gemm(Tensor rows, __torch__.torch.classes.quantized.LinearPackedParamsBase packed, "
         "Tensor? bias) -> Tensor");
 }
@@ -167,4 +287,5 @@ TORCH_LIBRARY(asr_native, m) {
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
   m.impl("rowwise_quantize_u8", &rowwise_quantize_u8);
   m.impl("rowwise_int8_gemm", &rowwise_int8_gemm);
+  m.impl("ring_attention", &ring_attention);
 }
