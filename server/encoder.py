@@ -200,12 +200,16 @@ class StreamingEncoder(torch.nn.Module):
         ring = pool.ring
         carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
         segments = []  # each layer's (B, 2, 4, D) segment keys and values, for the ring
-        in_place = (native_ring_attention() if carried is None and x.dtype == torch.float32 and x.is_cpu
-                    and (D // H) % 8 == 0 else None)
+        in_place = native_ring_attention() if x.dtype == torch.float32 and x.is_cpu and (D // H) % 8 == 0 else None
+        carried_rows = None  # in_place's form of `carried`: (B, ring) row of this step's keys, or -1
+        if in_place is not None and carried is not None:
+            to_group, to_pos, from_row = carried
+            carried_rows = torch.full((B, ring), -1, dtype=torch.long, device=slots.device)
+            carried_rows[to_group, to_pos] = from_row
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
             if in_place is not None:  # the ring read where it lies: no gather (server/native)
-                attn = in_place(q, k, v, pool.kv[:, index], slots, context_mask, H, self.scaling)
+                attn = in_place(q, k, v, pool.kv[:, index], slots, context_mask, carried_rows, H, self.scaling)
                 x = layer.out(attn) + x
                 ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
                 x = layer.ln_out(ff + x)
@@ -279,7 +283,7 @@ def native_ring_attention():
     split = lambda t: t.reshape(4, -1, heads, dim // heads).transpose(1, 2)  # noqa: E731
     want = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=mask, scale=0.25)
     want = want.transpose(1, 2).reshape(4, rows, dim)
-    got = op(q, k, v, kv, slots, valid, heads, 0.25)
+    got = op(q, k, v, kv, slots, valid, None, heads, 0.25)
     error = float((got - want).norm() / want.norm())
     if not error < 1e-5:
         log.warning("native ring attention differs from scaled_dot_product_attention here (%.1e); not used", error)

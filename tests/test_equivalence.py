@@ -150,12 +150,23 @@ def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbo
     split = lambda t: t.reshape(batch, -1, heads, dim // heads).transpose(1, 2)  # noqa: E731
     want = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=mask, scale=0.125)
     want = want.transpose(1, 2).reshape(batch, rows, dim)
-    got = op(q, k, v, layer_kv, slots, valid, heads, 0.125)
+    got = op(q, k, v, layer_kv, slots, valid, None, heads, 0.125)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     for i in (0, 3):
-        alone = op(q[i:i + 1], k[i:i + 1], v[i:i + 1], layer_kv, slots[i:i + 1], valid[i:i + 1], heads, 0.125)
+        alone = op(q[i:i + 1], k[i:i + 1], v[i:i + 1], layer_kv, slots[i:i + 1], valid[i:i + 1], None, heads, 0.125)
         assert torch.equal(alone[0], got[i])
+    # group 4 carries group 2's chunk (ring positions 8..11 <- its rows 1..4), as a stream behind does
+    carried = torch.full((batch, ring), -1, dtype=torch.long)
+    carried[4, 8:12] = torch.arange(4) + 2 * rows + 1
+    valid[4, 8:12] = True
+    keys[4, 8:12], values[4, 8:12] = k[2, 1:], v[2, 1:]
+    mask = torch.cat([valid, valid.new_ones(batch, rows)], 1)[:, None, None, :]
+    want = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=mask, scale=0.125)
+    got = op(q, k, v, layer_kv, slots, valid, carried, heads, 0.125)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(batch, rows, dim), rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        op(q, k, v, layer_kv, slots, valid, 5, 0.125)
+        op(q, k, v, layer_kv, slots, valid, None, 5, 0.125)
     with pytest.raises(RuntimeError, match="slot out of range"):
-        op(q, k, v, layer_kv, slots + slots_total, valid, heads, 0.125)
+        op(q, k, v, layer_kv, slots + slots_total, valid, None, heads, 0.125)
+    with pytest.raises(RuntimeError, match="carried row out of range"):
+        op(q, k, v, layer_kv, slots, valid, carried + batch * rows, heads, 0.125)

@@ -191,21 +191,34 @@ float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
 
 // One stream's attention: for each head and query row, softmax(scale * q.k) over its valid ring
 // keys and the chunk's own keys, times the values.
-void ring_attention_stream(const float* q, int64_t q_row, const float* k_new, const float* v_new, int64_t kv_row,
+// Batch rows: row r of group b is at k + b * kv_group + r * kv_row (v alike).
+struct BatchRows {
+  const float* k;
+  const float* v;
+  int64_t kv_group, kv_row, rows;
+};
+
+void ring_attention_stream(const float* q, int64_t q_row, const BatchRows& batch, int64_t group,
                            const float* ring_k, const float* ring_v, int64_t ring_row, const bool* valid,
-                           int64_t ring, int64_t rows, int64_t heads, int64_t head_dim, float scale, float* out,
-                           int64_t out_row) {
+                           const int64_t* carried, int64_t ring, int64_t heads, int64_t head_dim, float scale,
+                           float* out, int64_t out_row) {
   std::vector<const float*> keys, values;
+  const int64_t rows = batch.rows;
+  auto push_row = [&](int64_t flat) {  // row flat = g * rows + r of the batch's own keys
+    const int64_t at = (flat / rows) * batch.kv_group + (flat % rows) * batch.kv_row;
+    keys.push_back(batch.k + at);
+    values.push_back(batch.v + at);
+  };
   for (int64_t j = 0; j < ring; ++j) {
-    if (valid[j]) {
+    if (!valid[j]) continue;
+    if (carried != nullptr && carried[j] >= 0) {  // an earlier chunk of this stream, in this step
+      push_row(carried[j]);
+    } else {
       keys.push_back(ring_k + j * ring_row);
       values.push_back(ring_v + j * ring_row);
     }
   }
-  for (int64_t j = 0; j < rows; ++j) {
-    keys.push_back(k_new + j * kv_row);
-    values.push_back(v_new + j * kv_row);
-  }
+  for (int64_t r = 0; r < rows; ++r) push_row(group * rows + r);
   const int64_t n = static_cast<int64_t>(keys.size());
   std::vector<float> p((n + 7) / 8 * 8);
   for (int64_t h = 0; h < heads; ++h) {
@@ -237,11 +250,14 @@ void ring_attention_stream(const float* q, int64_t q_row, const float* k_new, co
 
 // asr_native::ring_attention(q, k, v (B, rows, D) float32, last dim contiguous; ring_kv (slots, 2,
 // ring + rows, D): one layer of server.encoder.LeftContextPool.kv, read in place; slots (B,) long;
-// valid (B, ring) bool; heads; scale) -> (B, rows, D): StreamingEncoder's attention without the
-// per-layer gather of the batch's ring (each stream's keys are its valid ring entries, then its
-// chunk's own rows k, v). Streams run in parallel; each stream's result depends on it alone.
+// valid (B, ring) bool; carried (B, ring) long or None: where >= 0, the ring entry is row
+// carried[b, j] = g * rows + r of this batch's own k / v (an earlier chunk of the same stream in
+// this step); heads; scale) -> (B, rows, D): StreamingEncoder's attention without the per-layer
+// gather of the batch's ring (each group's keys are its valid ring entries, then its chunk's own
+// rows). Groups run in parallel; each group's result depends on its own inputs alone.
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ring_kv,
-                          const at::Tensor& slots_in, const at::Tensor& valid_in, int64_t heads, double scale) {
+                          const at::Tensor& slots_in, const at::Tensor& valid_in,
+                          const std::optional<at::Tensor>& carried_in, int64_t heads, double scale) {
   for (const at::Tensor* t : {&q, &k, &v, &ring_kv})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(-1) == 1, "float32 tensors, last dimension contiguous");
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must be (B, rows, D)");
@@ -256,18 +272,24 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(ring <= ring_kv.size(2), "valid has more ring entries than ring_kv");
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slot[b] >= 0 && slot[b] < ring_kv.size(0), "slot out of range");
+  at::Tensor carried;
+  if (carried_in.has_value()) {
+    carried = carried_in->to(at::kLong).contiguous();
+    TORCH_CHECK(carried.sizes() == valid.sizes(), "carried must be (B, ring) like valid");
+    TORCH_CHECK(carried.numel() == 0 || carried.max().item<int64_t>() < B * rows, "carried row out of range");
+  }
   at::Tensor out = at::empty({B, rows, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const BatchRows batch{k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), rows};
   const float* pool = ring_kv.data_ptr<float>();
   const bool* mask = valid.data_ptr<bool>();
+  const int64_t* from = carried.defined() ? carried.data_ptr<int64_t>() : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const float* stream_ring = pool + slot[b] * ring_kv.stride(0);
-      ring_attention_stream(qp + b * q.stride(0), q.stride(1), kp + b * k.stride(0), vp + b * v.stride(0), k.stride(1),
-                            stream_ring, stream_ring + ring_kv.stride(1), ring_kv.stride(2), mask + b * ring, ring, rows,
+      ring_attention_stream(qp + b * q.stride(0), q.stride(1), batch, b, stream_ring, stream_ring + ring_kv.stride(1),
+                            ring_kv.stride(2), mask + b * ring, from == nullptr ? nullptr : from + b * ring, ring,
                             heads, D / heads, static_cast<float>(scale), op + b * rows * D, D);
     }
   });
@@ -278,8 +300,8 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 TORCH_LIBRARY(asr_native, m) {
   m.def("rowwise_quantize_u8(Tensor rows, int padded_rows) -> (Tensor, Tensor)");
-  m.def("ring_attention(Tensor q, Tensor k, Tensor v, Tensor ring_kv, Tensor slots, Tensor valid, int heads, "
-        "float scale) -> Tensor");
+  m.def("ring_attention(Tensor q, Tensor k, Tensor v, Tensor ring_kv, Tensor slots, Tensor valid, Tensor? carried, "
+        "int heads, float scale) -> Tensor");
   m.def("rowwise_int8_gemm(Tensor rows, __torch__.torch.classes.quantized.LinearPackedParamsBase packed, "
         "Tensor? bias) -> Tensor");
 }
