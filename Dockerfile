@@ -18,7 +18,7 @@ WORKDIR /app
 # wheels pull in the CUDA libraries (gigabytes). A "2.14.1+cpu" wheel satisfies "torch==2.14.1".
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-# g++ builds the server's fused int8 operator (server/native) below.
+# g++ builds the server's native operators (server/native: int8 products, encoder attention) below.
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
@@ -30,7 +30,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # The application (what .dockerignore leaves: server, client, generated stubs, the demo model).
 # Installed in place (editable) so the server finds models/ beside its package.
 COPY . .
-# The native int8 operator (server/native) is built once, into the image; it needs AVX2 + FMA,
+# The native operators (server/native) are built once, into the image; they need AVX2 + FMA,
 # and on a CPU without them the server runs the composed path (same results, slower).
 ENV ASR_NATIVE_CACHE=/opt/asr-native
 RUN pip install --no-deps -e . \
