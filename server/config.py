@@ -49,8 +49,9 @@ class ServerSettings(BaseSettings):
         "slower than bf16 on CPU, refused there)")
     int8_kernel: Literal["rowwise", "fbgemm"] = Field(
         "rowwise", description="int8 products: rowwise (each activation row quantised with its own "
-        "scale: a stream's result never depends on its batch) or fbgemm (one scale per batch: faster "
-        "when batches are small, but a stream's transcript can change with who it is batched with)")
+        "scale: a stream's result never depends on its batch) or fbgemm (torch's quantize_dynamic, "
+        "one scale per batch: a stream's transcript can change with who it is batched with; no faster "
+        "than rowwise where the native operators build, see BENCHMARKS.md)")
     max_precision_error: float = Field(
         0.1, gt=0, le=1.0, description="start-up self-check: largest relative error of the encoder "
         "output in the chosen precision against fp32, on a fixed input; above it the server refuses "
