@@ -1,7 +1,7 @@
 """The server's own C++ operators, compiled on first use and cached.
 
 ``rowwise_int8_gemm()`` returns ``torch.ops.asr_native.rowwise_int8_gemm`` (see
-``rowwise_int8.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
+``operators.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
 ``rowwise_quantize_u8()`` its oneDNN path's activation quantisation in one pass,
 ``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
 each ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("rowwise_int8.cpp")
+SOURCE = Path(__file__).with_name("operators.cpp")
 SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
 OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention")
 # -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);

@@ -1,6 +1,9 @@
-// server.precision.RowwiseInt8Linear's int8 products in single operators, bit for bit the results
-// of the composed torch path (each row quantised with its own scale max|row| / 127, clamped at
-// 1e-12 / 127, to round(row / scale); exact int32 products; weight scale, row scale, bias).
+// The server's C++ operators (server/native/__init__.py builds and loads them).
+//
+// server.precision.RowwiseInt8Linear's int8 products, bit for bit the results of the composed
+// torch path (each row quantised with its own scale max|row| / 127, clamped at 1e-12 / 127, to
+// round(row / scale); exact int32 products; weight scale, row scale, bias), and
+// server.encoder.StreamingEncoder's attention over the left-context pool (ring_attention, below).
 //
 // asr_native::rowwise_int8_gemm(rows (n, k) float32, packed fbgemm weights, bias (out,)?) ->
 // (n, out) float32: the whole linear on fbgemm's int8 GEMM, called directly (one quantising pass,
