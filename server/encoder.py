@@ -210,35 +210,42 @@ class StreamingEncoder(torch.nn.Module):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
             if in_place is not None:  # the ring read where it lies: no gather (server/native)
                 attn = in_place(q, k, v, pool.kv[:, index], slots, context_mask, carried_rows, H, self.scaling)
-                x = layer.out(attn) + x
-                ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
-                x = layer.ln_out(ff + x)
-                segments.append(torch.stack([k[:, RIGHT_CONTEXT:], v[:, RIGHT_CONTEXT:]], dim=1))
-                continue
-            # The layer's keys and values of the B groups, context and scratch rows, in one gather
-            # (layer by layer: at 32 streams all layers at once were 97 MB, out of every cache).
-            kv = pool.kv[:, index].index_select(0, slots)  # (B, 2, ring + rows, D)
-            keys, values = kv[:, 0], kv[:, 1]
-            keys[:, ring:] = k
-            values[:, ring:] = v
-            if carried is not None:  # earlier chunks of the same stream in this step
-                to_group, to_pos, from_row = carried
-                keys.index_put_((to_group, to_pos), k.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
-                values.index_put_((to_group, to_pos), v.reshape(-1, D).index_select(0, from_row).to(pool.dtype))
-            attn = F.scaled_dot_product_attention(
-                q.reshape(B, rows, H, -1).transpose(1, 2),
-                keys.reshape(B, -1, H, D // H).transpose(1, 2),
-                values.reshape(B, -1, H, D // H).transpose(1, 2),
-                attn_mask=mask, scale=self.scaling)
-            x = layer.out(attn.transpose(1, 2).reshape(B, rows, D)) + x
+                segment = torch.stack([k[:, RIGHT_CONTEXT:], v[:, RIGHT_CONTEXT:]], dim=1)
+            else:
+                attn, segment = self._gathered_attention(q, k, v, pool.kv[:, index], slots, mask, carried)
+            segments.append(segment)
+            x = layer.out(attn) + x
             ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
             x = layer.ln_out(ff + x)
-            segments.append(kv[:, :, ring + RIGHT_CONTEXT:])
         # The segment's keys and values of every layer go into the ring, at the chunk's place.
         write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
             SEGMENT, device=slots.device)
         pool.kv[slots[:, None], :, :, write_pos] = torch.stack(segments, dim=1).permute(0, 3, 1, 2, 4)
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
+
+    def _gathered_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
+                            slots: torch.Tensor, mask: torch.Tensor, carried) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of one layer by gathering the groups' rings (``layer_kv`` is
+        ``pool.kv[:, layer]``) with room for their own keys: ``(B, rows, D)`` output, and the
+        ``(B, 2, 4, D)`` segment keys and values for the ring."""
+        B, rows, D = q.shape
+        H, ring = self.heads, layer_kv.size(2) - rows
+        # The layer's keys and values of the B groups, context and scratch rows, in one gather
+        # (layer by layer: at 32 streams all layers at once were 97 MB, out of every cache).
+        kv = layer_kv.index_select(0, slots)  # (B, 2, ring + rows, D)
+        keys, values = kv[:, 0], kv[:, 1]
+        keys[:, ring:] = k
+        values[:, ring:] = v
+        if carried is not None:  # earlier chunks of the same stream in this step
+            to_group, to_pos, from_row = carried
+            keys.index_put_((to_group, to_pos), k.reshape(-1, D).index_select(0, from_row).to(kv.dtype))
+            values.index_put_((to_group, to_pos), v.reshape(-1, D).index_select(0, from_row).to(kv.dtype))
+        attn = F.scaled_dot_product_attention(
+            q.reshape(B, rows, H, -1).transpose(1, 2),
+            keys.reshape(B, -1, H, D // H).transpose(1, 2),
+            values.reshape(B, -1, H, D // H).transpose(1, 2),
+            attn_mask=mask, scale=self.scaling)
+        return attn.transpose(1, 2).reshape(B, rows, D), kv[:, :, ring + RIGHT_CONTEXT:]
 
     @staticmethod
     def _carried_keys(previous: torch.Tensor, chunks_done: torch.Tensor, rows: int,

@@ -94,8 +94,9 @@ def load() -> bool:
     if bin_dir not in path.split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + path
     try:
-        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_include_paths=[str(SHIM)],
-                           build_directory=str(_cache_dir()), is_python_module=False, verbose=False)
+        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_include_paths=[str(SHIM)], build_directory=str(_cache_dir()),
+                           is_python_module=False, verbose=False)
         _loaded = all(hasattr(torch.ops.asr_native, op) for op in OPERATORS)
     except Exception as e:  # noqa: BLE001 - any build failure falls back to the composed path
         log.warning("native int8 operator could not be built (%s); the composed path runs instead",
