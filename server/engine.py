@@ -160,9 +160,9 @@ class Engine:
         if precision == "int8":
             rowwise = [m for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)]
             gemms = "/".join(sorted({m.gemm for m in rowwise}))
-            native = any(m._fused is not None for m in rowwise)
-            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, "
-                     f"{'native' if native else 'composed'} fbgemm path)" if rowwise else "")
+            path = ("native AVX-512 VNNI kernel" if all(m._vnni is not None for m in rowwise) else
+                    f"{'native' if any(m._fused is not None for m in rowwise) else 'composed'} fbgemm path")
+            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, {path})" if rowwise else "")
         if self.encoder.dtype == torch.float32 and self.device.type == "cpu":
             log.info("encoder attention: %s", "native, ring read in place" if native_ring_attention()
                      else "gather + scaled_dot_product_attention")

@@ -59,10 +59,10 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
 
 def _int8_gemms() -> list[str]:
     """The row-wise int8 GEMMs this machine runs (fbgemm where its products are exact here)."""
-    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact, hybrid_int8_available
+    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact, hybrid_int8_available, native_vnni_int8
 
-    return [g for g, ok in (("hybrid", hybrid_int8_available()), ("fbgemm", fbgemm_rowwise_exact()),
-                            ("onednn", _onednn_int8_available())) if ok] + ["int_mm"]
+    return [g for g, ok in (("vnni", native_vnni_int8() is not None), ("hybrid", hybrid_int8_available()),
+                            ("fbgemm", fbgemm_rowwise_exact()), ("onednn", _onednn_int8_available())) if ok] + ["int_mm"]
 
 
 @pytest.mark.parametrize("gemm", _int8_gemms())
@@ -105,8 +105,8 @@ def test_rowwise_int8_gemms_give_the_same_bits(rows):
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
-def test_fp32_packs_the_large_linears_for_onednn_and_leaves_small_ones_to_mkl():
-    from server.precision import PACKED_MIN_PARAMS, apply_precision
+def test_fp32_runs_every_linear_on_the_native_kernel_else_packs_the_large_ones_for_onednn():
+    from server.precision import PACKED_MIN_PARAMS, BlockedLinear, apply_precision, native_linear_f32
 
     net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512),
                               torch.nn.Sequential(torch.nn.Linear(512, 29)))
@@ -115,8 +115,45 @@ def test_fp32_packs_the_large_linears_for_onednn_and_leaves_small_ones_to_mkl():
         expected = net(x)
         converted = apply_precision(net, "fp32")
         assert relative_error(expected, converted(x)) < 1e-5
-    assert isinstance(converted[0], PackedLinear) and isinstance(converted[2], PackedLinear)
-    assert type(converted[3][0]) is torch.nn.Linear and 512 * 29 < PACKED_MIN_PARAMS
+    if native_linear_f32() is not None:
+        assert all(isinstance(m, BlockedLinear) for m in (converted[0], converted[2], converted[3][0]))
+    else:
+        assert isinstance(converted[0], PackedLinear) and isinstance(converted[2], PackedLinear)
+        assert type(converted[3][0]) is torch.nn.Linear and 512 * 29 < PACKED_MIN_PARAMS
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, False),
+                                                                   (7, 37, 29, True), (45, 1024, 4097, True),
+                                                                   (200, 512, 1536, False)])
+def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_batch(rows, in_features,
+                                                                                    out_features, bias):
+    """server/native's fp32 kernel (the fp32 default where the CPU has AVX-512): within float
+    rounding of ``F.linear``, and each row's result the same bits alone as in any batch, for widths
+    that are not whole blocks and row counts that are not whole register tiles."""
+    from server import native
+    from server.precision import BlockedLinear, blocked_f32_weight, native_linear_f32
+
+    assert native.why_unavailable() is not None or native.load(), "the native operators failed to build"
+    if native_linear_f32() is None:
+        pytest.skip(f"no native fp32 kernel here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    blocked = BlockedLinear(linear)
+    x = torch.randn(rows, in_features * 2)[:, ::2]  # not contiguous
+    with torch.inference_mode():
+        batched = blocked(x)
+        assert relative_error(linear(x), batched) < 1e-5
+        for i in sorted({0, rows // 2, rows - 1}):
+            assert torch.equal(blocked(x[i:i + 1]), batched[i:i + 1])
+        assert torch.equal(blocked(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
+        op = native.linear_f32()
+        weight = blocked_f32_weight(linear.weight)
+        with pytest.raises(RuntimeError, match="columns"):
+            op(torch.randn(2, in_features + 1), weight, None, out_features)
+        with pytest.raises(RuntimeError, match="out_features"):
+            op(torch.randn(2, in_features), weight, None, out_features + 16)
+        with pytest.raises(RuntimeError, match="float32"):
+            op(torch.randn(2, in_features), weight.double(), None, out_features)
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
@@ -227,13 +264,49 @@ def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_fea
     assert not x.is_contiguous()
     with torch.inference_mode():
         assert torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
-        fused = RowwiseInt8Linear(linear)  # the default picks the fused operator up
+        fused = RowwiseInt8Linear(linear, "hybrid")  # the fbgemm GEMMs pick the fused operator up
         assert fused._fused is not None
         if hybrid_int8_available():
             assert fused.fbgemm_max_rows == NATIVE_FBGEMM_MAX_ROWS
         assert torch.equal(fused(x.reshape(1, rows, in_features)), composed(x).reshape(1, rows, out_features))
         with pytest.raises(RuntimeError, match="columns"):
             op(torch.randn(2, in_features + 1), composed._fbgemm, composed.bias)
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, False),
+                                                                   (6, 1024, 4097, True), (7, 37, 29, False),
+                                                                   (40, 301, 70, True), (200, 512, 1536, True)])
+def test_native_vnni_int8_kernel_gives_the_other_gemms_bits(rows, in_features, out_features, bias):
+    """server/native's AVX-512 VNNI kernel (the default int8 GEMM where the CPU has VNNI) computes
+    the same products, to the bit, as fbgemm's (or oneDNN's) GEMM, for widths that are not whole
+    blocks and row counts that are not whole register tiles; each row independent of the batch."""
+    from server import native
+    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact, native_vnni_int8, vnni_pack
+
+    assert native.why_unavailable() is not None or native.load(), "the native operators failed to build"
+    if native_vnni_int8() is None:
+        pytest.skip(f"no VNNI kernel here: {native.why_unavailable() or 'the CPU lacks AVX-512 VNNI'}")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    reference = RowwiseInt8Linear(linear, "fbgemm" if fbgemm_rowwise_exact() else
+                                  "onednn" if _onednn_int8_available() else "int_mm")
+    vnni = RowwiseInt8Linear(linear)  # the default where the kernel works
+    assert vnni.gemm == "vnni"
+    x = (torch.randn(rows, in_features * 2) * torch.logspace(-3, 3, rows)[:, None])[:, ::2]  # not contiguous
+    x[0] = 0.0
+    with torch.inference_mode():
+        want = reference(x)
+        assert torch.equal(vnni(x), want)
+        assert torch.equal(vnni(x[-1:]), want[-1:])
+        assert torch.equal(vnni(x.reshape(1, rows, in_features)), want.reshape(1, rows, out_features))
+        op = native.rowwise_int8_vnni()
+        weight, colsum = vnni_pack(torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8))
+        with pytest.raises(RuntimeError, match="columns"):
+            op(torch.randn(2, in_features + 4), weight, colsum, vnni.weight_scale, None, out_features)
+        with pytest.raises(RuntimeError, match="out_features"):
+            op(torch.randn(2, in_features), weight, colsum, vnni.weight_scale, None, out_features + 16)
+        with pytest.raises(RuntimeError, match="int8"):
+            op(torch.randn(2, in_features), weight.float(), colsum, vnni.weight_scale, None, out_features)
 
 
 @pytest.mark.parametrize("rows, padded, in_features", [(33, 40, 512), (160, 160, 2048), (41, 45, 37), (1, 5, 1024)])

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("operators.cpp")
 SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
-OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention")
+OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention", "rowwise_int8_vnni", "linear_f32")
 # -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
 # -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
@@ -117,3 +117,15 @@ def rowwise_int8_gemm():
 def ring_attention():
     """``torch.ops.asr_native.ring_attention``, or ``None`` where it cannot be built."""
     return torch.ops.asr_native.ring_attention if load() else None
+
+
+def rowwise_int8_vnni():
+    """``torch.ops.asr_native.rowwise_int8_vnni``, or ``None`` where it cannot be built or this CPU
+    lacks AVX-512 VNNI."""
+    return torch.ops.asr_native.rowwise_int8_vnni if load() and torch.ops.asr_native.has_vnni() else None
+
+
+def linear_f32():
+    """``torch.ops.asr_native.linear_f32``, or ``None`` where it cannot be built or this CPU lacks
+    AVX-512."""
+    return torch.ops.asr_native.linear_f32 if load() and torch.ops.asr_native.has_avx512() else None

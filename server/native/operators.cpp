@@ -299,6 +299,275 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+
+
+// ---- few-row int8 products on AVX-512 VNNI ----
+//
+// asr_native::rowwise_int8_vnni(rows (n, k) float32, weight (blocks, k4, 16, 4) int8, colsum (blocks * 16,)
+// int32, w_scale (out,) float32, bias (out,)?, out_features) -> (n, out) float32: the same bits as
+// rowwise_int8_gemm (the same quantisation; exact int32 products; acc * w_scale, then fma with the row
+// scale and the bias), on a kernel for few rows: fbgemm's packed GEMM reads its weights at a third
+// of the memory bandwidth when a product has a handful of rows (the decoder's predictor and joiner,
+// the encoder's small batches). weight[b, j, c, i] is w[16 b + c, 4 j + i] (zero-padded); colsum the
+// rows of w summed, for the uint8 offset (rows are quantised to q + 128: acc - 128 colsum = q . w).
+
+constexpr int kVnniRows = 6;    // rows of one register tile
+constexpr int kVnniBlocks = 4;  // 16-output blocks of one register tile (6 x 4 = 24 accumulators)
+
+template <int R, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const uint8_t* q, int64_t q_row,
+                                                                       const int8_t* w, int64_t k4,
+                                                                       int32_t* acc, int64_t acc_row) {
+  // R x NB accumulators in registers (the loops over r and b unrolled)
+  __m512i c[R][NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) c[r][b] = _mm512_setzero_si512();
+  const int64_t block = k4 * 64;  // bytes of one 16-output block
+  for (int64_t j = 0; j < k4; ++j) {
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * block + j * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + r * q_row + 4 * j));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) c[r][b] = _mm512_dpbusd_epi32(c[r][b], a, wv[b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_storeu_si512(acc + r * acc_row + 16 * b, c[r][b]);
+}
+
+using VnniTile = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t);
+
+template <int R>
+VnniTile vnni_tile_for(int nb) {
+  switch (nb) {
+    case 1: return vnni_tile<R, 1>;
+    case 2: return vnni_tile<R, 2>;
+    case 3: return vnni_tile<R, 3>;
+    default: return vnni_tile<R, 4>;
+  }
+}
+
+VnniTile vnni_tile_for(int rows, int nb) {
+  switch (rows) {
+    case 1: return vnni_tile_for<1>(nb);
+    case 2: return vnni_tile_for<2>(nb);
+    case 3: return vnni_tile_for<3>(nb);
+    case 4: return vnni_tile_for<4>(nb);
+    case 5: return vnni_tile_for<5>(nb);
+    default: return vnni_tile_for<6>(nb);
+  }
+}
+
+__attribute__((target("avx512f"))) void vnni_epilogue(const int32_t* acc, const int32_t* colsum,
+                                                      const float* w_scale, const float* bias, float row_scale,
+                                                      float* out, int64_t m) {
+  // (float)(acc - 128 colsum) * w_scale, then fma(., row_scale, bias) (or * row_scale): one rounding
+  // each, as fbgemm's float output stage at unit activation scale and rowwise_int8_gemm's last pass
+  const __m512i offset = _mm512_set1_epi32(128);
+  const __m512 s = _mm512_set1_ps(row_scale);
+  int64_t j = 0;
+  for (; j + 16 <= m; j += 16) {
+    const __m512i raw = _mm512_sub_epi32(_mm512_loadu_si512(acc + j),
+                                         _mm512_mullo_epi32(offset, _mm512_loadu_si512(colsum + j)));
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(raw), _mm512_loadu_ps(w_scale + j));
+    _mm512_storeu_ps(out + j, bias != nullptr ? _mm512_fmadd_ps(x, s, _mm512_loadu_ps(bias + j))
+                                              : _mm512_mul_ps(x, s));
+  }
+  for (; j < m; ++j) {
+    const float x = static_cast<float>(acc[j] - 128 * colsum[j]) * w_scale[j];
+    out[j] = bias != nullptr ? std::fma(x, row_scale, bias[j]) : x * row_scale;
+  }
+}
+
+bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+at::Tensor rowwise_int8_vnni(const at::Tensor& rows_in, const at::Tensor& weight, const at::Tensor& colsum,
+                             const at::Tensor& w_scale, const std::optional<at::Tensor>& bias_in,
+                             int64_t out_features) {
+  TORCH_CHECK(cpu_has_vnni(), "rowwise_int8_vnni needs AVX-512 VNNI");
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == at::kFloat, "rows must be (n, k) float32");
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar && weight.size(2) == 16 && weight.size(3) == 4 &&
+                  weight.is_contiguous(),
+              "weight must be (blocks, k4, 16, 4) int8, contiguous");
+  const at::Tensor rows = rows_in.contiguous();
+  const int64_t n = rows.size(0), k = rows.size(1), blocks = weight.size(0), k4 = weight.size(1);
+  const int64_t m = out_features;
+  TORCH_CHECK(k4 == (k + 3) / 4, "rows have ", k, " columns, the weights ", 4 * k4);
+  TORCH_CHECK(m > 0 && m <= 16 * blocks && 16 * blocks < m + 16, "out_features does not match the weight blocks");
+  TORCH_CHECK(colsum.scalar_type() == at::kInt && colsum.is_contiguous() && colsum.numel() == 16 * blocks,
+              "colsum must be (blocks * 16,) int32");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == m,
+              "w_scale must be (out,) float32");
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == m, "bias must be (", m, ",) float32");
+  }
+  const int64_t kp = 4 * k4;
+  at::Tensor quantised = at::empty({n, kp}, rows.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({n}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  uint8_t* q = quantised.data_ptr<uint8_t>();
+  float* s = scale.data_ptr<float>();
+  if (kp == k) {
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+      quantize_rows_u8(x, q, s, begin, end, k);
+    });
+  } else {  // padding columns: any value (their weights are zero); 128 keeps them zero anyway
+    std::vector<uint8_t> row(k);
+    for (int64_t i = 0; i < n; ++i) {
+      quantize_rows_u8(x + i * k, row.data(), s + i, 0, 1, k);
+      std::memcpy(q + i * kp, row.data(), k);
+      std::memset(q + i * kp + k, 128, kp - k);
+    }
+  }
+  at::Tensor out = at::empty({n, m}, rows.options());
+  float* o = out.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const int32_t* cs = colsum.data_ptr<int32_t>();
+  const float* ws = w_scale.data_ptr<float>();
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t groups = (blocks + kVnniBlocks - 1) / kVnniBlocks;
+  // a task: one group of 4 output blocks, all rows (its weights read once, from memory)
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> acc(kVnniRows * 16 * kVnniBlocks);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kVnniBlocks;
+      const int nb = static_cast<int>(std::min<int64_t>(kVnniBlocks, blocks - first));
+      const int64_t col = 16 * first, cols = std::min<int64_t>(16 * nb, m - col);
+      for (int64_t r0 = 0; r0 < n; r0 += kVnniRows) {
+        const int rr = static_cast<int>(std::min<int64_t>(kVnniRows, n - r0));
+        vnni_tile_for(rr, nb)(q + r0 * kp, kp, wp + first * k4 * 64, k4, acc.data(), 16 * kVnniBlocks);
+        for (int r = 0; r < rr; ++r)
+          vnni_epilogue(acc.data() + r * 16 * kVnniBlocks, cs + col, ws + col, b == nullptr ? nullptr : b + col,
+                        s[r0 + r], o + (r0 + r) * m + col, cols);
+      }
+    }
+  });
+  return out;
+}
+
+bool has_vnni() { return cpu_has_vnni(); }
+
+
+// ---- fp32 products on AVX-512, each output row independent of the others ----
+//
+// asr_native::linear_f32(rows (n, k) float32, weight (blocks, k, 16) float32, bias (out,)?, out_features)
+// -> (n, out) float32: rows @ w.T + bias, weight[b, j, c] = w[16 b + c, j] (zero-padded). Every output
+// is one fma chain over j = 0 .. k-1 in order, then + bias: the same bits for a row whatever the
+// other rows (batching never moves a result), and weights read once per call for any row count.
+
+template <int R, int NB>
+__attribute__((target("avx512f"))) void f32_tile(const float* x, int64_t x_row, const float* w, int64_t k,
+                                                 float* out, int64_t out_row) {
+  __m512 c[R][NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) c[r][b] = _mm512_setzero_ps();
+  const int64_t block = k * 16;  // floats of one 16-output block
+  for (int64_t j = 0; j < k; ++j) {
+    __m512 wv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_ps(w + b * block + j * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * x_row + j]);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) c[r][b] = _mm512_fmadd_ps(a, wv[b], c[r][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(out + r * out_row + 16 * b, c[r][b]);
+}
+
+using F32Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+
+template <int R>
+F32Tile f32_tile_for(int nb) {
+  switch (nb) {
+    case 1: return f32_tile<R, 1>;
+    case 2: return f32_tile<R, 2>;
+    case 3: return f32_tile<R, 3>;
+    default: return f32_tile<R, 4>;
+  }
+}
+
+F32Tile f32_tile_for(int rows, int nb) {
+  switch (rows) {
+    case 1: return f32_tile_for<1>(nb);
+    case 2: return f32_tile_for<2>(nb);
+    case 3: return f32_tile_for<3>(nb);
+    case 4: return f32_tile_for<4>(nb);
+    case 5: return f32_tile_for<5>(nb);
+    default: return f32_tile_for<6>(nb);
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
+                      int64_t out_features) {
+  TORCH_CHECK(cpu_has_avx512(), "linear_f32 needs AVX-512");
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == at::kFloat, "rows must be (n, k) float32");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kFloat && weight.size(2) == 16 && weight.is_contiguous(),
+              "weight must be (blocks, k, 16) float32, contiguous");
+  const at::Tensor rows = rows_in.contiguous();
+  const int64_t n = rows.size(0), k = rows.size(1), blocks = weight.size(0), m = out_features;
+  TORCH_CHECK(weight.size(1) == k, "rows have ", k, " columns, the weights ", weight.size(1));
+  TORCH_CHECK(m > 0 && m <= 16 * blocks && 16 * blocks < m + 16, "out_features does not match the weight blocks");
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == m, "bias must be (", m, ",) float32");
+  }
+  at::Tensor out = at::empty({n, m}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const int64_t groups = (blocks + kVnniBlocks - 1) / kVnniBlocks;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[kVnniRows * 16 * kVnniBlocks];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kVnniBlocks;
+      const int nb = static_cast<int>(std::min<int64_t>(kVnniBlocks, blocks - first));
+      const int64_t col = 16 * first, cols = std::min<int64_t>(16 * nb, m - col);
+      for (int64_t r0 = 0; r0 < n; r0 += kVnniRows) {
+        const int rr = static_cast<int>(std::min<int64_t>(kVnniRows, n - r0));
+        f32_tile_for(rr, nb)(x + r0 * k, k, wp + first * k * 16, k, tile, 16 * kVnniBlocks);
+        for (int r = 0; r < rr; ++r) {
+          const float* t = tile + r * 16 * kVnniBlocks;
+          float* oi = o + (r0 + r) * m + col;
+          if (b != nullptr) {
+            for (int64_t j = 0; j < cols; ++j) oi[j] = t[j] + b[col + j];
+          } else {
+            std::memcpy(oi, t, cols * sizeof(float));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+bool has_avx512() { return cpu_has_avx512(); }
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
@@ -307,10 +576,17 @@ TORCH_LIBRARY(asr_native, m) {
         "int heads, float scale) -> Tensor");
   m.def("rowwise_int8_gemm(Tensor rows, __torch__.torch.classes.quantized.LinearPackedParamsBase packed, "
         "Tensor? bias) -> Tensor");
+  m.def("rowwise_int8_vnni(Tensor rows, Tensor weight, Tensor colsum, Tensor w_scale, Tensor? bias, "
+        "int out_features) -> Tensor");
+  m.def("has_vnni() -> bool", &has_vnni);
+  m.def("linear_f32(Tensor rows, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("has_avx512() -> bool", &has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
   m.impl("rowwise_quantize_u8", &rowwise_quantize_u8);
   m.impl("rowwise_int8_gemm", &rowwise_int8_gemm);
   m.impl("ring_attention", &ring_attention);
+  m.impl("rowwise_int8_vnni", &rowwise_int8_vnni);
+  m.impl("linear_f32", &linear_f32);
 }
