@@ -307,17 +307,18 @@ class BeamSearchDecoder:
     def _close_with_blank(ended: list[Hypothesis], expanding: list[Hypothesis], logp: torch.Tensor,
                           ended_by_tokens: dict) -> list[Hypothesis]:
         """Add each expanding hypothesis + blank to ``ended``, merging equal token sequences."""
-        for i, hyp in enumerate(expanding):
-            blank_score = torch.tensor(hyp.score) + logp[i, -1]  # float32, as torchaudio
+        # float32 sums, as torchaudio's (one vector add for all hypotheses: the same roundings)
+        blank_scores = torch.tensor([h.score for h in expanding]) + logp[:, -1]
+        for i, (hyp, blank) in enumerate(zip(expanding, blank_scores.tolist())):
             previous = ended_by_tokens.get(hyp.tokens)
             if previous is not None:
                 for j, other in enumerate(ended):
                     if other.tokens == hyp.tokens:
                         del ended[j]
                         break
-                score = float(torch.tensor(previous.score).logaddexp(blank_score))
+                score = float(torch.tensor(previous.score).logaddexp(blank_scores[i]))
             else:
-                score = float(blank_score)
+                score = blank
             closed = Hypothesis(hyp.tokens, hyp.frames, hyp.predictor_out, hyp.predictor_state,
                                 score, hyp.token_prob_sum)
             ended.append(closed)
@@ -341,10 +342,11 @@ class BeamSearchDecoder:
         if not rows:
             return []
         base = [expanding[r] for r in rows]
+        chosen = logp[rows, tokens].tolist()  # the new symbols' log-probabilities, one gather
         outputs = yield _PredictRequest(tokens, base)
         return [Hypothesis(h.tokens + (tok,), h.frames + (frame,), out, state, score,
-                           h.token_prob_sum + math.exp(float(logp[r, tok])))
-                for r, h, tok, score, (out, state) in zip(rows, base, tokens, new_scores, outputs)]
+                           h.token_prob_sum + math.exp(lp))
+                for lp, h, tok, score, (out, state) in zip(chosen, base, tokens, new_scores, outputs)]
 
 
 class ModifiedBeamSearchDecoder:
