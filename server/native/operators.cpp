@@ -311,13 +311,20 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 // the encoder's small batches). weight[b, j, c, i] is w[16 b + c, 4 j + i] (zero-padded); colsum the
 // rows of w summed, for the uint8 offset (rows are quantised to q + 128: acc - 128 colsum = q . w).
 
-constexpr int kVnniRows = 6;    // rows of one register tile
-constexpr int kVnniBlocks = 4;  // 16-output blocks of one register tile (6 x 4 = 24 accumulators)
+constexpr int kTileRows = 6;    // rows of one register tile (both few-row kernels below)
+constexpr int kTileBlocks = 4;  // 16-output blocks of one register tile (6 x 4 = 24 accumulators)
+
+struct VnniTiles {  // int32 accumulators of uint8 rows (4 bytes per step) times int8 weight blocks
+  template <int R, int NB>
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void tile(const uint8_t* q, int64_t q_row,
+                                                                         const int8_t* w, int64_t k4, int32_t* acc,
+                                                                         int64_t acc_row);
+};
 
 template <int R, int NB>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const uint8_t* q, int64_t q_row,
-                                                                       const int8_t* w, int64_t k4,
-                                                                       int32_t* acc, int64_t acc_row) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void VnniTiles::tile(const uint8_t* q, int64_t q_row,
+                                                                             const int8_t* w, int64_t k4,
+                                                                             int32_t* acc, int64_t acc_row) {
   // R x NB accumulators in registers (the loops over r and b unrolled)
   __m512i c[R][NB];
 #pragma GCC unroll 8
@@ -342,27 +349,46 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const uint
     for (int b = 0; b < NB; ++b) _mm512_storeu_si512(acc + r * acc_row + 16 * b, c[r][b]);
 }
 
-using VnniTile = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t);
-
-template <int R>
-VnniTile vnni_tile_for(int nb) {
+// The register tile of kernel K for `rows` (1..kTileRows) rows and `nb` (1..kTileBlocks) blocks.
+template <class K, int R>
+auto tile_for_rows(int nb) {
   switch (nb) {
-    case 1: return vnni_tile<R, 1>;
-    case 2: return vnni_tile<R, 2>;
-    case 3: return vnni_tile<R, 3>;
-    default: return vnni_tile<R, 4>;
+    case 1: return &K::template tile<R, 1>;
+    case 2: return &K::template tile<R, 2>;
+    case 3: return &K::template tile<R, 3>;
+    default: return &K::template tile<R, 4>;
   }
 }
 
-VnniTile vnni_tile_for(int rows, int nb) {
+template <class K>
+auto tile_for(int rows, int nb) {
   switch (rows) {
-    case 1: return vnni_tile_for<1>(nb);
-    case 2: return vnni_tile_for<2>(nb);
-    case 3: return vnni_tile_for<3>(nb);
-    case 4: return vnni_tile_for<4>(nb);
-    case 5: return vnni_tile_for<5>(nb);
-    default: return vnni_tile_for<6>(nb);
+    case 1: return tile_for_rows<K, 1>(nb);
+    case 2: return tile_for_rows<K, 2>(nb);
+    case 3: return tile_for_rows<K, 3>(nb);
+    case 4: return tile_for_rows<K, 4>(nb);
+    case 5: return tile_for_rows<K, 5>(nb);
+    default: return tile_for_rows<K, 6>(nb);
   }
+}
+
+// The few-row kernels' schedule: tasks of kTileBlocks 16-output blocks (their weights read from
+// memory once, for all rows) in parallel, each running its row tiles in turn. body(scratch, first
+// block, blocks, first output column, columns, first row, rows) computes one tile; scratch holds a
+// tile's accumulators (row stride 16 * kTileBlocks).
+template <class Acc, class Body>
+void for_each_tile(int64_t n, int64_t blocks, int64_t m, const Body& body) {
+  const int64_t groups = (blocks + kTileBlocks - 1) / kTileBlocks;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) Acc scratch[kTileRows * 16 * kTileBlocks];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kTileBlocks;
+      const int nb = static_cast<int>(std::min<int64_t>(kTileBlocks, blocks - first));
+      const int64_t col = 16 * first, cols = std::min<int64_t>(16 * nb, m - col);
+      for (int64_t r0 = 0; r0 < n; r0 += kTileRows)
+        body(scratch, first, nb, col, cols, r0, static_cast<int>(std::min<int64_t>(kTileRows, n - r0)));
+    }
+  });
 }
 
 __attribute__((target("avx512f"))) void vnni_epilogue(const int32_t* acc, const int32_t* colsum,
@@ -438,22 +464,12 @@ at::Tensor rowwise_int8_vnni(const at::Tensor& rows_in, const at::Tensor& weight
   const int32_t* cs = colsum.data_ptr<int32_t>();
   const float* ws = w_scale.data_ptr<float>();
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t groups = (blocks + kVnniBlocks - 1) / kVnniBlocks;
-  // a task: one group of 4 output blocks, all rows (its weights read once, from memory)
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(kVnniRows * 16 * kVnniBlocks);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kVnniBlocks;
-      const int nb = static_cast<int>(std::min<int64_t>(kVnniBlocks, blocks - first));
-      const int64_t col = 16 * first, cols = std::min<int64_t>(16 * nb, m - col);
-      for (int64_t r0 = 0; r0 < n; r0 += kVnniRows) {
-        const int rr = static_cast<int>(std::min<int64_t>(kVnniRows, n - r0));
-        vnni_tile_for(rr, nb)(q + r0 * kp, kp, wp + first * k4 * 64, k4, acc.data(), 16 * kVnniBlocks);
-        for (int r = 0; r < rr; ++r)
-          vnni_epilogue(acc.data() + r * 16 * kVnniBlocks, cs + col, ws + col, b == nullptr ? nullptr : b + col,
-                        s[r0 + r], o + (r0 + r) * m + col, cols);
-      }
-    }
+  for_each_tile<int32_t>(n, blocks, m, [&](int32_t* acc, int64_t first, int nb, int64_t col, int64_t cols,
+                                            int64_t r0, int rr) {
+    tile_for<VnniTiles>(rr, nb)(q + r0 * kp, kp, wp + first * k4 * 64, k4, acc, 16 * kTileBlocks);
+    for (int r = 0; r < rr; ++r)
+      vnni_epilogue(acc + r * 16 * kTileBlocks, cs + col, ws + col, b == nullptr ? nullptr : b + col, s[r0 + r],
+                    o + (r0 + r) * m + col, cols);
   });
   return out;
 }
@@ -468,9 +484,15 @@ bool has_vnni() { return cpu_has_vnni(); }
 // is one fma chain over j = 0 .. k-1 in order, then + bias: the same bits for a row whatever the
 // other rows (batching never moves a result), and weights read once per call for any row count.
 
+struct F32Tiles {  // float accumulators of float rows (1 input per step) times float weight blocks
+  template <int R, int NB>
+  __attribute__((target("avx512f"))) static void tile(const float* x, int64_t x_row, const float* w, int64_t k,
+                                                      float* out, int64_t out_row);
+};
+
 template <int R, int NB>
-__attribute__((target("avx512f"))) void f32_tile(const float* x, int64_t x_row, const float* w, int64_t k,
-                                                 float* out, int64_t out_row) {
+__attribute__((target("avx512f"))) void F32Tiles::tile(const float* x, int64_t x_row, const float* w, int64_t k,
+                                                       float* out, int64_t out_row) {
   __m512 c[R][NB];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -492,29 +514,6 @@ __attribute__((target("avx512f"))) void f32_tile(const float* x, int64_t x_row, 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) _mm512_storeu_ps(out + r * out_row + 16 * b, c[r][b]);
-}
-
-using F32Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
-
-template <int R>
-F32Tile f32_tile_for(int nb) {
-  switch (nb) {
-    case 1: return f32_tile<R, 1>;
-    case 2: return f32_tile<R, 2>;
-    case 3: return f32_tile<R, 3>;
-    default: return f32_tile<R, 4>;
-  }
-}
-
-F32Tile f32_tile_for(int rows, int nb) {
-  switch (rows) {
-    case 1: return f32_tile_for<1>(nb);
-    case 2: return f32_tile_for<2>(nb);
-    case 3: return f32_tile_for<3>(nb);
-    case 4: return f32_tile_for<4>(nb);
-    case 5: return f32_tile_for<5>(nb);
-    default: return f32_tile_for<6>(nb);
-  }
 }
 
 bool cpu_has_avx512() {
@@ -542,25 +541,16 @@ at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const
   const float* wp = weight.data_ptr<float>();
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
-  const int64_t groups = (blocks + kVnniBlocks - 1) / kVnniBlocks;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float tile[kVnniRows * 16 * kVnniBlocks];
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kVnniBlocks;
-      const int nb = static_cast<int>(std::min<int64_t>(kVnniBlocks, blocks - first));
-      const int64_t col = 16 * first, cols = std::min<int64_t>(16 * nb, m - col);
-      for (int64_t r0 = 0; r0 < n; r0 += kVnniRows) {
-        const int rr = static_cast<int>(std::min<int64_t>(kVnniRows, n - r0));
-        f32_tile_for(rr, nb)(x + r0 * k, k, wp + first * k * 16, k, tile, 16 * kVnniBlocks);
-        for (int r = 0; r < rr; ++r) {
-          const float* t = tile + r * 16 * kVnniBlocks;
-          float* oi = o + (r0 + r) * m + col;
-          if (b != nullptr) {
-            for (int64_t j = 0; j < cols; ++j) oi[j] = t[j] + b[col + j];
-          } else {
-            std::memcpy(oi, t, cols * sizeof(float));
-          }
-        }
+  for_each_tile<float>(n, blocks, m, [&](float* tile, int64_t first, int nb, int64_t col, int64_t cols, int64_t r0,
+                                         int rr) {
+    tile_for<F32Tiles>(rr, nb)(x + r0 * k, k, wp + first * k * 16, k, tile, 16 * kTileBlocks);
+    for (int r = 0; r < rr; ++r) {
+      const float* t = tile + r * 16 * kTileBlocks;
+      float* oi = o + (r0 + r) * m + col;
+      if (b != nullptr) {
+        for (int64_t j = 0; j < cols; ++j) oi[j] = t[j] + b[col + j];
+      } else {
+        std::memcpy(oi, t, cols * sizeof(float));
       }
     }
   });
