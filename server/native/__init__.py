@@ -4,9 +4,11 @@
 ``operators.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
 ``rowwise_quantize_u8()`` its oneDNN path's activation quantisation in one pass,
 ``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
-each ``None`` where it cannot be built: no C++ compiler, no AVX2 / FMA, ``ASR_NATIVE_KERNELS=0``,
-or a build error. Callers then run the composed Python path, which gives the same results,
-slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
+``rowwise_int8_vnni()`` every ``RowwiseInt8Linear`` product on AVX-512 VNNI (the same bits) and
+``linear_f32()`` fp32 products on AVX-512 (``BlockedLinear``), each ``None`` where it cannot be
+built or this CPU lacks its instructions: no C++ compiler, no AVX2 / FMA (AVX-512 / VNNI for the
+last two), ``ASR_NATIVE_KERNELS=0``, or a build error. Callers then run the composed Python path
+or torch's kernels, which give the same results (fp32 and attention to float rounding), slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
 from pip); later processes load the cached library in well under a second.
 
 Cache: ``$ASR_NATIVE_CACHE``, else ``~/.cache/asr-server/native``, one folder per torch version
@@ -35,6 +37,7 @@ OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention", "roww
 # -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
 # -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo's names
 _loaded: bool | None = None
 
 
@@ -122,10 +125,10 @@ def ring_attention():
 def rowwise_int8_vnni():
     """``torch.ops.asr_native.rowwise_int8_vnni``, or ``None`` where it cannot be built or this CPU
     lacks AVX-512 VNNI."""
-    return torch.ops.asr_native.rowwise_int8_vnni if load() and torch.ops.asr_native.has_vnni() else None
+    return torch.ops.asr_native.rowwise_int8_vnni if _cpu_has(*VNNI_FLAGS) and load() else None
 
 
 def linear_f32():
     """``torch.ops.asr_native.linear_f32``, or ``None`` where it cannot be built or this CPU lacks
     AVX-512."""
-    return torch.ops.asr_native.linear_f32 if load() and torch.ops.asr_native.has_avx512() else None
+    return torch.ops.asr_native.linear_f32 if _cpu_has("avx512f") and load() else None

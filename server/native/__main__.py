@@ -3,9 +3,9 @@
 import logging
 import sys
 
-from server.native import load, why_unavailable
+from server.native import OPERATORS, load, why_unavailable
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 ok = load()
-print("asr_native operators (rowwise_int8_gemm, rowwise_quantize_u8):", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
+print(f"asr_native operators ({', '.join(OPERATORS)}):", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
 sys.exit(0 if ok else 1)

@@ -14,6 +14,12 @@
 // asr_native::rowwise_quantize_u8(rows (n, k) float32, padded_rows) -> (quantised (padded_rows, k)
 // uint8, scale (n, 1) float32): the large-product (oneDNN) path's activation quantisation in one
 // pass instead of six: round(row / scale) + 128, the padding rows all 128 (zero).
+//
+// asr_native::rowwise_int8_vnni (AVX-512 VNNI) and asr_native::linear_f32 (AVX-512): register-tiled
+// kernels for products of any row count that read each weight once per call (see there); the
+// int8 one gives the other paths' bits, the fp32 one keeps each row independent of the batch.
+// Their code is compiled for those instruction sets whatever the build flags; server/native
+// offers them only where /proc/cpuinfo lists them (and they refuse to run otherwise).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/quantized/PackedParams.h>
@@ -474,8 +480,6 @@ at::Tensor rowwise_int8_vnni(const at::Tensor& rows_in, const at::Tensor& weight
   return out;
 }
 
-bool has_vnni() { return cpu_has_vnni(); }
-
 
 // ---- fp32 products on AVX-512, each output row independent of the others ----
 //
@@ -556,8 +560,6 @@ at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const
   });
   return out;
 }
-
-bool has_avx512() { return cpu_has_avx512(); }
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
@@ -568,9 +570,7 @@ TORCH_LIBRARY(asr_native, m) {
         "Tensor? bias) -> Tensor");
   m.def("rowwise_int8_vnni(Tensor rows, Tensor weight, Tensor colsum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
-  m.def("has_vnni() -> bool", &has_vnni);
   m.def("linear_f32(Tensor rows, Tensor weight, Tensor? bias, int out_features) -> Tensor");
-  m.def("has_avx512() -> bool", &has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
