@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
 from server.config import ServerSettings
+from server.gc_pauses import freeze_startup_heap
 from server.models import ModelLoadError
 from server.precision import PrecisionError
 
@@ -47,20 +48,30 @@ async def run(settings: ServerSettings) -> int:
         logging.getLogger("asr-server").error("cannot start: %s", exc)
         await server.stop(grace=0)
         return 1
+    signals = catch_stop_signals()  # before "listening": a SIGTERM from then on drains
+    if settings.gc_freeze:
+        frozen = freeze_startup_heap()
+        logging.getLogger("asr-server").info("garbage collector: %d start-up objects frozen (--no-gc-freeze "
+                                             "to keep them collectable)", frozen)
     print(f"asr-server listening on {settings.host}:{port}", flush=True)
     if server.metrics_port:
         print(f"asr-server metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics", flush=True)
-    return await serve_until_signalled(server, settings.drain_timeout)
+    return await serve_until_signalled(server, settings.drain_timeout, signals)
 
 
-async def serve_until_signalled(server, drain_timeout: float) -> int:
-    """Serve until SIGTERM or SIGINT, then drain (``AsrServer.drain``) and exit 0; a second
-    signal during the drain stops at once (open streams are cut) and exits 1."""
-    log = logging.getLogger("asr-server")
+def catch_stop_signals() -> asyncio.Queue[signal.Signals]:
+    """SIGINT and SIGTERM, from now on, go to the returned queue instead of ending the process."""
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
+    return signals
+
+
+async def serve_until_signalled(server, drain_timeout: float, signals: asyncio.Queue[signal.Signals]) -> int:
+    """Serve until SIGTERM or SIGINT (from ``signals``), then drain (``AsrServer.drain``) and
+    exit 0; a second signal during the drain stops at once (open streams are cut) and exits 1."""
+    log = logging.getLogger("asr-server")
     first = await signals.get()
     log.info("%s: draining for up to %g s (--drain-timeout); a second SIGTERM or SIGINT stops at once",
              first.name, drain_timeout)

@@ -118,6 +118,9 @@ class ServerSettings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", min_length=1, description="address the /metrics endpoint "
                               "listens on (e.g. 127.0.0.1 or an internal interface)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    gc_freeze: bool = Field(True, description="once loaded and warm, exempt the start-up heap (torch, "
+                            "gRPC, the model) from Python's garbage collector, whose full collections "
+                            "otherwise stall every stream for 50-150 ms (asr-server only)")
 
     @field_validator("model")
     @classmethod

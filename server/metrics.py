@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.errors import ErrorCode
+from server.gc_pauses import GcPauseTimer
 from server.features import SAMPLE_RATE, SEGMENT_SAMPLES
 from server.stats import (KNOWN_APIS, OTHER_API, EngineLoad, FinalTrigger, LimitReason, Observer, StreamOutcome,
                           api_label)
@@ -55,6 +56,8 @@ FIRST_RESULT_BUCKETS = (0.02, 0.05, 0.1, 0.16, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0
                         3.0, 5.0, 10.0)
 FINAL_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.16, 0.2, 0.25, 0.32, 0.4, 0.5, 0.75, 1.0,
                  2.0, 5.0, 10.0)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+GC_GENERATIONS = ("0", "1", "2")
 RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)  # ratio
 
 METRIC_NAMES = (
@@ -63,6 +66,7 @@ METRIC_NAMES = (
     "asr_final_result_latency_seconds", "asr_stream_rtf", "asr_engine_rtf", "asr_engine_busy_seconds_total",
     "asr_engine_step_failures_total", "asr_active_streams", "asr_scheduler_queue_depth",
     "asr_streams_total", "asr_audio_seconds_total", "asr_errors_total", "asr_limit_hits_total",
+    "asr_gc_pause_seconds",
 )
 
 
@@ -195,6 +199,12 @@ class Metrics:
         self._live = _LiveGauges(self.observer)
         self.registry.register(self._live)
         prometheus_client.ProcessCollector(registry=self.registry)
+        gc_pause = Histogram("asr_gc_pause_seconds", "Python garbage collections by generation: each one "
+                             "holds the GIL, stopping the engine and the event loop alike",
+                             ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
+        for generation in GC_GENERATIONS:
+            gc_pause.labels(generation)
+        self._gc_timer = GcPauseTimer(lambda gen, seconds: gc_pause.labels(str(gen)).observe(seconds)).install()
         Gauge("asr_build_info", "Always 1; the labels say what is running",
               ["version", "model", "precision", "device"], registry=self.registry
               ).labels(version, model, precision, device).set(1)
@@ -219,6 +229,7 @@ class Metrics:
         return self._httpd.server_port
 
     def close(self) -> None:
+        self._gc_timer.close()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

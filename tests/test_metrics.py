@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import math
 import socket
 from pathlib import Path
@@ -159,10 +160,26 @@ async def test_every_series_exists_at_zero_before_any_traffic():
                    device="cpu") == 1
     # no label value is unbounded: every labelled sample uses a known label name
     allowed = {"api", "outcome", "code", "reason", "stage", "trigger", "le", "version", "model", "precision",
-               "device"}
+               "device", "generation"}
     for (name, labels) in m.samples:
         if name.startswith("asr_"):
             assert {k for k, _ in labels} <= allowed, (name, labels)
+
+
+async def test_garbage_collections_are_timed_by_generation():
+    callbacks = len(gc.callbacks)
+    async with running_server() as (server, _):
+        before = scrape(server.metrics_port)
+        for generation in ("0", "1", "2"):
+            assert before.value("asr_gc_pause_seconds_count", generation=generation) >= 0  # exists
+        gc.collect()  # a full collection, as the process makes when its heap has grown
+        gc.collect(0)
+        after = scrape(server.metrics_port)
+        for generation in ("0", "2"):
+            assert (after.value("asr_gc_pause_seconds_count", generation=generation)
+                    >= before.value("asr_gc_pause_seconds_count", generation=generation) + 1)
+        assert after.value("asr_gc_pause_seconds_sum", generation="2") > 0
+    assert len(gc.callbacks) == callbacks  # a stopped server times nothing
 
 
 async def test_a_stream_fills_the_metrics_consistently(speech):
