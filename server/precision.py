@@ -544,6 +544,11 @@ class RowwiseInt8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
+    @property
+    def uses_vnni(self) -> bool:
+        """Whether products run on the VNNI kernel (``weight_vnni``, ``weight_colsum``)."""
+        return self._vnni is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self._vnni is not None:

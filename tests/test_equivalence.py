@@ -170,3 +170,56 @@ def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbo
         op(q, k, v, layer_kv, slots + slots_total, valid, None, heads, 0.125)
     with pytest.raises(RuntimeError, match="carried row out of range"):
         op(q, k, v, layer_kv, slots, valid, carried + batch * rows, heads, 0.125)
+
+
+@pytest.mark.parametrize("model_name, precision", [("random-small", "fp32"), ("random-small", "int8"),
+                                                   ("demo", "fp32"), ("demo", "int8")])
+def test_fused_predictor_step_gives_the_modules_bits(model_name, precision):
+    """server/native's one-call prediction network step (``FusedPredictorStep``) against
+    torchaudio's ``_Predictor`` modules in the engine's precision: the same output and states,
+    bit for bit, at several row counts; ``step_rows`` advances exactly the given rows of a
+    batch's state, in place, and leaves the others alone."""
+    from server import native
+    from server.engine import Engine
+    from server.models import load_model
+
+    if native.predictor_step() is None:
+        pytest.skip(f"no native predictor step here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
+    model = small_model() if model_name == "random-small" else load_model(model_name)
+    predictor = Engine(model, precision=precision).predictor
+    fused = predictor.fused
+    if precision == "int8" and not fused:
+        from server.precision import native_vnni_int8
+        assert native_vnni_int8() is None, "VNNI int8 products, yet the predictor step is not fused"
+        pytest.skip("the CPU lacks AVX-512 VNNI: int8 products on fbgemm, the module path runs")
+    assert fused is not None, "fp32 on AVX-512: the predictor step should be fused"
+    _, initial_state = predictor.initial()
+    vocabulary = model.rnnt.predictor.embedding.num_embeddings
+    with torch.inference_mode():
+        for rows in (1, 3, 8):
+            g = torch.Generator().manual_seed(rows)
+            tokens = torch.randint(0, vocabulary, (rows,), generator=g)
+            state = [[torch.randn(rows, t.size(1), generator=g) for t in layer] for layer in initial_state]
+            predictor.fused = None
+            expected_out, expected_state = predictor.step(tokens, state)
+            predictor.fused = fused
+            out, new_state = predictor.step(tokens, state)
+            assert torch.equal(out, expected_out)
+            for got_layer, want_layer in zip(new_state, expected_state):
+                assert all(torch.equal(a, b) for a, b in zip(got_layer, want_layer))
+            # the same streams as rows 1, 3, 5, ... of a larger batch, advanced in place
+            batch = [[torch.randn(2 * rows + 1, t.size(1), generator=g) for t in layer] for layer in state]
+            chosen = torch.arange(rows) * 2 + 1
+            for layer, given in zip(batch, state):
+                for full, part in zip(layer, given):
+                    full[chosen] = part
+            before = [[t.clone() for t in layer] for layer in batch]
+            assert torch.equal(predictor.step_rows(tokens, batch, chosen), expected_out)
+            others = torch.arange(0, 2 * rows + 1, 2)
+            for layer, old, want in zip(batch, before, expected_state):
+                for full, full_before, part in zip(layer, old, want):
+                    assert torch.equal(full[chosen], part)
+                    assert torch.equal(full[others], full_before[others])
+        fresh_out, _ = predictor.step(torch.tensor([predictor.blank]), None)  # a zero state
+        predictor.fused = None
+        assert torch.equal(fresh_out, predictor.step(torch.tensor([predictor.blank]), None)[0])

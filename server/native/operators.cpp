@@ -560,6 +560,80 @@ at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const
   });
   return out;
 }
+
+// ---- one step of torchaudio's RNN-T prediction network, in one call ----
+//
+// asr_native::predictor_step(tokens (n,) int64, embedding (V, D) float32, linears, linear_kind,
+// out_features, norms, eps, state, rows?) -> (output (n, E), new state): torchaudio's _Predictor
+// for one symbol per row (embedding, input layer norm, L _CustomLSTM layers, linear, output layer
+// norm), the same operators in the same order as the Python modules (so the same bits), without
+// the ~220 dispatched calls and Python frames of the module path. Products run on this file's
+// kernels: linear_kind 0 = linear_f32 (each linear [weight, bias]), 1 = rowwise_int8_vnni ([weight,
+// colsum, w_scale, bias]); a 0-element bias is none. Linears in order x2g, p2g per layer, then the
+// output linear; out_features per linear. norms: (weight, bias) pairs, input norm, then per layer
+// the gate and cell norms when there are 2 + 4 L + 2 of them (torchaudio's lstm_layer_norm), then
+// the output norm; eps: input, LSTM, output. state: h, c per layer. With rows (n,) int64, state
+// holds every stream (B, H): the step reads rows' states and writes their new ones in place
+// (returned too); without, state is (n, H) and is left as it is.
+
+at::Tensor apply_linear(const std::vector<at::Tensor>& t, int64_t kind, int64_t out_features, const at::Tensor& x) {
+  if (kind == 0) {
+    std::optional<at::Tensor> bias;
+    if (t[1].numel() > 0) bias = t[1];
+    return linear_f32(x, t[0], bias, out_features);
+  }
+  std::optional<at::Tensor> bias;
+  if (t[3].numel() > 0) bias = t[3];
+  return rowwise_int8_vnni(x, t[0], t[1], t[2], bias, out_features);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> predictor_step(
+    const at::Tensor& tokens, const at::Tensor& embedding, const std::vector<at::Tensor>& linears,
+    int64_t linear_kind, const std::vector<int64_t>& out_features, const std::vector<at::Tensor>& norms,
+    const std::vector<double>& eps, const std::vector<at::Tensor>& state, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(linear_kind == 0 || linear_kind == 1, "linear_kind must be 0 (fp32) or 1 (int8 VNNI)");
+  const size_t per = linear_kind == 0 ? 2 : 4;
+  const int64_t layers = static_cast<int64_t>(state.size()) / 2;
+  TORCH_CHECK(layers >= 1 && state.size() == static_cast<size_t>(2 * layers), "state must be h, c per layer");
+  TORCH_CHECK(linears.size() == per * (2 * layers + 1) && out_features.size() == static_cast<size_t>(2 * layers + 1),
+              "linears must be x2g, p2g per layer and the output linear");
+  const bool lstm_norm = norms.size() == static_cast<size_t>(2 + 4 * layers + 2);
+  TORCH_CHECK(lstm_norm || norms.size() == 4, "norms: input, [gate, cell per layer,] output (weight, bias) pairs");
+  TORCH_CHECK(eps.size() == 3, "eps: input, LSTM, output");
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "tokens must be (n,) int64");
+  auto linear = [&](int64_t index, const at::Tensor& x) {
+    const std::vector<at::Tensor> t(linears.begin() + index * per, linears.begin() + (index + 1) * per);
+    return apply_linear(t, linear_kind, out_features[index], x);
+  };
+  auto norm = [&](int64_t pair, const at::Tensor& x, double e) {
+    const at::Tensor& w = norms[2 * pair];
+    return at::layer_norm(x, {w.size(0)}, w, norms[2 * pair + 1], e);
+  };
+  at::Tensor x = norm(0, at::embedding(embedding, tokens), eps[0]);
+  std::vector<at::Tensor> new_state;
+  new_state.reserve(state.size());
+  for (int64_t l = 0; l < layers; ++l) {
+    at::Tensor h = rows.has_value() ? state[2 * l].index_select(0, *rows) : state[2 * l];
+    at::Tensor c = rows.has_value() ? state[2 * l + 1].index_select(0, *rows) : state[2 * l + 1];
+    at::Tensor gates = at::add(linear(2 * l, x), linear(2 * l + 1, h));
+    if (lstm_norm) gates = norm(1 + 2 * l, gates, eps[1]);
+    const auto g = gates.chunk(4, 1);
+    const at::Tensor input_gate = g[0].sigmoid(), forget_gate = g[1].sigmoid(), cell_gate = g[2].tanh(),
+                     output_gate = g[3].sigmoid();
+    c = at::add(at::mul(forget_gate, c), at::mul(input_gate, cell_gate));
+    if (lstm_norm) c = norm(2 + 2 * l, c, eps[1]);
+    h = at::mul(output_gate, c.tanh());
+    if (rows.has_value()) {
+      state[2 * l].index_copy_(0, *rows, h);
+      state[2 * l + 1].index_copy_(0, *rows, c);
+    }
+    new_state.push_back(h);
+    new_state.push_back(c);
+    x = h;
+  }
+  const int64_t last = static_cast<int64_t>(norms.size()) / 2 - 1;
+  return {norm(last, linear(2 * layers, x), eps[2]), new_state};
+}
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
@@ -571,6 +645,8 @@ TORCH_LIBRARY(asr_native, m) {
   m.def("rowwise_int8_vnni(Tensor rows, Tensor weight, Tensor colsum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
   m.def("linear_f32(Tensor rows, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("predictor_step(Tensor tokens, Tensor embedding, Tensor[] linears, int linear_kind, int[] out_features, "
+        "Tensor[] norms, float[] eps, Tensor(a!)[] state, Tensor? rows) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
@@ -579,4 +655,5 @@ TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
   m.impl("ring_attention", &ring_attention);
   m.impl("rowwise_int8_vnni", &rowwise_int8_vnni);
   m.impl("linear_f32", &linear_f32);
+  m.impl("predictor_step", &predictor_step);
 }
