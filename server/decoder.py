@@ -111,39 +111,23 @@ class FusedPredictorStep:
     @classmethod
     def wrap(cls, predictor: torch.nn.Module) -> "FusedPredictorStep | None":
         from server import native
-        from server.precision import BlockedLinear, RowwiseInt8Linear
+        from server.precision import native_layer_norm_args, native_linear_args
 
         op = native.predictor_step()
         layers = list(getattr(predictor, "lstm_layers", ()))
         if op is None or not layers or predictor.embedding.weight.dtype != torch.float32:
             return None
         modules = [m for lstm in layers for m in (lstm.x2g, lstm.p2g)] + [predictor.linear]
-        empty = torch.empty(0)
-        bias = lambda m: m.bias if m.bias is not None else empty  # noqa: E731
-        if all(isinstance(m, BlockedLinear) for m in modules):
-            kind, linears = 0, [t for m in modules for t in (m.weight, bias(m))]
-        elif all(isinstance(m, RowwiseInt8Linear) and m.uses_vnni for m in modules):
-            kind, linears = 1, [t for m in modules for t in (m.weight_vnni, m.weight_colsum, m.weight_scale,
-                                                             bias(m))]
-        else:
+        linears = native_linear_args(modules)
+        lstm_norms = [n for lstm in layers for n in (lstm.g_norm, lstm.c_norm)]
+        if all(isinstance(n, torch.nn.Identity) for n in lstm_norms):  # lstm_layer_norm off
+            lstm_norms = []
+        norms = native_layer_norm_args([predictor.input_layer_norm, *lstm_norms, predictor.output_layer_norm])
+        if linears is None or norms is None or len({*norms[1][1:-1]}) > 1:
             return None
-        lstm_norms = [(lstm.g_norm, lstm.c_norm) for lstm in layers]
-        norm_modules = [predictor.input_layer_norm]
-        if all(isinstance(n, torch.nn.LayerNorm) for pair in lstm_norms for n in pair):
-            norm_modules += [n for pair in lstm_norms for n in pair]
-            lstm_eps = {n.eps for pair in lstm_norms for n in pair}
-        elif all(isinstance(n, torch.nn.Identity) for pair in lstm_norms for n in pair):
-            lstm_eps = {0.0}
-        else:
-            return None
-        norm_modules.append(predictor.output_layer_norm)
-        if len(lstm_eps) != 1 or not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None
-                                         and n.bias is not None and n.weight.dtype == torch.float32
-                                         and len(n.normalized_shape) == 1 for n in norm_modules):
-            return None
-        norms = [t.detach() for n in norm_modules for t in (n.weight, n.bias)]
-        eps = [predictor.input_layer_norm.eps, lstm_eps.pop(), predictor.output_layer_norm.eps]
-        return cls(op, predictor, kind, linears, [m.out_features for m in modules], norms, eps)
+        eps = norms[1]
+        return cls(op, predictor, linears[0], linears[1], [m.out_features for m in modules], norms[0],
+                   [eps[0], eps[1] if lstm_norms else 0.0, eps[-1]])
 
     def __call__(self, tokens: torch.Tensor, state: PredictorState | None,
                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, PredictorState]:

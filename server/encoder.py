@@ -158,7 +158,15 @@ class StreamingEncoder(torch.nn.Module):
         if emformer.segment_length != SEGMENT or emformer.right_context_length != RIGHT_CONTEXT:
             raise ValueError("StreamingEncoder needs 4 reduced frames per segment and 1 of right context")
         self.layers = torch.nn.ModuleList(StreamingLayer(layer) for layer in emformer.emformer_layers)
+        self.fused_layers: FusedLayers | None = None  # see fuse()
         self.eval()
+
+    def fuse(self) -> bool:
+        """Run all layers of a step in one native call from now on (``FusedLayers``), where the
+        layers' precision allows; call once the layers are final (after ``apply_precision``).
+        Returns whether they are fused."""
+        self.fused_layers = FusedLayers.wrap(self)
+        return self.fused_layers is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,6 +214,10 @@ class StreamingEncoder(torch.nn.Module):
             to_group, to_pos, from_row = carried
             carried_rows = torch.full((B, ring), -1, dtype=torch.long, device=slots.device)
             carried_rows[to_group, to_pos] = from_row
+        if in_place is not None and self.fused_layers is not None:
+            x, segments = self.fused_layers(x, pool.kv, slots, context_mask, carried_rows)
+            self._write_segments(pool, slots, chunks_done, segments)
+            return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
             if in_place is not None:  # the ring read where it lies: no gather (server/native)
@@ -217,11 +229,17 @@ class StreamingEncoder(torch.nn.Module):
             x = layer.out(attn) + x
             ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
             x = layer.ln_out(ff + x)
-        # The segment's keys and values of every layer go into the ring, at the chunk's place.
+        self._write_segments(pool, slots, chunks_done, torch.stack(segments, dim=1))
+        return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
+
+    @staticmethod
+    def _write_segments(pool: LeftContextPool, slots: torch.Tensor, chunks_done: torch.Tensor,
+                        segments: torch.Tensor) -> None:
+        """The chunk's segment keys and values of every layer, ``(B, L, 2, 4, D)``, into the ring at
+        the chunk's place."""
         write_pos = ((chunks_done % pool.chunks_in_ring) * SEGMENT)[:, None] + torch.arange(
             SEGMENT, device=slots.device)
-        pool.kv[slots[:, None], :, :, write_pos] = torch.stack(segments, dim=1).permute(0, 3, 1, 2, 4)
-        return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
+        pool.kv[slots[:, None], :, :, write_pos] = segments.permute(0, 3, 1, 2, 4)
 
     def _gathered_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
                             slots: torch.Tensor, mask: torch.Tensor, carried) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +282,49 @@ class StreamingEncoder(torch.nn.Module):
         to_pos = ((chunk % pool.chunks_in_ring) * SEGMENT)[:, None].add(frame).reshape(-1)
         from_row = (source * rows + RIGHT_CONTEXT)[:, None].add(frame).reshape(-1)
         return to_group, to_pos, from_row
+
+
+class FusedLayers:
+    """``StreamingEncoder``'s layer loop with the in-place ring attention as one native call
+    (``server.native.emformer_layers``): the same operators in the same order, so the same
+    results, without about 60 dispatched operators and the Python frames per layer (on machine B,
+    int8 random-base at 1 / 7 streams the step's fixed cost is mostly those). For layers whose
+    linears the kernels cover (every one a ``BlockedLinear``, or every one a VNNI
+    ``RowwiseInt8Linear``), float32 layer norms and a ReLU / GELU / SiLU feed-forward."""
+
+    ACTIVATIONS = {torch.nn.ReLU: 0, torch.nn.GELU: 1, torch.nn.SiLU: 2}
+
+    def __init__(self, op, kind: int, linears: list[torch.Tensor], out_features: list[int],
+                 norms: list[torch.Tensor], eps: list[float], activation: int, heads: int, scale: float):
+        self._op, self._kind, self._linears, self._out_features = op, kind, linears, out_features
+        self._norms, self._eps, self._activation = norms, eps, activation
+        self._heads, self._scale = heads, scale
+
+    @classmethod
+    def wrap(cls, encoder: "StreamingEncoder") -> "FusedLayers | None":
+        from server import native
+        from server.precision import native_layer_norm_args, native_linear_args
+
+        op = native.emformer_layers()
+        if op is None or native_ring_attention() is None or (encoder.dim // encoder.heads) % 8:
+            return None
+        layers = list(encoder.layers)
+        modules = [m for layer in layers for m in (layer.qkv, layer.out, layer.ff1, layer.ff2)]
+        linears = native_linear_args(modules)
+        norms = native_layer_norm_args([n for layer in layers for n in (layer.ln_in, layer.ln_ff, layer.ln_out)])
+        activations = {cls.ACTIVATIONS.get(type(layer.activation)) for layer in layers}
+        gelu_exact = all(getattr(layer.activation, "approximate", "none") == "none" for layer in layers)
+        if linears is None or norms is None or len(activations) != 1 or None in activations or not gelu_exact:
+            return None
+        return cls(op, linears[0], linears[1], [m.out_features for m in modules], norms[0], norms[1],
+                   activations.pop(), encoder.heads, encoder.scaling)
+
+    def __call__(self, x: torch.Tensor, ring_kv: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
+                 carried: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, rows, D)`` -> ``(B, rows, D)`` after every layer, and the segment keys and values
+        ``(B, L, 2, 4, D)`` for the ring (``ring_kv`` is ``LeftContextPool.kv``, read only)."""
+        return self._op(x, self._linears, self._kind, self._out_features, self._norms, self._eps,
+                        self._activation, ring_kv, slots, valid, carried, self._heads, self._scale)
 
 
 @functools.cache

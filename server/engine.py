@@ -155,6 +155,7 @@ class Engine:
         # The engine runs its own copies of the networks, converted once to the precision;
         # the loaded model stays fp32 (the self-check compares against it).
         self.encoder = apply_precision(StreamingEncoder(self.rnnt.transcriber).to(self.device), precision, backend)
+        self.encoder.fuse()
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
         self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
         if precision == "int8":

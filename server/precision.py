@@ -578,6 +578,29 @@ class RowwiseInt8Linear(torch.nn.Module):
                 f"bias={self.bias is not None}, gemm={self.gemm}")
 
 
+def native_linear_args(modules: list[torch.nn.Module]) -> tuple[int, list[torch.Tensor]] | None:
+    """How ``server.native``'s fused operators (``predictor_step``, ``emformer_layers``) take these
+    linears: ``(kind, tensors)``, kind 0 when every one is a ``BlockedLinear`` (tensors weight, bias
+    per linear), 1 when every one is a VNNI ``RowwiseInt8Linear`` (weight, column sums, weight
+    scales, bias); a missing bias is a 0-element tensor. ``None`` for anything else."""
+    empty = torch.empty(0)
+    bias = lambda m: m.bias if m.bias is not None else empty  # noqa: E731
+    if all(isinstance(m, BlockedLinear) for m in modules):
+        return 0, [t for m in modules for t in (m.weight, bias(m))]
+    if all(isinstance(m, RowwiseInt8Linear) and m.uses_vnni for m in modules):
+        return 1, [t for m in modules for t in (m.weight_vnni, m.weight_colsum, m.weight_scale, bias(m))]
+    return None
+
+
+def native_layer_norm_args(norms: list[torch.nn.Module]) -> tuple[list[torch.Tensor], list[float]] | None:
+    """``(weight, bias pairs, eps)`` of float32 affine ``LayerNorm``s over their last dimension, as
+    ``server.native``'s fused operators take them; ``None`` if any is something else."""
+    if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None
+               and n.weight.dtype == torch.float32 and len(n.normalized_shape) == 1 for n in norms):
+        return None
+    return [t.detach() for n in norms for t in (n.weight, n.bias)], [float(n.eps) for n in norms]
+
+
 def _replace_linears(module: torch.nn.Module, kind: Callable[[torch.nn.Linear], torch.nn.Module] | None = None,
                      min_params: int = 0) -> torch.nn.Module:
     """Every plain ``nn.Linear`` in ``module`` of at least ``min_params`` weights -> ``kind(linear)``

@@ -223,3 +223,62 @@ def test_fused_predictor_step_gives_the_modules_bits(model_name, precision):
         fresh_out, _ = predictor.step(torch.tensor([predictor.blank]), None)  # a zero state
         predictor.fused = None
         assert torch.equal(fresh_out, predictor.step(torch.tensor([predictor.blank]), None)[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_fused_encoder_layers_give_the_layer_loops_bits(speech, precision):
+    """server/native's one-call layer loop (``FusedLayers``) against ``StreamingEncoder``'s
+    Python loop over the same layers: the same encoder output and left-context state, bit for
+    bit, for streams at different positions, some bringing several chunks to one step (their
+    earlier chunks' keys carried within the step), greedy tokens alike."""
+    import random
+
+    from server import native
+    from server.config import DecodingMethod
+    from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+
+    if native.emformer_layers() is None:
+        pytest.skip(f"no native encoder layers here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
+    engine = Engine(small_model(seed=5), precision=precision)
+    fused = engine.encoder.fused_layers
+    if precision == "int8" and fused is None:
+        from server.precision import native_vnni_int8
+        assert native_vnni_int8() is None, "VNNI int8 products, yet the encoder layers are not fused"
+        pytest.skip("the CPU lacks AVX-512 VNNI: int8 products on fbgemm, the layer loop runs")
+    assert fused is not None, "fp32 on AVX-512: the encoder layers should be fused"
+    windows = [utterance_windows(torch.from_numpy(a)).numpy() for _, a, _ in speech]
+    outputs: list[torch.Tensor] = []
+    engine.encoder.register_forward_hook(lambda module, args, out: outputs.append(out.clone()))
+
+    def run(layers) -> tuple[list, list, torch.Tensor]:
+        engine.encoder.fused_layers = layers
+        outputs.clear()
+        rng = random.Random(11)
+        streams = [engine.new_stream(DecodingMethod.GREEDY, 1) for _ in windows]
+        position = [-3 * i for i in range(len(windows))]  # staggered starts
+        while any(p < len(w) for p, w in zip(position, windows)):
+            works = []
+            for i, s in enumerate(streams):
+                take = min(len(windows[i]) - max(position[i], 0), rng.randint(1, MAX_CHUNKS_PER_STREAM))
+                if position[i] < 0:
+                    position[i] += 1
+                    continue
+                for _ in range(take):
+                    works.append(ChunkWork(s, windows[i][position[i]]))
+                    position[i] += 1
+            if works:
+                engine.run_batch(works)
+        tokens = [s.decoder.best.tokens for s in streams]
+        state = torch.stack([engine.pool.kv[s.slot] for s in streams])  # each stream's left context
+        for s in streams:
+            engine.release(s)
+        return tokens, list(outputs), state
+
+    with torch.inference_mode():
+        fused_tokens, fused_out, fused_state = run(fused)
+        loop_tokens, loop_out, loop_state = run(None)
+    assert len(fused_out) == len(loop_out) > 10
+    assert any(out.size(0) > len(windows) for out in fused_out), "some step should carry several chunks of a stream"
+    assert all(torch.equal(a, b) for a, b in zip(fused_out, loop_out))
+    assert torch.equal(fused_state, loop_state)
+    assert fused_tokens == loop_tokens and sum(map(len, loop_tokens)) > 0

@@ -6,7 +6,8 @@
 ``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
 ``rowwise_int8_vnni()`` every ``RowwiseInt8Linear`` product on AVX-512 VNNI (the same bits) and
 ``linear_f32()`` fp32 products on AVX-512 (``BlockedLinear``), ``predictor_step()`` one step of the
-RNN-T prediction network over those two kernels (``server.decoder.Predictor``), each ``None`` where it cannot be
+RNN-T prediction network over those two kernels (``server.decoder.Predictor``),
+``emformer_layers()`` every encoder layer of a step over them (``StreamingEncoder``), each ``None`` where it cannot be
 built or this CPU lacks its instructions: no C++ compiler, no AVX2 / FMA (AVX-512 / VNNI for the
 last two), ``ASR_NATIVE_KERNELS=0``, or a build error. Callers then run the composed Python path
 or torch's kernels, which give the same results (fp32 and attention to float rounding), slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("operators.cpp")
 SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
 OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention", "rowwise_int8_vnni", "linear_f32",
-             "predictor_step")
+             "predictor_step", "emformer_layers")
 # -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
 # -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
@@ -140,3 +141,9 @@ def predictor_step():
     """``torch.ops.asr_native.predictor_step``, or ``None`` where it cannot be built or this CPU lacks
     AVX-512 (its products are ``linear_f32`` and ``rowwise_int8_vnni``)."""
     return torch.ops.asr_native.predictor_step if _cpu_has("avx512f") and load() else None
+
+
+def emformer_layers():
+    """``torch.ops.asr_native.emformer_layers``, or ``None`` where it cannot be built or this CPU lacks
+    AVX-512 (its products are ``linear_f32`` and ``rowwise_int8_vnni``)."""
+    return torch.ops.asr_native.emformer_layers if _cpu_has("avx512f") and load() else None

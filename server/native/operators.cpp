@@ -22,6 +22,7 @@
 // offers them only where /proc/cpuinfo lists them (and they refuse to run otherwise).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/native/quantized/PackedParams.h>
 #include <ATen/native/quantized/cpu/fbgemm_utils.h>
 #include <torch/library.h>
@@ -576,7 +577,11 @@ at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const
 // holds every stream (B, H): the step reads rows' states and writes their new ones in place
 // (returned too); without, state is (n, H) and is left as it is.
 
+// The fused operators call the kernels directly (no dispatch); RECORD_FUNCTION names them to
+// torch.profiler as if dispatched (bench/step_profile.py counts products by name), at no cost
+// when no profiler runs.
 at::Tensor apply_linear(const std::vector<at::Tensor>& t, int64_t kind, int64_t out_features, const at::Tensor& x) {
+  RECORD_FUNCTION(kind == 0 ? "asr_native::linear_f32" : "asr_native::rowwise_int8_vnni", std::vector<c10::IValue>());
   if (kind == 0) {
     std::optional<at::Tensor> bias;
     if (t[1].numel() > 0) bias = t[1];
@@ -634,6 +639,68 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> predictor_step(
   const int64_t last = static_cast<int64_t>(norms.size()) / 2 - 1;
   return {norm(last, linear(2 * layers, x), eps[2]), new_state};
 }
+
+// ---- every Emformer layer of one encoder step, in one call ----
+//
+// asr_native::emformer_layers(x (B, rows, D) float32, linears, linear_kind, out_features, norms, eps,
+// activation, ring_kv (slots, L, 2, P, D): LeftContextPool.kv, read in place; slots, valid, carried?,
+// heads, scale) -> (x after the L layers (B, rows, D), segments (B, L, 2, 4, D)): the loop of
+// server.encoder.StreamingEncoder.forward over its StreamingLayers with the in-place ring attention,
+// the same operators in the same order (so the same bits), without the ~60 dispatched calls and
+// the Python frames per layer. Per layer: linears qkv, out, ff1, ff2 (linear_kind and tensors as in
+// predictor_step), norms ln_in, ln_ff, ln_out (weight, bias pairs, eps each); activation 0 relu,
+// 1 gelu, 2 silu. segments[:, l] are the layer's keys and values of the chunk's segment rows (the
+// rows after the first rows - 4, the right context), for the caller to write into the ring.
+
+std::tuple<at::Tensor, at::Tensor> emformer_layers(
+    const at::Tensor& x_in, const std::vector<at::Tensor>& linears, int64_t linear_kind,
+    const std::vector<int64_t>& out_features, const std::vector<at::Tensor>& norms, const std::vector<double>& eps,
+    int64_t activation, const at::Tensor& ring_kv, const at::Tensor& slots, const at::Tensor& valid,
+    const std::optional<at::Tensor>& carried, int64_t heads, double scale) {
+  TORCH_CHECK(linear_kind == 0 || linear_kind == 1, "linear_kind must be 0 (fp32) or 1 (int8 VNNI)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, "activation must be 0 (relu), 1 (gelu) or 2 (silu)");
+  const size_t per = linear_kind == 0 ? 2 : 4;
+  TORCH_CHECK(x_in.dim() == 3 && x_in.scalar_type() == at::kFloat, "x must be (B, rows, D) float32");
+  const int64_t layers = static_cast<int64_t>(out_features.size()) / 4;
+  TORCH_CHECK(layers >= 1 && out_features.size() == static_cast<size_t>(4 * layers) &&
+                  linears.size() == per * 4 * layers && norms.size() == static_cast<size_t>(6 * layers) &&
+                  eps.size() == static_cast<size_t>(3 * layers),
+              "per layer: 4 linears (qkv, out, ff1, ff2), 3 norms (in, ff, out) with their eps");
+  TORCH_CHECK(ring_kv.dim() == 5 && ring_kv.size(1) == layers && ring_kv.size(2) == 2, "ring_kv must be (slots, L, 2, P, D)");
+  const int64_t B = x_in.size(0), rows = x_in.size(1), D = x_in.size(2), segment = 4;
+  TORCH_CHECK(rows > segment, "rows must be the right context and the 4 segment frames");
+  const int64_t right = rows - segment;
+  auto linear = [&](int64_t index, const at::Tensor& x) {
+    const std::vector<at::Tensor> t(linears.begin() + index * per, linears.begin() + (index + 1) * per);
+    const at::Tensor out = apply_linear(t, linear_kind, out_features[index], x.reshape({-1, x.size(-1)}));
+    return out.reshape({B, rows, out_features[index]});
+  };
+  auto norm = [&](int64_t index, const at::Tensor& x) {
+    const at::Tensor& w = norms[2 * index];
+    return at::layer_norm(x, {w.size(0)}, w, norms[2 * index + 1], eps[index]);
+  };
+  at::Tensor segments = at::empty({B, layers, 2, segment, D}, x_in.options());
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor qkv = linear(4 * l, norm(3 * l, x));
+    const auto parts = qkv.split(D, -1);
+    const at::Tensor& q = parts[0];
+    const at::Tensor& k = parts[1];
+    const at::Tensor& v = parts[2];
+    at::Tensor attn;
+    {
+      RECORD_FUNCTION("asr_native::ring_attention", std::vector<c10::IValue>());
+      attn = ring_attention(q, k, v, ring_kv.select(1, l), slots, valid, carried, heads, scale);
+    }
+    segments.select(1, l).select(1, 0).copy_(k.narrow(1, right, segment));
+    segments.select(1, l).select(1, 1).copy_(v.narrow(1, right, segment));
+    x = at::add(linear(4 * l + 1, attn), x);
+    at::Tensor hidden = linear(4 * l + 2, norm(3 * l + 1, x));
+    hidden = activation == 0 ? at::relu(hidden) : activation == 1 ? at::gelu(hidden) : at::silu(hidden);
+    x = norm(3 * l + 2, at::add(linear(4 * l + 3, hidden), x));
+  }
+  return {x, segments};
+}
 }  // namespace
 
 TORCH_LIBRARY(asr_native, m) {
@@ -647,6 +714,9 @@ TORCH_LIBRARY(asr_native, m) {
   m.def("linear_f32(Tensor rows, Tensor weight, Tensor? bias, int out_features) -> Tensor");
   m.def("predictor_step(Tensor tokens, Tensor embedding, Tensor[] linears, int linear_kind, int[] out_features, "
         "Tensor[] norms, float[] eps, Tensor(a!)[] state, Tensor? rows) -> (Tensor, Tensor[])");
+  m.def("emformer_layers(Tensor x, Tensor[] linears, int linear_kind, int[] out_features, Tensor[] norms, "
+        "float[] eps, int activation, Tensor ring_kv, Tensor slots, Tensor valid, Tensor? carried, int heads, "
+        "float scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
@@ -656,4 +726,5 @@ TORCH_LIBRARY_IMPL(asr_native, CPU, m) {
   m.impl("rowwise_int8_vnni", &rowwise_int8_vnni);
   m.impl("linear_f32", &linear_f32);
   m.impl("predictor_step", &predictor_step);
+  m.impl("emformer_layers", &emformer_layers);
 }
