@@ -204,13 +204,15 @@ class StreamingEncoder(torch.nn.Module):
         x = torch.cat([x[:, SEGMENT:], x[:, :SEGMENT]], dim=1)
         rows = x.size(1)
         context_mask = pool.mask_rows(chunks_done)
-        mask = torch.cat([context_mask, context_mask.new_ones(B, rows)], dim=1)[:, None, None, :]
         ring = pool.ring
         carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
         segments = []  # each layer's (B, 2, 4, D) segment keys and values, for the ring
         in_place = native_ring_attention() if x.dtype == torch.float32 and x.is_cpu and (D // H) % 8 == 0 else None
         carried_rows = None  # in_place's form of `carried`: (B, ring) row of this step's keys, or -1
-        if in_place is not None and carried is not None:
+        mask = None  # the gathered path's attention mask: the context, then the chunk's own rows
+        if in_place is None:
+            mask = torch.cat([context_mask, context_mask.new_ones(B, rows)], dim=1)[:, None, None, :]
+        elif carried is not None:
             to_group, to_pos, from_row = carried
             carried_rows = torch.full((B, ring), -1, dtype=torch.long, device=slots.device)
             carried_rows[to_group, to_pos] = from_row

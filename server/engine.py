@@ -161,7 +161,7 @@ class Engine:
         if precision == "int8":
             rowwise = [m for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)]
             gemms = "/".join(sorted({m.gemm for m in rowwise}))
-            path = ("native AVX-512 VNNI kernel" if all(m._vnni is not None for m in rowwise) else
+            path = ("native AVX-512 VNNI kernel" if all(m.uses_vnni for m in rowwise) else
                     f"{'native' if any(m._fused is not None for m in rowwise) else 'composed'} fbgemm path")
             log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, {path})" if rowwise else "")
         if self.encoder.dtype == torch.float32 and self.device.type == "cpu":

@@ -6,12 +6,14 @@
 ``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
 ``rowwise_int8_vnni()`` every ``RowwiseInt8Linear`` product on AVX-512 VNNI (the same bits) and
 ``linear_f32()`` fp32 products on AVX-512 (``BlockedLinear``), ``predictor_step()`` one step of the
-RNN-T prediction network over those two kernels (``server.decoder.Predictor``),
-``emformer_layers()`` every encoder layer of a step over them (``StreamingEncoder``), each ``None`` where it cannot be
-built or this CPU lacks its instructions: no C++ compiler, no AVX2 / FMA (AVX-512 / VNNI for the
-last two), ``ASR_NATIVE_KERNELS=0``, or a build error. Callers then run the composed Python path
-or torch's kernels, which give the same results (fp32 and attention to float rounding), slower. The first build takes 10-30 s (a C++ compiler and ninja: ``g++`` from apt, ``ninja``
-from pip); later processes load the cached library in well under a second.
+RNN-T prediction network over those two kernels (``server.decoder.Predictor``) and
+``emformer_layers()`` every encoder layer of a step over them (``StreamingEncoder``), each ``None``
+where it cannot be built or this CPU lacks its instructions: no C++ compiler, no AVX2 / FMA
+(AVX-512, and VNNI for ``rowwise_int8_vnni``, for the last four), ``ASR_NATIVE_KERNELS=0``, or a
+build error. Callers then run the composed Python path or torch's kernels, which give the same
+results (fp32 and attention to float rounding), slower. The first build takes 10-30 s (a C++
+compiler and ninja: ``g++`` from apt, ``ninja`` from pip); later processes load the cached library
+in well under a second.
 
 Cache: ``$ASR_NATIVE_CACHE``, else ``~/.cache/asr-server/native``, one folder per torch version
 and compiler flags (the build is for this CPU).
