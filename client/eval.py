@@ -5,8 +5,10 @@ relative to the manifest, or a directory of ``NAME.wav`` + ``NAME.txt``) to a
 server as fast as possible, several streams at a time, and reports WER with
 substitutions / deletions / insertions (jiwer), a per-utterance table and, with
 ``--json``, all of it as JSON. ``--spawn ARGS`` starts its own ``asr-server ARGS``.
+``--group-by FIELD`` adds the WER per value of a manifest field (for example
+``voice``: one line per speaker).
 
-    asr-eval data/demo/test.jsonl --spawn "--model demo" --beam 4
+    asr-eval data/demo/test.jsonl --spawn "--model demo" --beam 4 --group-by voice
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from client.stream import StreamOptions, channel, decoding_method, stream_audio
 class Utterance:
     audio: Path
     text: str
+    group: str | None = None  # the manifest's --group-by field
 
 
 @dataclass
@@ -45,10 +48,14 @@ class Scored:
     hypothesis: str
     wer: float
     seconds: float
+    group: str | None = None
 
 
-def load_manifest(path: Path, limit: int = 0) -> list[Utterance]:
+def load_manifest(path: Path, limit: int = 0, group_by: str | None = None) -> list[Utterance]:
+    """The manifest's utterances; ``group_by`` names a JSON field every row must have."""
     if path.is_dir():
+        if group_by:
+            raise ValueError(f"--group-by needs a JSON-lines manifest, not the directory {path}")
         items = [Utterance(w, w.with_suffix(".txt").read_text().strip()) for w in sorted(path.glob("*.wav"))
                  if w.with_suffix(".txt").exists()]
     else:
@@ -56,7 +63,10 @@ def load_manifest(path: Path, limit: int = 0) -> list[Utterance]:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                items.append(Utterance(path.parent / row["audio"], row["text"]))
+                if group_by and group_by not in row:
+                    raise ValueError(f"{path}: a row has no field {group_by!r}: {line.strip()[:120]}")
+                items.append(Utterance(path.parent / row["audio"], row["text"],
+                                       str(row[group_by]) if group_by else None))
     return items[:limit] if limit else items
 
 
@@ -90,7 +100,7 @@ async def evaluate(address: str | Connection, utterances: list[Utterance], optio
                 hyp = normalise(await transcribe(stub, utt, options))
                 ref = normalise(utt.text)
                 results[i] = Scored(str(utt.audio), ref, hyp, jiwer.wer(ref, hyp) if ref else float(bool(hyp)),
-                                    soundfile.info(str(utt.audio)).duration)
+                                    soundfile.info(str(utt.audio)).duration, utt.group)
                 bar.update()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -99,13 +109,18 @@ async def evaluate(address: str | Connection, utterances: list[Utterance], optio
     scored = [r for r in results if r is not None]
     measures = jiwer.process_words([r.reference for r in scored], [r.hypothesis or "" for r in scored])
     audio_seconds = sum(r.seconds for r in scored)
+    groups = {}
+    for name in sorted({r.group for r in scored if r.group is not None}):
+        members = [r for r in scored if r.group == name]
+        m = jiwer.process_words([r.reference for r in members], [r.hypothesis or "" for r in members])
+        groups[name] = {"utterances": len(members), "words": m.hits + m.substitutions + m.deletions, "wer": m.wer}
     return {
         "utterances": len(scored), "words": measures.hits + measures.substitutions + measures.deletions,
         "wer": measures.wer, "substitutions": measures.substitutions, "deletions": measures.deletions,
         "insertions": measures.insertions, "sentence_error_rate": sum(r.wer > 0 for r in scored) / len(scored),
         "audio_seconds": round(audio_seconds, 2), "wall_seconds": round(wall, 2),
         "speed_vs_real_time": round(audio_seconds / wall, 2) if wall else None,
-        "per_utterance": [asdict(r) for r in scored],
+        "groups": groups, "per_utterance": [asdict(r) for r in scored],
     }
 
 
@@ -123,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="streams at once (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--show", type=int, default=20, help="utterances with errors to list (default: %(default)s)")
+    p.add_argument("--group-by", metavar="FIELD", help="also report WER per value of this manifest field "
+                   "(for example voice)")
     add_connection_args(p)
     return p
 
@@ -133,6 +150,11 @@ def report(results: dict, show: int) -> str:
              f"{results['utterances']} utterances, sentence error rate {results['sentence_error_rate'] * 100:.1f}%)",
              f"{results['audio_seconds']:.0f} s of audio in {results['wall_seconds']:.1f} s "
              f"({results['speed_vs_real_time']}x real time)"]
+    if results["groups"]:
+        width = max(len(name) for name in results["groups"])
+        lines.append(f"\n{'group':<{width}}  utterances  words     WER")
+        for name, g in results["groups"].items():
+            lines.append(f"{name:<{width}}  {g['utterances']:>10}  {g['words']:>5}  {g['wer'] * 100:5.1f}%")
     errors = [r for r in results["per_utterance"] if r["wer"] > 0][:show]
     if errors:
         lines.append(f"\n{'WER':>6}  reference / hypothesis")
@@ -143,7 +165,11 @@ def report(results: dict, show: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    utterances = load_manifest(args.manifest, args.limit)
+    try:
+        utterances = load_manifest(args.manifest, args.limit, args.group_by)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        print(f"asr-eval: {exc}", file=sys.stderr)
+        return 2
     if not utterances:
         print(f"asr-eval: no utterances in {args.manifest}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from asr.v1 import asr_pb2
-from client.eval import evaluate, load_manifest
+from client.eval import evaluate, load_manifest, report
 from client.stream import StreamOptions
 from server.models import DEMO_DIR, load_demo
 from server.precision import PRECISIONS, PrecisionError, check_precision
@@ -73,7 +73,7 @@ async def test_demo_model_transcribes_the_bundled_samples_exactly(demo, speech):
 
 @pytest.mark.slow
 async def test_demo_model_wer_on_heldout_voices_and_sentences(demo):
-    rows = load_manifest(HELDOUT_SUBSET)
+    rows = load_manifest(HELDOUT_SUBSET, group_by="voice")
     async with running_server(model=demo) as (server, _):
         address = f"127.0.0.1:{server.port}"
         greedy = await evaluate(address, rows, _options(decoding_method=asr_pb2.GREEDY), concurrency=8,
@@ -84,6 +84,23 @@ async def test_demo_model_wer_on_heldout_voices_and_sentences(demo):
     assert greedy["wer"] <= GREEDY_WER_BOUND, f"greedy WER {greedy['wer']:.3f}"
     assert beam["wer"] <= BEAM4_WER_BOUND, f"beam 4 WER {beam['wer']:.3f}"
     assert beam["wer"] < greedy["wer"]
+    # the per-voice breakdown (asr-eval --group-by voice) partitions the same errors
+    groups = greedy["groups"]
+    assert len(groups) >= 10 and sum(g["utterances"] for g in groups.values()) == 80
+    errors = greedy["substitutions"] + greedy["deletions"] + greedy["insertions"]
+    assert sum(g["words"] for g in groups.values()) == greedy["words"]
+    assert round(sum(g["wer"] * g["words"] for g in groups.values())) == errors
+    assert "espeak-ng:en-029+Lee" in report(greedy, show=0)
+
+
+def test_eval_group_by_needs_the_field_in_every_row(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "text": "hi", "voice": "x"}\n{"audio": "b.wav", "text": "yo"}\n')
+    assert [u.group for u in load_manifest(manifest)] == [None, None]
+    with pytest.raises(ValueError, match="no field 'voice'"):
+        load_manifest(manifest, group_by="voice")
+    with pytest.raises(ValueError, match="JSON-lines"):
+        load_manifest(tmp_path, group_by="voice")
 
 
 @pytest.fixture(scope="module")
