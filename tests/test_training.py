@@ -9,17 +9,24 @@ export writes files the server's loader reads.
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile
+import torch
 
 from server.models import load_demo
 from tests.conftest import ROOT, SAMPLES
 
 sys.path.insert(0, str(ROOT / "train"))
+import make_data  # noqa: E402
 import train_demo  # noqa: E402
 from sentences import generate, vocabulary  # noqa: E402
+from server.features import GlobalStats  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +74,67 @@ def test_sentence_generator_is_reproducible_and_covers_a_large_vocabulary():
     words = vocabulary(a)
     assert len(words) >= 300, len(words)
     assert all(set(s) <= set("abcdefghijklmnopqrstuvwxyz' ") for s in a)
+
+
+def test_vocal_tract_warp_moves_a_formant_and_is_the_identity_at_one():
+    assert np.allclose(train_demo.vtlp_source_index(1.0), np.arange(80))
+    stats = GlobalStats.load(ROOT / "models" / "demo" / "global_stats.json")
+    mean, inv = torch.tensor(stats.mean), torch.tensor(stats.invstddev)
+    log_mel = torch.full((5, 80), 4.0)
+    log_mel[:, 30] = 12.0  # one formant-like peak
+    feats = (log_mel - mean) * inv
+
+    class Fixed:  # a generator whose draws pick the warp factor and skip the tilt
+        def __init__(self, alpha):
+            self.draws = iter([0.0, alpha, 0.9])
+
+        def random(self):
+            return next(self.draws)
+
+        def uniform(self, lo, hi):
+            return next(self.draws)
+
+    def peak(alpha):
+        out = train_demo.timbre_augment(feats, stats, Fixed(alpha))
+        return int((out / inv + mean)[0].argmax())
+
+    assert peak(1.0) == 30
+    assert peak(1.12) > 30 > peak(0.88)  # formants higher / lower by the vocal-tract factor
+    # neither augmentation: the features come back unchanged
+    same = train_demo.timbre_augment(feats, stats, np.random.default_rng(0), warp=0.0, tilt=0.0)
+    assert torch.allclose(same, feats, atol=1e-4)
+
+
+def test_random_voices_add_training_jobs_without_changing_any_split():
+    base = make_data.plan(200, 20, 30, seed=7)
+    more = make_data.plan(200, 20, 30, seed=7, random_voices=50, espeak_path="/x")
+    assert more[:len(base)] == base
+    extra = more[len(base):]
+    train_sentences = {j.text for j in base if j.split == "train"}
+    assert len(extra) == 50 and all(j.split == "train" and j.text in train_sentences for j in extra)
+    assert [j.index for j in extra] == list(range(200, 250))
+    held_out = set(make_data.TEST_ESPEAK_VARIANTS) | {"Gene2"}
+    assert not {j.voice.split("+")[1] for j in extra} & held_out
+    assert {j.voice.split("+")[0] for j in extra} <= set(make_data.TRAIN_ESPEAK_BASES) | {"en"}
+
+
+def test_a_random_espeak_voice_speaks(tmp_path):
+    root = make_data.espeak_data_with_random_variants(tmp_path, seed=7)
+    variant = (root / "espeak-ng-data" / "voices" / "!v" / "rv000").read_text()
+    assert variant == make_data.random_variant("rv000", random.Random(7 + 3))
+    wavs = []
+    for voice in ("en-us+rv000", "en-us+rv001"):
+        wav = tmp_path / f"{voice}.wav"
+        subprocess.run(["espeak-ng", f"--path={root}", "-v", voice, "-w", str(wav), "set a timer"], check=True)
+        wavs.append(soundfile.read(wav)[0])
+    assert all(len(w) > 8000 for w in wavs)  # half a second of speech at 22 kHz or more
+    assert len(wavs[0]) != len(wavs[1]) or not np.array_equal(wavs[0], wavs[1])  # two different voices
+    # every base the random voices use takes a variant (espeak-ng silently drops one after "en-gb")
+    plain = tmp_path / "plain.wav"
+    extra = make_data.plan(50, 1, 1, 7, random_voices=200)[52:]
+    for base in {j.voice.split("+")[0] for j in extra}:
+        subprocess.run(["espeak-ng", "-v", base, "-w", str(plain), "set a timer"], check=True)
+        varied = tmp_path / "varied.wav"
+        subprocess.run(["espeak-ng", f"--path={root}", "-v", f"{base}+rv000", "-w", str(varied), "set a timer"],
+                       check=True)
+        assert plain.read_bytes() != varied.read_bytes(), base

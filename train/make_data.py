@@ -12,6 +12,13 @@ Splits (all reproducible from ``--seed``):
 * ``test``: held-out voices (at least one per synthesizer) and held-out sentences
   that never occur in ``train``.
 
+``--random-voices N`` adds N more training utterances (training sentences again)
+spoken by new espeak-ng voices: seeded random voice variants (formant
+frequencies, heights and widths, pitch, flutter, roughness; written to
+``OUT/espeak-ng``) and the stock variants the plan above never uses. They are
+planned from their own random stream, so the three splits above stay the same
+bit for bit whatever N is.
+
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
 """
@@ -23,6 +30,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +64,13 @@ TRAIN_FESTIVAL = ["kal_diphone", "cmu_us_slt_arctic_hts"]
 TEST_FESTIVAL = ["ked_diphone"]
 
 
+# Stock espeak-ng variants the plan above leaves out, used only by --random-voices: none is a
+# relative of a held-out variant (Gene2 is left out: Gene is held out) or a sound effect (robots, whisper).
+EXTRA_ESPEAK_VARIANTS = ["Diogo", "Henrique", "Marco", "Mario", "Nguyen", "antonio", "edward2", "grandpa",
+                         "gustave", "iven2", "iven3", "iven4", "klatt5", "klatt6", "michel", "miguel",
+                         "pablo", "pedro", "sandro", "announcer", "kaukovalta"]
+NUM_RANDOM_VARIANTS = 200  # espeak-ng lists at most 349 voices: English + stock variants + these
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -67,6 +82,51 @@ class Job:
     synth: str
     voice: str
     seed: int
+    espeak_path: str | None = None  # espeak-ng --path (the random voice variants)
+
+
+def random_variant(name: str, rng: random.Random) -> str:
+    """An espeak-ng voice variant file (``voices/!v/NAME``) for a new random speaker: all
+    formants scaled by one vocal-tract factor with per-formant jitter, random formant
+    heights and widths, pitch, flutter and roughness."""
+    female = rng.random() < 0.5
+    base = rng.uniform(120, 210) if female else rng.uniform(60, 120)
+    tract = rng.uniform(0.88, 1.14) * (1.06 if female else 1.0)
+    lines = ["language variant", f"name {name}", f"gender {'female' if female else 'male'}",
+             f"pitch {base:.0f} {base + rng.uniform(20, 70):.0f}"]
+    for k in range(6):
+        freq = 100 * tract * rng.uniform(0.95, 1.05) if k else 100
+        lines.append(f"formant {k} {freq:.0f} {rng.uniform(70, 130):.0f} {rng.uniform(80, 130):.0f}")
+    lines += [f"flutter {rng.randint(0, 30)}", f"roughness {rng.randint(0, 5)}",
+              f"consonants {rng.randint(80, 120)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _not_english(directory: Path, name: str) -> bool:
+    if directory.name == "voices":
+        return name == "mb"
+    if directory.name == "lang":
+        return name != "gmw"
+    return directory.name == "gmw" and not name.startswith("en")
+
+
+def espeak_data_with_random_variants(out: Path, seed: int) -> Path:
+    """Copy espeak-ng's data into ``out/espeak-ng`` and add the seeded random variants ``rv000``..;
+    returns the directory to pass as ``espeak-ng --path``.
+
+    The copy keeps only the English language definitions and drops the MBROLA stubs: espeak-ng
+    ignores voices beyond its list's 349 entries, and every language counts."""
+    version = subprocess.run(["espeak-ng", "--version"], check=True, capture_output=True, text=True).stdout
+    source = Path(version.split("Data at:")[1].strip())
+    root = out / "espeak-ng"
+    if not (root / "espeak-ng-data").is_dir():
+        shutil.copytree(source, root / "espeak-ng-data.tmp", dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if _not_english(Path(d), n)])
+        (root / "espeak-ng-data.tmp").rename(root / "espeak-ng-data")
+    rng = random.Random(seed + 3)
+    for k in range(NUM_RANDOM_VARIANTS):
+        (root / "espeak-ng-data" / "voices" / "!v" / f"rv{k:03d}").write_text(random_variant(f"rv{k:03d}", rng))
+    return root
 
 
 def _sox_finish(src: str, dst: Path, rng: random.Random) -> None:
@@ -87,7 +147,8 @@ def synthesize(job: Job, out_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.wav")
         if job.synth == "espeak-ng":
-            cmd = ["espeak-ng", "-v", job.voice, "-s", str(rng.randint(120, 210)),
+            path = [f"--path={job.espeak_path}"] if job.espeak_path else []
+            cmd = ["espeak-ng", *path, "-v", job.voice, "-s", str(rng.randint(120, 210)),
                    "-p", str(rng.randint(20, 80)), "-a", str(rng.randint(80, 160)),
                    "-g", str(rng.randint(0, 4)), "-w", raw, job.text]
             subprocess.run(cmd, check=True, capture_output=True)
@@ -124,8 +185,12 @@ def _pick_voice(rng: random.Random, split: str) -> tuple[str, str]:
     return synth, rng.choice(TEST_FESTIVAL if test else TRAIN_FESTIVAL)
 
 
-def plan(num_train: int, num_dev: int, num_test: int, seed: int) -> list[Job]:
-    """All synthesis jobs; test/dev sentences never occur in the training sentences."""
+def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: int = 0,
+         espeak_path: str | None = None) -> list[Job]:
+    """All synthesis jobs; test/dev sentences never occur in the training sentences.
+
+    ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
+    random stream, so they change nothing in the other jobs."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -142,6 +207,14 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int) -> list[Job]:
         for i, text in enumerate(sentences):
             synth, voice = _pick_voice(rng, split)
             jobs.append(Job(i, split, text, synth, voice, rng.randrange(2**31)))
+    extra = random.Random(seed + 4)
+    for k in range(random_voices):
+        variant = (f"rv{extra.randrange(NUM_RANDOM_VARIANTS):03d}" if extra.random() < 0.7
+                   else extra.choice(EXTRA_ESPEAK_VARIANTS))
+        base = extra.choice(TRAIN_ESPEAK_BASES)
+        voice = f"{'en' if base == 'en-gb' else base}+{variant}"  # espeak-ng ignores a variant after en-gb
+        jobs.append(Job(num_train + k, "train", extra.choice(train_sentences), "espeak-ng", voice,
+                        extra.randrange(2**31), espeak_path))
     return jobs
 
 
@@ -166,13 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=30000, help="training utterances")
     p.add_argument("--dev", type=int, default=400)
     p.add_argument("--test", type=int, default=600)
+    p.add_argument("--random-voices", type=int, default=8000,
+                   help="extra training utterances by new random espeak-ng voices (0: none)")
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                    help="synthesize only these splits (the plan, and so every split's content, stays the same)")
     args = p.parse_args(argv)
 
-    jobs = [j for j in plan(args.train, args.dev, args.test, args.seed) if j.split in args.splits]
+    espeak_path = None
+    if args.random_voices and "train" in args.splits:
+        espeak_path = str(espeak_data_with_random_variants(args.out, args.seed).resolve())
+    jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path)
+            if j.split in args.splits]
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {split: [] for split in args.splits}

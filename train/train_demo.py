@@ -4,7 +4,10 @@ CPU-first (2 cores are enough), ``--device cuda`` where a GPU exists. Features
 come from the server's own streaming front end (``server.features``), so the
 model sees in training exactly the frames it sees when served. Augmentation:
 random gain, additive noise (white / pink / brown / babble) at several SNRs,
-and SpecAugment (frequency and time masks).
+a random vocal-tract-length warp and spectral-envelope tilt of the mel
+features (new timbres from the corpus' voices), and SpecAugment (frequency and
+time masks). ``--init DIR`` starts from a shipped model's weights and global
+stats instead of from random weights (fine-tuning with new data or augmentation).
 
 Checkpoints every ``--checkpoint-minutes`` into ``--work-dir`` and resumes from
 the latest one. Loss goes to the progress bar and ``train_log.jsonl``; dev WER
@@ -91,6 +94,51 @@ def augment(utt: Utterance, others: list[Utterance], rng: np.random.Generator) -
         noise *= math.sqrt(power / (float(np.mean(noise ** 2)) + 1e-10) / 10 ** (snr / 10))
         x = x + noise.astype(np.float32)
     return torch.from_numpy(np.clip(x, -1.0, 1.0).astype(np.float32))
+
+
+_MEL_MAX = 2595.0 * math.log10(1.0 + 8000.0 / 700.0)  # htk mel of the 8 kHz Nyquist frequency
+# centre frequency (Hz) of each of the front end's 80 htk mel filters (0-8000 Hz)
+_MEL_CENTRES_HZ = 700.0 * (10.0 ** (np.linspace(0.0, _MEL_MAX, 82)[1:-1] / 2595.0) - 1.0)
+
+
+def _hz_to_mel_index(hz: np.ndarray) -> np.ndarray:
+    """Fractional mel-bin index of a frequency (bin ``i`` is centred at index ``i``)."""
+    return 2595.0 * np.log10(1.0 + hz / 700.0) / _MEL_MAX * 81.0 - 1.0
+
+
+def vtlp_source_index(alpha: float, boundary_hz: float = 6400.0) -> np.ndarray:
+    """Where each mel bin reads from under a vocal-tract-length warp by ``alpha``.
+
+    A speaker whose formants sit ``alpha`` times higher puts at frequency ``f`` what
+    the original puts at ``f / alpha``; above ``boundary_hz * min(1, alpha)`` the map
+    is linear up to the fixed Nyquist frequency (Jaitly and Hinton's piecewise warp).
+    Returns ``(80,)`` fractional indices in [0, 79].
+    """
+    f = _MEL_CENTRES_HZ
+    knee = boundary_hz * min(1.0, alpha)
+    src = np.where(f <= knee, f / alpha, knee / alpha + (f - knee) * (8000.0 - knee / alpha) / (8000.0 - knee))
+    return np.clip(_hz_to_mel_index(src), 0.0, 79.0)
+
+
+def timbre_augment(feats: torch.Tensor, stats: GlobalStats, rng: np.random.Generator,
+                   warp: float = 0.12, tilt: float = 0.4) -> torch.Tensor:
+    """A new timbre for normalised ``(frames, 80)`` features: a vocal-tract-length warp by a
+    factor in [1 - warp, 1 + warp] (independent of the pitch, unlike the corpus' sox pitch
+    shifts) and a smooth spectral-envelope change (three cosine terms of up to ``tilt``
+    nepers each, added to the log-mel energies), each with probability 0.8."""
+    mean, inv = torch.tensor(stats.mean), torch.tensor(stats.invstddev)
+    x = feats / inv + mean  # back to log-mel energies
+    if rng.random() < 0.8:
+        idx = vtlp_source_index(float(rng.uniform(1.0 - warp, 1.0 + warp)))
+        lo = np.minimum(np.floor(idx).astype(np.int64), 78)
+        frac = torch.from_numpy((idx - lo).astype(np.float32))
+        lo_t = torch.from_numpy(lo)
+        x = x[:, lo_t] * (1.0 - frac) + x[:, lo_t + 1] * frac
+    if rng.random() < 0.8:
+        bins = (np.arange(80) + 0.5) / 80.0
+        curve = sum(rng.uniform(-tilt, tilt) * np.cos(np.pi * k * bins) for k in (1, 2, 3))
+        x = x + torch.from_numpy(curve.astype(np.float32))
+    return (x - mean) * inv
 
 
 def spec_augment(feats: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -244,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                    "minutes (the encoder learns the alignment sooner), then with noise, gain and SpecAugment")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the auxiliary CTC loss "
                    "(its head is used in training only, never shipped)")
+    p.add_argument("--no-timbre", action="store_true", help="no vocal-tract-length warp or spectral "
+                   "tilt (the augmentation before stop 18)")
+    p.add_argument("--init", type=Path, default=None, help="start from this model directory's weights "
+                   "and global stats (for example models/demo) instead of random weights; ignored on resume")
     p.add_argument("--export", type=Path, default=None, help="write the model's files here and exit")
     p.add_argument("--export-checkpoint", choices=["best", "last"], default="best",
                    help="checkpoint to export: the lowest logged dev WER (greedy, whole utterance, "
@@ -282,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         stats = GlobalStats(**ckpt["stats"])
         rng.setstate(ckpt["rng"])
         print(f"resumed from step {step} ({elapsed / 60:.1f} min trained, best dev WER {best_wer:.4f})")
+    elif args.init:
+        init_config = json.loads((args.init / "config.json").read_text())
+        if init_config != dataclasses.asdict(config):
+            raise SystemExit(f"--init {args.init}: its config.json differs from the recipe's model config")
+        model.load_state_dict(torch.load(args.init / "model.pt", map_location="cpu", weights_only=True))
+        stats = GlobalStats.load(args.init / "global_stats.json")  # the features it was trained on
+        print(f"initialised from {args.init}")
     else:
         stats = compute_stats(FeatureFrontEnd(GlobalStats.identity()), train)
     front_end = FeatureFrontEnd(stats)
@@ -318,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                 feats = [utterance_features(front_end, torch.from_numpy(train[i].audio.astype(np.float32) / 32768))
                          for i in batch]
             else:
-                feats = [spec_augment(utterance_features(front_end, augment(train[i], train, rng_np)), rng_np)
-                         for i in batch]
+                feats = [utterance_features(front_end, augment(train[i], train, rng_np)) for i in batch]
+                if not args.no_timbre:
+                    feats = [timbre_augment(f, stats, rng_np) for f in feats]
+                feats = [spec_augment(f, rng_np) for f in feats]
             sources, lengths, targets, target_lengths, prepended = collate(
                 feats, [train[i].tokens for i in batch], tokens.blank)
             for g in optimizer.param_groups:
