@@ -40,7 +40,8 @@ class ServerSettings(BaseSettings):
     # --- model ---------------------------------------------------------------------------
     model: str = Field("demo", description="model source: demo (the embedded trained model), "
                        "random-base (full-size Emformer with seeded random weights, for benchmarks), "
-                       "random-small (tiny random model, for tests) or bundle:DIR (torchaudio's "
+                       "random-small (tiny random model, for tests), demo:DIR (a model trained and "
+                       "exported by train/train_demo.py into DIR) or bundle:DIR (torchaudio's "
                        "LibriSpeech files in DIR)")
     seed: int = Field(0, description="seed of the random-* models")
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
@@ -125,12 +126,13 @@ class ServerSettings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _check_model(cls, v: str) -> str:
-        from server.models import MODEL_CHOICES
+        from server.models import DIRECTORY_SOURCES, MODEL_CHOICES
 
-        if v not in MODEL_CHOICES[:-1] and not v.startswith("bundle:"):
+        source = next((prefix for prefix in DIRECTORY_SOURCES if v.startswith(prefix)), None)
+        if source is None and v not in MODEL_CHOICES:
             raise ValueError(f"must be one of {', '.join(MODEL_CHOICES)}")
-        if v.startswith("bundle:") and not Path(v[len("bundle:"):]).expanduser().is_dir():
-            raise ValueError(f"bundle directory {v[len('bundle:'):]!r} does not exist")
+        if source is not None and not Path(v[len(source):]).expanduser().is_dir():
+            raise ValueError(f"{source[:-1]} directory {v[len(source):]!r} does not exist")
         return v
 
     @model_validator(mode="after")

@@ -1,8 +1,10 @@
-"""Model sources behind one loader: ``demo``, ``random-base``, ``random-small``, ``bundle:DIR``.
+"""Model sources behind one loader: ``demo``, ``demo:DIR``, ``random-base``, ``random-small``,
+``bundle:DIR``.
 
 Every source yields a ``LoadedModel``: a torchaudio Emformer RNN-T in eval mode,
 its feature normalisation stats and its token table. Nothing is downloaded:
-``bundle:DIR`` reads torchaudio's three LibriSpeech files from a local directory.
+``bundle:DIR`` reads torchaudio's three LibriSpeech files from a local directory;
+``demo:DIR`` a model in the demo model's format (``train/train_demo.py --export DIR``).
 """
 
 from __future__ import annotations
@@ -179,18 +181,22 @@ def load_bundle(directory: Path) -> LoadedModel:
 
 
 def load_demo(directory: Path = DEMO_DIR) -> LoadedModel:
-    """The project's small trained model (``models/demo``)."""
+    """The project's small trained model (``models/demo``), or one exported in its format."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"demo model config not found: {config_path}")
+    for name in ("tokens.txt", "global_stats.json", "model.pt"):
+        if not (directory / name).is_file():
+            raise ModelLoadError(f"demo-format model file missing: {directory / name}")
     config = ModelConfig.from_json(config_path)
     tokens = CharTokenTable.load(directory / "tokens.txt")
     stats = GlobalStats.load(directory / "global_stats.json")
     rnnt = _apply_weights(config, _load_state_dict(directory / "model.pt"), directory / "model.pt")
-    return LoadedModel("demo", config, rnnt, stats, tokens)
+    return LoadedModel("demo" if directory == DEMO_DIR else f"demo:{directory}", config, rnnt, stats, tokens)
 
 
-MODEL_CHOICES = ("demo", "random-base", "random-small", "bundle:DIR")
+MODEL_CHOICES = ("demo", "random-base", "random-small", "demo:DIR", "bundle:DIR")
+DIRECTORY_SOURCES = ("demo:", "bundle:")  # the specs that name a directory
 
 
 def load_model(spec: str, seed: int = 0) -> LoadedModel:
@@ -205,4 +211,6 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
                             tokens=CharTokenTable.default(), name="random-small")
     if spec.startswith("bundle:"):
         return load_bundle(Path(spec[len("bundle:"):]).expanduser())
+    if spec.startswith("demo:"):
+        return load_demo(Path(spec[len("demo:"):]).expanduser())
     raise ModelLoadError(f"unknown model {spec!r}; choose one of {', '.join(MODEL_CHOICES)}")

@@ -1,15 +1,18 @@
-"""Model sources: bundle:DIR from local files with clear errors, random models, the token tables."""
+"""Model sources: bundle:DIR and demo:DIR from local files with clear errors, random models, the token tables."""
 
 import dataclasses
 import io
 import json
+import shutil
 import sys
 
 import pytest
 import sentencepiece
 import torch
 
-from server.models import BASE_CONFIG, BUNDLE_FILES, ModelLoadError, load_bundle, load_model, random_model
+from server.config import ServerSettings
+from server.models import (BASE_CONFIG, BUNDLE_FILES, DEMO_DIR, ModelLoadError, load_bundle, load_demo, load_model,
+                           random_model)
 from server.tokens import CharTokenTable, SentencePieceTokenTable, Word
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "train"))
@@ -58,6 +61,22 @@ def test_bundle_corrupt_file_is_named(bundle_dir, tmp_path, kind, content):
             (tmp_path / name).symlink_to(bundle_dir / name)
     with pytest.raises(ModelLoadError, match=BUNDLE_FILES[kind]):
         load_bundle(tmp_path)
+
+
+def test_demo_format_directory_loads_like_the_shipped_model(tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(DEMO_DIR, copy)
+    mine, shipped = load_model(f"demo:{copy}"), load_demo()
+    assert mine.name == f"demo:{copy}" and shipped.name == "demo"
+    assert all(torch.equal(a, b) for a, b in zip(mine.rnnt.state_dict().values(), shipped.rnnt.state_dict().values()))
+    assert ServerSettings(model=f"demo:{copy}").model == f"demo:{copy}"
+    (copy / "global_stats.json").unlink()
+    with pytest.raises(ModelLoadError, match="global_stats.json"):
+        load_model(f"demo:{copy}")
+    with pytest.raises(ValueError, match="demo directory .* does not exist"):
+        ServerSettings(model=f"demo:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="must be one of"):
+        ServerSettings(model="demo-large")
 
 
 def test_unknown_model_spec():

@@ -67,6 +67,22 @@ def test_a_few_training_steps_lower_the_loss_resume_and_export(tiny_corpus, tmp_
     model = load_demo(out)
     assert model.tokens.size == 29 and model.num_parameters > 1e6
 
+    # fine-tuning starts from the exported weights and stats and records where it started
+    tuned_work, tuned = tmp_path / "tuned-work", tmp_path / "tuned"
+    tuned_args = common[:2] + ["--work-dir", str(tuned_work)] + common[4:] + ["--init", str(out)]
+    capsys.readouterr()
+    assert train_demo.main(tuned_args + ["--max-steps", "2"]) == 0
+    assert f"initialised from {out}" in capsys.readouterr().out
+    first_tuned = _losses(tuned_work)[0]
+    assert first_tuned < first, f"a fine-tuned first step ({first_tuned:.1f}) should start below a fresh one"
+    assert train_demo.main(["--work-dir", str(tuned_work), "--export", str(tuned)]) == 0
+    summary = json.loads((tuned / "train_summary.json").read_text())
+    assert summary["fine_tuned_from"] == json.loads((out / "train_summary.json").read_text())
+    assert summary["step"] == 2
+    assert summary["total_trained_minutes"] == round(summary["trained_minutes"] + summary["fine_tuned_from"]
+                                                     ["trained_minutes"], 1)
+    assert (tuned / "global_stats.json").read_text() == (out / "global_stats.json").read_text()
+
 
 def test_sentence_generator_is_reproducible_and_covers_a_large_vocabulary():
     a, b = generate(3000, seed=1), generate(3000, seed=1)

@@ -247,7 +247,7 @@ def compute_stats(front_end: FeatureFrontEnd, utts: list[Utterance], n: int = 60
 
 
 def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path | None = None,
-           checkpoint: str = "best") -> None:
+           checkpoint: str = "best", init: Path | None = None) -> None:
     """Write the shipped model files from ``checkpoint`` (``best`` by the logged dev WER, or ``last``):
     ``model.pt``, ``config.json``,
     ``global_stats.json``, ``tokens.txt``, ``train_summary.json``; with ``data_dir`` also
@@ -261,6 +261,14 @@ def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path
     summary = {"step": ckpt["step"], "trained_minutes": round(ckpt["elapsed"] / 60, 1),
                "dev_wer_greedy_whole_utterance": round(ckpt["dev_wer"], 4),
                "parameters": sum(v.numel() for v in ckpt["model"].values())}
+    # a fine-tuned model records the run it started from (that model's own summary)
+    start = ckpt.get("init_summary")
+    if start is None and init is not None and (init / "train_summary.json").exists():
+        start = json.loads((init / "train_summary.json").read_text())
+    if start:
+        summary["fine_tuned_from"] = start
+        summary["total_trained_minutes"] = round(summary["trained_minutes"] + start.get(
+            "total_trained_minutes", start["trained_minutes"]), 1)
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if data_dir is not None:
         texts = {split: [json.loads(line)["text"] for line in open(data_dir / f"{split}.jsonl")]
@@ -295,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-timbre", action="store_true", help="no vocal-tract-length warp or spectral "
                    "tilt (the augmentation before stop 18)")
     p.add_argument("--init", type=Path, default=None, help="start from this model directory's weights "
-                   "and global stats (for example models/demo) instead of random weights; ignored on resume")
+                   "and global stats (for example models/demo) instead of random weights; ignored on resume; "
+                   "with --export, the summary of the model a checkpoint without that record started from")
     p.add_argument("--export", type=Path, default=None, help="write the model's files here and exit")
     p.add_argument("--export-checkpoint", choices=["best", "last"], default="best",
                    help="checkpoint to export: the lowest logged dev WER (greedy, whole utterance, "
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = CharTokenTable.default()
     if args.export:
         export(args.work_dir, args.export, tokens, args.data if (args.data / "train.jsonl").exists() else None,
-               args.export_checkpoint)
+               args.export_checkpoint, args.init)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     last = args.work_dir / "last.pt"
     step, elapsed, best_wer, epoch = 0, 0.0, float("inf"), 0
+    init_summary = None
     if last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -333,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         step, elapsed, best_wer, epoch = ckpt["step"], ckpt["elapsed"], ckpt["best_wer"], ckpt["epoch"]
         stats = GlobalStats(**ckpt["stats"])
         rng.setstate(ckpt["rng"])
+        init_summary = ckpt.get("init_summary")
         print(f"resumed from step {step} ({elapsed / 60:.1f} min trained, best dev WER {best_wer:.4f})")
     elif args.init:
         init_config = json.loads((args.init / "config.json").read_text())
@@ -340,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--init {args.init}: its config.json differs from the recipe's model config")
         model.load_state_dict(torch.load(args.init / "model.pt", map_location="cpu", weights_only=True))
         stats = GlobalStats.load(args.init / "global_stats.json")  # the features it was trained on
+        summary_file = args.init / "train_summary.json"
+        init_summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         print(f"initialised from {args.init}")
     else:
         stats = compute_stats(FeatureFrontEnd(GlobalStats.identity()), train)
@@ -357,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "optimizer": optimizer.state_dict(), "step": step,
                     "elapsed": elapsed, "best_wer": best_wer, "epoch": epoch, "rng": rng.getstate(),
                     "stats": dataclasses.asdict(stats), "config": dataclasses.asdict(config),
-                    "dev_wer": wer}, path.with_suffix(".tmp"))
+                    "dev_wer": wer, "init_summary": init_summary}, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
     log = open(args.work_dir / "train_log.jsonl", "a")
