@@ -34,8 +34,9 @@ import torchaudio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from server.features import RIGHT_CONTEXT_FRAMES, FeatureFrontEnd, GlobalStats, utterance_features  # noqa: E402
-from server.models import ModelConfig  # noqa: E402
+from server.features import (N_MELS, RIGHT_CONTEXT_FRAMES, SAMPLE_RATE, FeatureFrontEnd, GlobalStats,  # noqa: E402
+                             utterance_features)
+from server.models import ModelConfig, load_demo  # noqa: E402
 from server.tokens import CharTokenTable  # noqa: E402
 
 DEMO_CONFIG = ModelConfig(
@@ -96,14 +97,15 @@ def augment(utt: Utterance, others: list[Utterance], rng: np.random.Generator) -
     return torch.from_numpy(np.clip(x, -1.0, 1.0).astype(np.float32))
 
 
-_MEL_MAX = 2595.0 * math.log10(1.0 + 8000.0 / 700.0)  # htk mel of the 8 kHz Nyquist frequency
-# centre frequency (Hz) of each of the front end's 80 htk mel filters (0-8000 Hz)
-_MEL_CENTRES_HZ = 700.0 * (10.0 ** (np.linspace(0.0, _MEL_MAX, 82)[1:-1] / 2595.0) - 1.0)
+_NYQUIST_HZ = SAMPLE_RATE / 2
+_MEL_MAX = 2595.0 * math.log10(1.0 + _NYQUIST_HZ / 700.0)  # htk mel of the Nyquist frequency
+# centre frequency (Hz) of each of the front end's htk mel filters (0 Hz to Nyquist)
+_MEL_CENTRES_HZ = 700.0 * (10.0 ** (np.linspace(0.0, _MEL_MAX, N_MELS + 2)[1:-1] / 2595.0) - 1.0)
 
 
 def _hz_to_mel_index(hz: np.ndarray) -> np.ndarray:
     """Fractional mel-bin index of a frequency (bin ``i`` is centred at index ``i``)."""
-    return 2595.0 * np.log10(1.0 + hz / 700.0) / _MEL_MAX * 81.0 - 1.0
+    return 2595.0 * np.log10(1.0 + hz / 700.0) / _MEL_MAX * (N_MELS + 1) - 1.0
 
 
 def vtlp_source_index(alpha: float, boundary_hz: float = 6400.0) -> np.ndarray:
@@ -116,8 +118,9 @@ def vtlp_source_index(alpha: float, boundary_hz: float = 6400.0) -> np.ndarray:
     """
     f = _MEL_CENTRES_HZ
     knee = boundary_hz * min(1.0, alpha)
-    src = np.where(f <= knee, f / alpha, knee / alpha + (f - knee) * (8000.0 - knee / alpha) / (8000.0 - knee))
-    return np.clip(_hz_to_mel_index(src), 0.0, 79.0)
+    top = _NYQUIST_HZ
+    src = np.where(f <= knee, f / alpha, knee / alpha + (f - knee) * (top - knee / alpha) / (top - knee))
+    return np.clip(_hz_to_mel_index(src), 0.0, N_MELS - 1.0)
 
 
 def timbre_augment(feats: torch.Tensor, stats: GlobalStats, rng: np.random.Generator,
@@ -346,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         init_summary = ckpt.get("init_summary")
         print(f"resumed from step {step} ({elapsed / 60:.1f} min trained, best dev WER {best_wer:.4f})")
     elif args.init:
-        init_config = json.loads((args.init / "config.json").read_text())
-        if init_config != dataclasses.asdict(config):
+        start = load_demo(args.init)  # the server's own loader: same files, same checks
+        if start.config != config:
             raise SystemExit(f"--init {args.init}: its config.json differs from the recipe's model config")
-        model.load_state_dict(torch.load(args.init / "model.pt", map_location="cpu", weights_only=True))
-        stats = GlobalStats.load(args.init / "global_stats.json")  # the features it was trained on
+        model.load_state_dict(start.rnnt.state_dict())
+        stats = start.stats  # the features it was trained on
         summary_file = args.init / "train_summary.json"
         init_summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         print(f"initialised from {args.init}")
