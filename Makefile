@@ -5,21 +5,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils sox
+# libttspico-utils (SVOX Pico, the fourth synthesizer) is in Debian's non-free section: on Debian,
+# apt-non-free adds that section for it when no source offers it yet.
+NON_FREE_SOURCE := /etc/apt/sources.list.d/emformer-asr-non-free.list
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
 # g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
 TEST_APT := prometheus chromium g++ $(DATA_APT)
-TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival
+TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave
 
-.PHONY: help venv demo test test-apt test-fast bench proto demo-data train-demo eval-demo clean
+.PHONY: help venv demo test test-apt apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
 	@echo "make test        run the test suite (what CI runs)"
 	@echo "make proto       regenerate the Python stubs from protos/"
 	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
-	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, sox)"
+	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
 	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
@@ -39,7 +42,7 @@ test: $(STAMP) test-apt
 
 test-apt:
 	@missing=0; for c in $(TEST_CMDS); do command -v $$c >/dev/null || missing=1; done; \
-	if [ $$missing = 1 ]; then $(SUDO) apt-get update -qq && \
+	if [ $$missing = 1 ]; then $(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
 
 test-fast: $(STAMP) test-apt
@@ -51,9 +54,13 @@ bench: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/asr/v1/asr.proto
 
+apt-non-free:
+	@. /etc/os-release; if [ "$$ID" = debian ] && ! command -v pico2wave >/dev/null && [ ! -e $(NON_FREE_SOURCE) ]; then \
+	  echo "deb http://deb.debian.org/debian $$VERSION_CODENAME non-free" | $(SUDO) tee $(NON_FREE_SOURCE) >/dev/null; fi
+
 $(VENV)/.data-apt-stamp:
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
-	  && command -v sox >/dev/null || ($(SUDO) apt-get update -qq && \
+	  && command -v pico2wave >/dev/null && command -v sox >/dev/null || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT))
 	mkdir -p $(VENV) && touch $@
 

@@ -41,6 +41,20 @@ def tiny_corpus(tmp_path_factory):
     return data
 
 
+def _median_pitch(audio: np.ndarray, rate: int) -> float:
+    """Median fundamental frequency in Hz of the loudest 40 % of 40 ms frames (autocorrelation
+    peak between 60 and 400 Hz)."""
+    frame = int(0.04 * rate)
+    frames = np.stack([audio[i:i + frame] for i in range(0, len(audio) - frame, frame // 2)])
+    energy = (frames ** 2).sum(1)
+    low, high = rate // 400, rate // 60
+    f0s = []
+    for f in frames[energy > np.percentile(energy, 60)]:
+        ac = np.correlate(f - f.mean(), f - f.mean(), "full")[frame - 1:]
+        f0s.append(rate / (low + int(np.argmax(ac[low:high]))))
+    return float(np.median(f0s))
+
+
 def _losses(work) -> list[float]:
     return [r["loss"] for r in map(json.loads, (work / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -154,3 +168,29 @@ def test_a_random_espeak_voice_speaks(tmp_path):
         subprocess.run(["espeak-ng", f"--path={root}", "-v", f"{base}+rv000", "-w", str(varied), "set a timer"],
                        check=True)
         assert plain.read_bytes() != varied.read_bytes(), base
+
+
+def test_pico_and_festival_prosody_jobs_add_training_voices_without_changing_any_split(tmp_path):
+    base = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x")
+    more = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x", pico=12, festival_prosody=4)
+    assert more[:len(base)] == base
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(210, 226))
+    assert {(j.synth, j.voice) for j in extra[:12]} == {("pico", "en-US"), ("pico", "en-GB")}
+    assert all(j.synth == "festival" and j.voice == "kal_diphone" and j.prosody for j in extra[12:])
+    assert {j.text for j in extra} <= {j.text for j in base if j.split == "train"}
+    # Both synthesize for real: Pico reads its speed/pitch markup (the tags are not spoken), and
+    # festival's random pitch level moves the pitch while the plan's own festival jobs draw as before.
+    (tmp_path / "train").mkdir()
+    rows = [make_data.synthesize(job, tmp_path) for job in (extra[0], extra[12])]
+    for row, job in zip(rows, (extra[0], extra[12])):
+        audio, rate = soundfile.read(tmp_path / row["audio"])
+        assert rate == 16000 and row["voice"] == f"{job.synth}:{job.voice}"
+        assert 0.3 * len(job.text.split()) < len(audio) / rate < 1.5 * len(job.text.split()) + 1, row
+    # Seeds 15 and 8 draw a target pitch mean of 72 and 214 Hz (the other draws stay within +-15 %).
+    pitches = {}
+    for seed in (15, 8):
+        job = make_data.Job(0, "train", "set a timer for ten minutes", "festival", "kal_diphone", seed, prosody=True)
+        audio, rate = soundfile.read(tmp_path / make_data.synthesize(job, tmp_path)["audio"], dtype="float32")
+        pitches[seed] = _median_pitch(audio, rate)
+    assert pitches[8] > 1.6 * pitches[15], pitches

@@ -19,6 +19,14 @@ frequencies, heights and widths, pitch, flutter, roughness; written to
 planned from their own random stream, so the three splits above stay the same
 bit for bit whatever N is.
 
+``--pico N`` adds N training utterances by a fourth synthesizer, SVOX Pico
+(``pico2wave``: its en-US and en-GB voices, with random speed and pitch markup),
+and ``--festival-prosody M`` M more by festival's ``kal_diphone`` with a random
+pitch level and range. Pico is in Debian's non-free section (its voice data is
+Apache-2.0 but ships without sources); ``make demo-data`` enables that section.
+Both come from one more random stream of their own, so the splits above still
+stay the same.
+
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
 """
@@ -62,6 +70,7 @@ TRAIN_FLITE = ["kal16", "awb", "slt", "kal"]
 TEST_FLITE = ["rms"]
 TRAIN_FESTIVAL = ["kal_diphone", "cmu_us_slt_arctic_hts"]
 TEST_FESTIVAL = ["ked_diphone"]
+TRAIN_PICO = ["en-US", "en-GB"]  # pico2wave -l; used only by --pico (no pico voice is held out)
 
 
 # Stock espeak-ng variants the plan above leaves out, used only by --random-voices: none is a
@@ -83,6 +92,7 @@ class Job:
     voice: str
     seed: int
     espeak_path: str | None = None  # espeak-ng --path (the random voice variants)
+    prosody: bool = False  # festival: also draw a random pitch level and range (--festival-prosody)
 
 
 def random_variant(name: str, rng: random.Random) -> str:
@@ -158,12 +168,19 @@ def synthesize(job: Job, out_dir: Path) -> dict:
             if job.voice != "kal":
                 cmd += ["--setf", f"int_f0_target_mean={rng.uniform(80, 210):.0f}"]
             subprocess.run(cmd, check=True, capture_output=True)
+        elif job.synth == "pico":
+            markup = f"<speed level='{rng.randint(80, 125)}'><pitch level='{rng.randint(75, 135)}'>{job.text}</pitch></speed>"
+            subprocess.run(["pico2wave", "-l", job.voice, "-w", raw, markup], check=True, capture_output=True)
         else:
             script = os.path.join(tmp, "say.scm")
             text = job.text.replace('"', "")
             stretch = rng.uniform(0.85, 1.2)
+            pitch = ""
+            if job.prosody:  # drawn after the others: the plan's festival jobs keep their numbers
+                pitch = (f"(set! int_lr_params '((target_f0_mean {rng.uniform(70, 220):.0f}) (target_f0_std "
+                         f"{rng.uniform(5, 45):.0f}) (model_f0_mean 170) (model_f0_std 34)))\n")
             with open(script, "w") as f:
-                f.write(f"(voice_{job.voice})\n(Parameter.set 'Duration_Stretch {stretch:.2f})\n"
+                f.write(f"(voice_{job.voice})\n(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
                         f"(utt.save.wave (utt.synth (Utterance Text \"{text}\")) \"{raw}\" 'riff)\n")
             subprocess.run(["festival", "--batch", script], check=True, capture_output=True)
         _sox_finish(raw, dst, rng)
@@ -186,11 +203,12 @@ def _pick_voice(rng: random.Random, split: str) -> tuple[str, str]:
 
 
 def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: int = 0,
-         espeak_path: str | None = None) -> list[Job]:
+         espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
-    random stream, so they change nothing in the other jobs."""
+    random stream, so they change nothing in the other jobs; the ``pico`` then
+    ``festival_prosody`` jobs (indices after those) draw from another one."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -215,6 +233,11 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         voice = f"{'en' if base == 'en-gb' else base}+{variant}"  # espeak-ng ignores a variant after en-gb
         jobs.append(Job(num_train + k, "train", extra.choice(train_sentences), "espeak-ng", voice,
                         extra.randrange(2**31), espeak_path))
+    synths = random.Random(seed + 5)
+    for k in range(pico + festival_prosody):
+        synth, voice = ("pico", synths.choice(TRAIN_PICO)) if k < pico else ("festival", "kal_diphone")
+        jobs.append(Job(num_train + random_voices + k, "train", synths.choice(train_sentences), synth, voice,
+                        synths.randrange(2**31), prosody=synth == "festival"))
     return jobs
 
 
@@ -241,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=600)
     p.add_argument("--random-voices", type=int, default=8000,
                    help="extra training utterances by new random espeak-ng voices (0: none)")
+    p.add_argument("--pico", type=int, default=6000,
+                   help="extra training utterances by SVOX Pico's en-US and en-GB voices (0: none; needs pico2wave)")
+    p.add_argument("--festival-prosody", type=int, default=2000,
+                   help="extra training utterances by festival kal_diphone with a random pitch level and range")
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
@@ -250,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     espeak_path = None
     if args.random_voices and "train" in args.splits:
         espeak_path = str(espeak_data_with_random_variants(args.out, args.seed).resolve())
-    jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path)
+    if args.pico and "train" in args.splits and not shutil.which("pico2wave"):
+        p.error("--pico needs pico2wave (Debian: libttspico-utils, non-free; 'make demo-data' installs it) or --pico 0")
+    jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
+                            args.pico, args.festival_prosody)
             if j.split in args.splits]
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
