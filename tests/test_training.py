@@ -81,6 +81,20 @@ def test_a_few_training_steps_lower_the_loss_resume_and_export(tiny_corpus, tmp_
     model = load_demo(out)
     assert model.tokens.size == 29 and model.num_parameters > 1e6
 
+    # the trainer keeps its newest periodic checkpoints; export can average their weights
+    kept = train_demo.kept_checkpoints(work)
+    assert [p.name for p in kept] == ["step-000024.pt", "step-000026.pt"]  # --max-steps 24, then 26
+    averaged = tmp_path / "averaged"
+    assert train_demo.main(["--work-dir", str(work), "--export", str(averaged), "--export-checkpoint", "average"]) == 0
+    states = [torch.load(p, weights_only=False)["model"] for p in kept]
+    for name, tensor in torch.load(averaged / "model.pt").items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, (states[0][name] + states[1][name]) / 2), name
+    assert json.loads((averaged / "train_summary.json").read_text())["averaged_steps"] == [24, 26]
+    assert load_demo(averaged).num_parameters == model.num_parameters
+    with pytest.raises(SystemExit, match="keeps 0 step"):
+        train_demo.main(["--work-dir", str(tmp_path), "--export", str(averaged), "--export-checkpoint", "average"])
+
     # fine-tuning starts from the exported weights and stats and records where it started
     tuned_work, tuned = tmp_path / "tuned-work", tmp_path / "tuned"
     tuned_args = common[:2] + ["--work-dir", str(tuned_work)] + common[4:] + ["--init", str(out)]

@@ -12,7 +12,9 @@ stats instead of from random weights (fine-tuning with new data or augmentation)
 Checkpoints every ``--checkpoint-minutes`` into ``--work-dir`` and resumes from
 the latest one. Loss goes to the progress bar and ``train_log.jsonl``; dev WER
 (greedy, whole utterance) is logged at every checkpoint. ``--export DIR`` writes
-the shipped model files (weights, config, tokens, stats) from the best checkpoint.
+the shipped model files (weights, config, tokens, stats) from the best checkpoint,
+the last one, or (``--export-checkpoint average``) the mean weights of the newest
+few periodic checkpoints, which the trainer keeps as ``step-NNNNNN.pt``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -249,13 +252,35 @@ def compute_stats(front_end: FeatureFrontEnd, utts: list[Utterance], n: int = 60
     return GlobalStats(mean.tolist(), (1.0 / std).tolist())
 
 
+def kept_checkpoints(work_dir: Path) -> list[Path]:
+    """The periodic copies ``step-NNNNNN.pt`` (``--keep-checkpoints``), oldest first."""
+    return sorted(work_dir.glob("step-*.pt"))
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point tensors; other tensors (counters) from the last state."""
+    return {name: torch.stack([s[name] for s in states]).mean(0) if tensor.is_floating_point() else tensor
+            for name, tensor in states[-1].items()}
+
+
 def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path | None = None,
-           checkpoint: str = "best", init: Path | None = None) -> None:
-    """Write the shipped model files from ``checkpoint`` (``best`` by the logged dev WER, or ``last``):
-    ``model.pt``, ``config.json``,
+           checkpoint: str = "best", init: Path | None = None, average: int = 3) -> None:
+    """Write the shipped model files from ``checkpoint``: ``best`` by the logged dev WER, ``last``,
+    or ``average``: the mean weights of the newest ``average`` kept checkpoints (``step-*.pt``;
+    the rest of the record from the newest). Files: ``model.pt``, ``config.json``,
     ``global_stats.json``, ``tokens.txt``, ``train_summary.json``; with ``data_dir`` also
     ``words.txt`` (the training vocabulary) and ``heldout_sentences.txt`` (the test split's)."""
-    ckpt = torch.load(work_dir / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
+    averaged: list[int] = []
+    if checkpoint == "average":
+        paths = kept_checkpoints(work_dir)[-average:]
+        if len(paths) < 2:
+            raise SystemExit(f"--export-checkpoint average: {work_dir} keeps {len(paths)} step-*.pt "
+                             "checkpoint(s); train with --keep-checkpoints 2 or more")
+        ckpts = [torch.load(path, map_location="cpu", weights_only=False) for path in paths]
+        ckpt = dict(ckpts[-1], model=average_state_dicts([c["model"] for c in ckpts]))
+        averaged = [c["step"] for c in ckpts]
+    else:
+        ckpt = torch.load(work_dir / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt["model"], out_dir / "model.pt")
     (out_dir / "config.json").write_text(json.dumps(ckpt["config"], indent=2) + "\n")
@@ -264,6 +289,8 @@ def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path
     summary = {"step": ckpt["step"], "trained_minutes": round(ckpt["elapsed"] / 60, 1),
                "dev_wer_greedy_whole_utterance": round(ckpt["dev_wer"], 4),
                "parameters": sum(v.numel() for v in ckpt["model"].values())}
+    if averaged:  # the dev WER is the newest checkpoint's, measured before averaging
+        summary["averaged_steps"] = averaged
     # a fine-tuned model records the run it started from (that model's own summary)
     start = ckpt.get("init_summary")
     if start is None and init is not None and (init / "train_summary.json").exists():
@@ -279,7 +306,8 @@ def export(work_dir: Path, out_dir: Path, tokens: CharTokenTable, data_dir: Path
         words = sorted({w for t in texts["train"] for w in t.split()})
         (out_dir / "words.txt").write_text("\n".join(words) + "\n")
         (out_dir / "heldout_sentences.txt").write_text("\n".join(sorted(set(texts["test"]))) + "\n")
-    print(f"exported {checkpoint} checkpoint, step {ckpt['step']} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
+    what = f"average of steps {averaged}" if averaged else f"{checkpoint} checkpoint, step {ckpt['step']}"
+    print(f"exported {what} (dev WER {ckpt['dev_wer']:.4f}) to {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,15 +337,19 @@ def main(argv: list[str] | None = None) -> int:
                    "and global stats (for example models/demo) instead of random weights; ignored on resume; "
                    "with --export, the summary of the model a checkpoint without that record started from")
     p.add_argument("--export", type=Path, default=None, help="write the model's files here and exit")
-    p.add_argument("--export-checkpoint", choices=["best", "last"], default="best",
+    p.add_argument("--export-checkpoint", choices=["best", "last", "average"], default="best",
                    help="checkpoint to export: the lowest logged dev WER (greedy, whole utterance, "
-                   "--dev-utterances of dev), or the latest")
+                   "--dev-utterances of dev), the latest, or the mean weights of the newest --average "
+                   "kept checkpoints")
+    p.add_argument("--average", type=int, default=3, help="with --export-checkpoint average: how many")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="also keep a copy of the newest N "
+                   "periodic checkpoints (step-NNNNNN.pt) to average at export (0: none)")
     args = p.parse_args(argv)
 
     tokens = CharTokenTable.default()
     if args.export:
         export(args.work_dir, args.export, tokens, args.data if (args.data / "train.jsonl").exists() else None,
-               args.export_checkpoint, args.init)
+               args.export_checkpoint, args.init, args.average)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -425,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                     best_wer = wer
                     save(args.work_dir / "best.pt", wer)
                 save(last, wer)
+                if args.keep_checkpoints:
+                    shutil.copyfile(last, args.work_dir / f"step-{step:06d}.pt")
+                    for old in kept_checkpoints(args.work_dir)[:-args.keep_checkpoints]:
+                        old.unlink()
                 last_ckpt = time.monotonic()
             if out_of_time:
                 done = True
