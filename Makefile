@@ -7,8 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils sox
 # libttspico-utils (SVOX Pico, the fourth synthesizer) is in Debian's non-free section: on Debian,
-# apt-non-free adds that section for it when no source offers it yet.
-NON_FREE_SOURCE := /etc/apt/sources.list.d/emformer-asr-non-free.list
+# apt-non-free (scripts/apt-non-free.sh) adds that section for it when pico2wave is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
 # g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
@@ -55,8 +54,7 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/asr/v1/asr.proto
 
 apt-non-free:
-	@. /etc/os-release; if [ "$$ID" = debian ] && ! command -v pico2wave >/dev/null && [ ! -e $(NON_FREE_SOURCE) ]; then \
-	  echo "deb http://deb.debian.org/debian $$VERSION_CODENAME non-free" | $(SUDO) tee $(NON_FREE_SOURCE) >/dev/null; fi
+	@sh scripts/apt-non-free.sh
 
 $(VENV)/.data-apt-stamp:
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
