@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
-	rhvoice rhvoice-english sox
+	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k sox
 # libttspico-utils (SVOX Pico) and rhvoice-english (RHVoice's voices) are in Debian's non-free section:
 # on Debian, apt-non-free (scripts/apt-non-free.sh) adds that section when either is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
@@ -60,6 +60,7 @@ apt-non-free:
 $(VENV)/.data-apt-stamp:
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
 	  && command -v pico2wave >/dev/null && command -v RHVoice-test >/dev/null && command -v sox >/dev/null \
+	  && [ -d /usr/share/festival/voices/italian/pc_diphone ] && [ -d /usr/share/festival/voices/spanish/el_diphone ] \
 	  || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT))
 	mkdir -p $(VENV) && touch $@

@@ -278,3 +278,42 @@ def test_rhvoice_and_kokoro_speak_the_sentence(tmp_path):
     # the phonemes Kokoro reads: espeak-ng's IPA in Kokoro's symbols (diphthongs are single letters)
     assert make_data.neural_tts.phonemes("ten minutes", "en-us").replace("ˈ", "").replace("ˌ", "") == "tɛn mɪnɪts"
     assert "A" in make_data.neural_tts.phonemes("timer play", "en-us")  # eɪ -> A
+
+
+def test_foreign_diphone_voices_read_english_through_a_mapped_lexicon(tmp_path):
+    fd = make_data.foreign_diphones
+    # espeak-ng's "thirty" (θˈɜːɾi): TH as t in Italian, th in Spanish; the stress on the first nucleus
+    thirty = fd.ipa_words(["thirty"])["thirty"]
+    assert fd.syllables(fd.phones(thirty, "italian"), "italian") == [(["t", "E1"], 1), (["r", "i"], 0)]
+    assert fd.syllables(fd.phones(thirty, "spanish"), "spanish") == [(["th", "e1"], 1), (["r", "i"], 0)]
+    # two consonants between nuclei: the first closes the earlier syllable
+    assert [p for p, _ in fd.syllables(fd.phones("ˈɑːftɚ", "italian"), "italian")] == [["a1", "f"], ["t", "e", "r"]]
+    with pytest.raises(ValueError, match="no italian phone"):
+        fd.phones("qʘ", "italian")
+    assert fd.festival_word("o'clock") == "oclock"
+
+    base = make_data.plan(50, 2, 2, seed=7)
+    more = make_data.plan(50, 2, 2, seed=7, foreign_diphones_count=6, lexicon_dir=str(tmp_path))
+    assert more[:len(base)] == base and len(more) == len(base) + 6
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(make_data.FOREIGN_DIPHONE_INDEX_BASE,
+                                                  make_data.FOREIGN_DIPHONE_INDEX_BASE + 6))
+    assert all(j.synth == "festival" and j.voice in fd.VOICES for j in extra)
+
+    lexicons = make_data.write_foreign_lexicons(tmp_path, ["set a timer for o'clock", "call mom"])
+    italian = (tmp_path / "festival-lexicons" / "pc_diphone.scm").read_text()
+    assert lexicons == str((tmp_path / "festival-lexicons").resolve())
+    assert '("oclock" nil' in italian and '("a" nil (((e) 0)))' in italian and italian.count("lex.add.entry") == 7
+    (tmp_path / "train").mkdir()
+    durations = {}
+    for voice in fd.VOICES:
+        job = make_data.Job(0, "train", "set a timer for eight o'clock", "festival", voice, 5,
+                            festival_lexicon=f"{lexicons}/{voice}.scm")
+        audio, rate = soundfile.read(tmp_path / make_data.synthesize(job, tmp_path)["audio"], dtype="float32")
+        assert rate == 16000 and np.sqrt(np.mean(audio ** 2)) > 0.02
+        durations[voice] = len(audio) / rate
+    assert all(1.0 < d < 4.5 for d in durations.values()), durations  # six words of speech
+    # the voice reads our lexicon: without it, its own letter-to-sound rules say something else
+    native = make_data.Job(1, "train", "set a timer for eight o'clock", "festival", "pc_diphone", 5)
+    plain, _ = soundfile.read(tmp_path / make_data.synthesize(native, tmp_path)["audio"], dtype="float32")
+    assert abs(len(plain) / 16000 - durations["pc_diphone"]) > 0.05

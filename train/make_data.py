@@ -36,10 +36,11 @@ BATH / NURSE vowels, other unstressed vowels, v / w / z / dental t and d), each
 spoken by a random or stock variant. ``--rhvoice N`` adds N by a fifth synthesizer,
 RHVoice (its English voices alan, bdl, clb and slt; the package's other two English
 voices are licensed for non-commercial use only and never used), with random rate and
-pitch. ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+pitch. ``--foreign-diphones N`` adds N by festival's Italian and Spanish diphone voices
+reading English (``foreign_diphones.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
-100000, 200000 and 300000), so none changes any other utterance.
+100000, 200000, 300000 and 400000), so none changes any other utterance.
 
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
@@ -63,6 +64,7 @@ import soundfile
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import foreign_diphones  # noqa: E402
 import neural_tts  # noqa: E402
 from sentences import generate  # noqa: E402
 
@@ -119,6 +121,7 @@ ACCENT_INDEX_BASE = 100_000  # file numbers of --random-accents utterances
 RHVOICE_VOICES = ["alan", "bdl", "clb", "slt"]  # RHVoice English voices under LGPL-2.1+
 RHVOICE_INDEX_BASE = 200_000  # file numbers of --rhvoice utterances
 KOKORO_INDEX_BASE = 300_000  # file numbers of --kokoro utterances
+FOREIGN_DIPHONE_INDEX_BASE = 400_000  # file numbers of --foreign-diphones utterances
 
 SPLITS = ("train", "dev", "test")
 
@@ -134,6 +137,7 @@ class Job:
     espeak_path: str | None = None  # espeak-ng --path (the random voice variants)
     prosody: bool = False  # festival: also draw a random pitch level and range (--festival-prosody)
     kokoro_cache: str | None = None  # kokoro: where the assembled ONNX model is kept
+    festival_lexicon: str | None = None  # festival: English lexicon in a foreign voice's phones
 
 
 def random_variant(name: str, rng: random.Random) -> str:
@@ -251,11 +255,15 @@ def synthesize(job: Job, out_dir: Path) -> dict:
             text = job.text.replace('"', "")
             stretch = rng.uniform(0.85, 1.2)
             pitch = ""
+            lexicon = ""
+            if job.festival_lexicon:  # a foreign diphone voice reading English (foreign_diphones.py)
+                text = " ".join(foreign_diphones.festival_word(w) for w in text.split())
+                lexicon = f"(load \"{job.festival_lexicon}\")\n"
             if job.prosody:  # drawn after the others: the plan's festival jobs keep their numbers
                 pitch = (f"(set! int_lr_params '((target_f0_mean {rng.uniform(70, 220):.0f}) (target_f0_std "
                          f"{rng.uniform(5, 45):.0f}) (model_f0_mean 170) (model_f0_std 34)))\n")
             with open(script, "w") as f:
-                f.write(f"(voice_{job.voice})\n(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
+                f.write(f"(voice_{job.voice})\n{lexicon}(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
                         f"(utt.save.wave (utt.synth (Utterance Text \"{text}\")) \"{raw}\" 'riff)\n")
             subprocess.run(["festival", "--batch", script], check=True, capture_output=True)
         _sox_finish(raw, dst, rng)
@@ -280,14 +288,17 @@ def _pick_voice(rng: random.Random, split: str) -> tuple[str, str]:
 def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: int = 0,
          espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0,
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
-         kokoro_cache: str | None = None) -> list[Job]:
+         kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
+         lexicon_dir: str | None = None) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
     ``festival_prosody`` jobs (indices after those) draw from another one; the
-    ``random_accents``, ``rhvoice`` and ``kokoro`` jobs each from one more, with indices
-    from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE`` and ``KOKORO_INDEX_BASE``."""
+    ``random_accents``, ``rhvoice``, ``kokoro`` and ``foreign_diphones_count`` jobs each from
+    one more, with indices from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``,
+    ``KOKORO_INDEX_BASE`` and ``FOREIGN_DIPHONE_INDEX_BASE``; the last read
+    ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -334,7 +345,23 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         jobs.append(Job(KOKORO_INDEX_BASE + k, "train", neural.choice(train_sentences), "kokoro",
                         f"{voices[0]}+{voices[1]}/{voices[2]}+{voices[3]}", neural.randrange(2**31),
                         kokoro_cache=kokoro_cache))
+    foreign = random.Random(seed + 10)
+    for k in range(foreign_diphones_count):
+        voice = foreign.choice(sorted(foreign_diphones.VOICES))
+        jobs.append(Job(FOREIGN_DIPHONE_INDEX_BASE + k, "train", foreign.choice(train_sentences), "festival", voice,
+                        foreign.randrange(2**31), festival_lexicon=f"{lexicon_dir}/{voice}.scm"))
     return jobs
+
+
+def write_foreign_lexicons(out: Path, sentences: list[str]) -> str:
+    """Write ``out/festival-lexicons/VOICE.scm`` (every word of ``sentences`` in each foreign diphone
+    voice's phones) and return that directory."""
+    root = out / "festival-lexicons"
+    root.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for s in sentences for w in s.split()})
+    for voice in foreign_diphones.VOICES:
+        (root / f"{voice}.scm").write_text(foreign_diphones.lexicon_scheme(voice, words))
+    return str(root.resolve())
 
 
 def _run(args: tuple[Job, Path]) -> tuple[str, dict | None, str]:
@@ -371,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kokoro", type=int, default=2000,
                    help="extra training utterances by Kokoro-82M neural voices (0: none; needs the "
                    "'data' extra: pip install -e '.[data]')")
+    p.add_argument("--foreign-diphones", type=int, default=3000,
+                   help="extra training utterances by festival's Italian and Spanish diphone voices reading "
+                   "English (0: none)")
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
@@ -390,9 +420,16 @@ def main(argv: list[str] | None = None) -> int:
                 "'make demo-data' installs them) or --rhvoice 0")
     if args.kokoro and "train" in args.splits:
         neural_tts.model_file(neural_tts.cache_directory(args.out))  # assembled once, before the workers
+    lexicon_dir = None
+    if args.foreign_diphones and "train" in args.splits:
+        missing = [v for v in foreign_diphones.VOICES if not foreign_diphones.installed(v)]
+        if missing:
+            p.error(f"--foreign-diphones needs festival's {', '.join(missing)} (Debian: festvox-itapc16k, "
+                    "festvox-italp16k, festvox-ellpc11k; 'make demo-data' installs them) or --foreign-diphones 0")
+        lexicon_dir = write_foreign_lexicons(args.out, generate(args.train, args.seed))
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
-                            args.kokoro, neural_tts.cache_directory(args.out))
+                            args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir)
             if j.split in args.splits]
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
