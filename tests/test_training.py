@@ -231,6 +231,18 @@ def test_accent_rhvoice_and_kokoro_jobs_add_training_voices_without_changing_any
     assert {v for j in kokoro for v in j.voice.replace("/", "+").split("+")} <= set(make_data.neural_tts.VOICES)
 
 
+def test_subsample_base_thins_only_the_base_training_jobs():
+    jobs = make_data.plan(200, 20, 30, seed=7, random_voices=10, espeak_path="/x", pico=3, festival_prosody=2,
+                          random_accents=12, rhvoice=6)
+    thinned = make_data.subsample_base(jobs, 4)
+    base_train = [j for j in jobs if j.split == "train" and j.index < make_data.ACCENT_INDEX_BASE]
+    assert len(base_train) == 215
+    kept = [j for j in thinned if j.split == "train" and j.index < make_data.ACCENT_INDEX_BASE]
+    assert kept == [j for j in base_train if j.index % 4 == 0] and len(kept) == 54
+    assert [j for j in thinned if j not in kept] == [j for j in jobs if j not in base_train]  # held-out, new sources
+    assert make_data.subsample_base(jobs, 1) == jobs
+
+
 def test_random_accents_use_only_training_accents_tables_and_change_the_pronunciation(tmp_path):
     root = make_data.espeak_data_with_random_variants(tmp_path, seed=7)
     lang = root / "espeak-ng-data" / "lang" / "gmw"

@@ -353,6 +353,12 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
     return jobs
 
 
+def subsample_base(jobs: list[Job], every: int) -> list[Job]:
+    """Keep every ``every``-th training job numbered below ``ACCENT_INDEX_BASE`` (the base corpus and
+    the random-voice, Pico and festival-pitch extras), all later sources, and all dev and test jobs."""
+    return [j for j in jobs if j.split != "train" or j.index >= ACCENT_INDEX_BASE or j.index % every == 0]
+
+
 def write_foreign_lexicons(out: Path, sentences: list[str]) -> str:
     """Write ``out/festival-lexicons/VOICE.scm`` (every word of ``sentences`` in each foreign diphone
     voice's phones) and return that directory."""
@@ -401,11 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreign-diphones", type=int, default=3000,
                    help="extra training utterances by festival's Italian and Spanish diphone voices reading "
                    "English (0: none)")
+    p.add_argument("--subsample-base", type=int, default=1, metavar="N",
+                   help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
+                   "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
+                   "newer sources needs only a sample of what it already learned; dev and test stay whole")
     p.add_argument("--seed", type=int, default=20261124)
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                    help="synthesize only these splits (the plan, and so every split's content, stays the same)")
     args = p.parse_args(argv)
+    if args.subsample_base < 1:
+        p.error("--subsample-base must be >= 1")
 
     espeak_path = None
     if (args.random_voices or args.random_accents) and "train" in args.splits:
@@ -431,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
                             args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir)
             if j.split in args.splits]
+    jobs = subsample_base(jobs, args.subsample_base)
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {split: [] for split in args.splits}
