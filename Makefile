@@ -7,13 +7,16 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
 	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k sox
-# libttspico-utils (SVOX Pico) and rhvoice-english (RHVoice's voices) are in Debian's non-free section:
-# on Debian, apt-non-free (scripts/apt-non-free.sh) adds that section when either is missing.
+# MBROLA's British English diphone voice (training data; tests/test_training.py synthesizes with it).
+MBROLA_APT := mbrola mbrola-en1
+# libttspico-utils (SVOX Pico), rhvoice-english (RHVoice's voices) and mbrola-en1 are in Debian's
+# non-free section, mbrola in contrib: on Debian, apt-non-free (scripts/apt-non-free.sh) adds both
+# sections when one of them is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
 # g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
-TEST_APT := prometheus chromium g++ $(DATA_APT)
-TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave RHVoice-test
+TEST_APT := prometheus chromium g++ $(DATA_APT) $(MBROLA_APT)
+TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave RHVoice-test mbrola
 
 .PHONY: help venv demo test test-apt apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
 
@@ -22,7 +25,7 @@ help:
 	@echo "make test        run the test suite (what CI runs)"
 	@echo "make proto       regenerate the Python stubs from protos/"
 	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
-	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, rhvoice, sox)"
+	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, rhvoice, mbrola, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
 	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
@@ -61,8 +64,9 @@ $(VENV)/.data-apt-stamp:
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
 	  && command -v pico2wave >/dev/null && command -v RHVoice-test >/dev/null && command -v sox >/dev/null \
 	  && [ -d /usr/share/festival/voices/italian/pc_diphone ] && [ -d /usr/share/festival/voices/spanish/el_diphone ] \
+	  && command -v mbrola >/dev/null && [ -e /usr/share/mbrola/en1/en1 ] \
 	  || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT))
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT) $(MBROLA_APT))
 	mkdir -p $(VENV) && touch $@
 
 demo-data: $(STAMP) $(VENV)/.data-apt-stamp

@@ -1,9 +1,10 @@
 #!/bin/sh
-# Offer Debian's non-free section to apt, once: SVOX Pico (libttspico-utils) and RHVoice's English
-# voices (rhvoice-english) live there.
+# Offer Debian's contrib and non-free sections to apt, once: SVOX Pico (libttspico-utils),
+# RHVoice's English voices (rhvoice-english) and MBROLA's voice en1 (mbrola-en1) live in non-free,
+# the MBROLA synthesizer (mbrola) in contrib.
 #
-# Does nothing off Debian, when pico2wave and RHVoice-test are already installed, or when our
-# source file exists.
+# Does nothing off Debian, when pico2wave, RHVoice-test and mbrola are already installed, or when
+# our source file exists and names both sections.
 # The entry names the same keyring as the machine's own deb.debian.org source: apt refuses two
 # entries for one archive and suite whose Signed-By options differ ("Conflicting values set for
 # option Signed-By"), which a plain "deb URL SUITE non-free" line causes beside a deb822
@@ -13,8 +14,9 @@ TARGET=/etc/apt/sources.list.d/emformer-asr-non-free.list
 [ -r /etc/os-release ] || exit 0
 . /etc/os-release
 [ "${ID:-}" = debian ] || exit 0
-command -v pico2wave >/dev/null 2>&1 && command -v RHVoice-test >/dev/null 2>&1 && exit 0
-[ -e "$TARGET" ] && exit 0
+command -v pico2wave >/dev/null 2>&1 && command -v RHVoice-test >/dev/null 2>&1 \
+    && command -v mbrola >/dev/null 2>&1 && exit 0
+[ -e "$TARGET" ] && grep -q " contrib non-free" "$TARGET" && exit 0
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
@@ -34,5 +36,5 @@ if [ -z "$keyring" ]; then
 fi
 options=""
 [ -n "$keyring" ] && options="[signed-by=$keyring] "
-echo "deb ${options}http://deb.debian.org/debian ${VERSION_CODENAME} non-free" | $SUDO tee "$TARGET" >/dev/null
-echo "apt: added Debian's non-free section (${TARGET})"
+echo "deb ${options}http://deb.debian.org/debian ${VERSION_CODENAME} contrib non-free" | $SUDO tee "$TARGET" >/dev/null
+echo "apt: added Debian's contrib and non-free sections (${TARGET})"

@@ -329,3 +329,26 @@ def test_foreign_diphone_voices_read_english_through_a_mapped_lexicon(tmp_path):
     native = make_data.Job(1, "train", "set a timer for eight o'clock", "festival", "pc_diphone", 5)
     plain, _ = soundfile.read(tmp_path / make_data.synthesize(native, tmp_path)["audio"], dtype="float32")
     assert abs(len(plain) / 16000 - durations["pc_diphone"]) > 0.05
+
+
+def test_mbrola_diphone_voice_adds_training_jobs_and_speaks(tmp_path):
+    base = make_data.plan(50, 2, 2, seed=7, foreign_diphones_count=3, lexicon_dir="/l")
+    more = make_data.plan(50, 2, 2, seed=7, foreign_diphones_count=3, lexicon_dir="/l", mbrola=8)
+    assert more[:len(base)] == base and len(more) == len(base) + 8
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(make_data.MBROLA_INDEX_BASE, make_data.MBROLA_INDEX_BASE + 8))
+    assert all(j.split == "train" and j.synth == "mbrola" and j.voice in make_data.MBROLA_VOICES for j in extra)
+    assert make_data.MBROLA_VOICES == ["en1"]  # the one English MBROLA voice licensed for any use
+    assert make_data.mbrola_installed("en1")  # make test-apt installs it
+    assert not make_data.mbrola_installed("xx9")
+
+    (tmp_path / "train").mkdir()
+    audios = []
+    for k, seed in enumerate((3, 4)):
+        row = make_data.synthesize(make_data.Job(k, "train", "set a timer for ten minutes", "mbrola", "en1", seed),
+                                   tmp_path)
+        audio, rate = soundfile.read(tmp_path / row["audio"], dtype="float32")
+        assert rate == 16000 and row["voice"] == "mbrola:en1"
+        assert 1.0 < len(audio) / rate < 5.0 and np.sqrt(np.mean(audio ** 2)) > 0.02, row  # speech, not silence
+        audios.append(audio)
+    assert len(audios[0]) != len(audios[1])  # another seed, another rate, pitch and padding

@@ -37,10 +37,15 @@ spoken by a random or stock variant. ``--rhvoice N`` adds N by a fifth synthesiz
 RHVoice (its English voices alan, bdl, clb and slt; the package's other two English
 voices are licensed for non-commercial use only and never used), with random rate and
 pitch. ``--foreign-diphones N`` adds N by festival's Italian and Spanish diphone voices
-reading English (``foreign_diphones.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+reading English (``foreign_diphones.py``). ``--mbrola N`` adds N by MBROLA's British English diphone
+voice ``en1`` (concatenated recorded diphones, the technique of the held-out festival voice ``ked``,
+from another speaker), driven by espeak-ng with random rate and pitch; Debian ships the synthesizer in
+contrib and the voice in non-free. ``en1`` is the one English MBROLA voice whose terms allow use for
+any purpose (University of Edinburgh's ROGER database); ``us1``-``us3`` are licensed for synthesis
+without resale, which a model anyone may deploy commercially should not depend on. ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
-100000, 200000, 300000 and 400000), so none changes any other utterance.
+100000, 200000, 300000, 400000 and 500000), so none changes any other utterance.
 
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
@@ -122,6 +127,8 @@ RHVOICE_VOICES = ["alan", "bdl", "clb", "slt"]  # RHVoice English voices under L
 RHVOICE_INDEX_BASE = 200_000  # file numbers of --rhvoice utterances
 KOKORO_INDEX_BASE = 300_000  # file numbers of --kokoro utterances
 FOREIGN_DIPHONE_INDEX_BASE = 400_000  # file numbers of --foreign-diphones utterances
+MBROLA_VOICES = ["en1"]  # espeak-ng's mb-NAME voices (Debian: mbrola-NAME) whose terms allow any use
+MBROLA_INDEX_BASE = 500_000  # file numbers of --mbrola utterances
 
 SPLITS = ("train", "dev", "test")
 
@@ -212,6 +219,13 @@ def espeak_data_with_random_variants(out: Path, seed: int) -> Path:
     return root
 
 
+def mbrola_installed(voice: str) -> bool:
+    """Whether espeak-ng can speak with the MBROLA voice ``voice`` (``us1`` ...): the synthesizer and
+    the voice's diphone database, where Debian's mbrola-NAME puts it."""
+    return shutil.which("mbrola") is not None and any(
+        Path(d).is_file() for d in (f"/usr/share/mbrola/{voice}/{voice}", f"/usr/share/mbrola/{voice}"))
+
+
 def _sox_finish(src: str, dst: Path, rng: random.Random) -> None:
     """Resample to 16 kHz mono, perturb tempo and pitch a little, normalise to -3 dBFS."""
     effects = ["gain", "-4", "remix", "-", "rate", "-v", "16000"]
@@ -234,6 +248,10 @@ def synthesize(job: Job, out_dir: Path) -> dict:
             cmd = ["espeak-ng", *path, "-v", job.voice, "-s", str(rng.randint(120, 210)),
                    "-p", str(rng.randint(20, 80)), "-a", str(rng.randint(80, 160)),
                    "-g", str(rng.randint(0, 4)), "-w", raw, job.text]
+            subprocess.run(cmd, check=True, capture_output=True)
+        elif job.synth == "mbrola":  # espeak-ng's own data: the --path copy drops the MBROLA stubs
+            cmd = ["espeak-ng", "-v", f"mb-{job.voice}", "-s", str(rng.randint(120, 200)),
+                   "-p", str(rng.randint(25, 75)), "-g", str(rng.randint(0, 3)), "-w", raw, job.text]
             subprocess.run(cmd, check=True, capture_output=True)
         elif job.synth == "flite":
             cmd = ["flite", "-voice", job.voice, "-t", job.text, "-o", raw,
@@ -289,15 +307,16 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
          espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0,
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
          kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
-         lexicon_dir: str | None = None) -> list[Job]:
+         lexicon_dir: str | None = None, mbrola: int = 0) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
     ``festival_prosody`` jobs (indices after those) draw from another one; the
-    ``random_accents``, ``rhvoice``, ``kokoro`` and ``foreign_diphones_count`` jobs each from
-    one more, with indices from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``,
-    ``KOKORO_INDEX_BASE`` and ``FOREIGN_DIPHONE_INDEX_BASE``; the last read
+    ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count`` and ``mbrola`` jobs
+    each from one more, with indices from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``,
+    ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE`` and ``MBROLA_INDEX_BASE``; the
+    foreign-diphone jobs read
     ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
@@ -350,6 +369,10 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         voice = foreign.choice(sorted(foreign_diphones.VOICES))
         jobs.append(Job(FOREIGN_DIPHONE_INDEX_BASE + k, "train", foreign.choice(train_sentences), "festival", voice,
                         foreign.randrange(2**31), festival_lexicon=f"{lexicon_dir}/{voice}.scm"))
+    diphones = random.Random(seed + 11)
+    for k in range(mbrola):
+        jobs.append(Job(MBROLA_INDEX_BASE + k, "train", diphones.choice(train_sentences), "mbrola",
+                        diphones.choice(MBROLA_VOICES), diphones.randrange(2**31)))
     return jobs
 
 
@@ -407,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreign-diphones", type=int, default=3000,
                    help="extra training utterances by festival's Italian and Spanish diphone voices reading "
                    "English (0: none)")
+    p.add_argument("--mbrola", type=int, default=3000,
+                   help="extra training utterances by MBROLA's English diphone voice en1 "
+                   "(0: none; needs mbrola and mbrola-en1)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
@@ -432,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                 "'make demo-data' installs them) or --rhvoice 0")
     if args.kokoro and "train" in args.splits:
         neural_tts.model_file(neural_tts.cache_directory(args.out))  # assembled once, before the workers
+    missing_mbrola = [v for v in MBROLA_VOICES if not mbrola_installed(v)]
+    if args.mbrola and "train" in args.splits and missing_mbrola:
+        p.error(f"--mbrola needs the mbrola synthesizer and its voices {', '.join(missing_mbrola)} (Debian: mbrola, "
+                "contrib, and mbrola-en1, non-free; 'make demo-data' installs "
+                "them) or --mbrola 0")
     lexicon_dir = None
     if args.foreign_diphones and "train" in args.splits:
         missing = [v for v in foreign_diphones.VOICES if not foreign_diphones.installed(v)]
@@ -441,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         lexicon_dir = write_foreign_lexicons(args.out, generate(args.train, args.seed))
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
-                            args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir)
+                            args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir,
+                            args.mbrola)
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
     for split in args.splits:
