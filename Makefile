@@ -60,7 +60,8 @@ proto: $(STAMP)
 apt-non-free:
 	@sh scripts/apt-non-free.sh
 
-$(VENV)/.data-apt-stamp:
+# re-checked whenever the Makefile changes: a recipe that adds a synthesizer adds its packages here
+$(VENV)/.data-apt-stamp: Makefile
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
 	  && command -v pico2wave >/dev/null && command -v RHVoice-test >/dev/null && command -v sox >/dev/null \
 	  && [ -d /usr/share/festival/voices/italian/pc_diphone ] && [ -d /usr/share/festival/voices/spanish/el_diphone ] \
