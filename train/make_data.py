@@ -220,7 +220,7 @@ def espeak_data_with_random_variants(out: Path, seed: int) -> Path:
 
 
 def mbrola_installed(voice: str) -> bool:
-    """Whether espeak-ng can speak with the MBROLA voice ``voice`` (``us1`` ...): the synthesizer and
+    """Whether espeak-ng can speak with the MBROLA voice ``voice`` (``en1`` ...): the synthesizer and
     the voice's diphone database, where Debian's mbrola-NAME puts it."""
     return shutil.which("mbrola") is not None and any(
         Path(d).is_file() for d in (f"/usr/share/mbrola/{voice}/{voice}", f"/usr/share/mbrola/{voice}"))
@@ -458,11 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                 "'make demo-data' installs them) or --rhvoice 0")
     if args.kokoro and "train" in args.splits:
         neural_tts.model_file(neural_tts.cache_directory(args.out))  # assembled once, before the workers
-    missing_mbrola = [v for v in MBROLA_VOICES if not mbrola_installed(v)]
-    if args.mbrola and "train" in args.splits and missing_mbrola:
-        p.error(f"--mbrola needs the mbrola synthesizer and its voices {', '.join(missing_mbrola)} (Debian: mbrola, "
-                "contrib, and mbrola-en1, non-free; 'make demo-data' installs "
-                "them) or --mbrola 0")
+    if args.mbrola and "train" in args.splits:
+        missing = [v for v in MBROLA_VOICES if not mbrola_installed(v)]
+        if missing:
+            p.error(f"--mbrola needs the mbrola synthesizer and its voices {', '.join(missing)} (Debian: mbrola, "
+                    "contrib, and mbrola-en1, non-free; 'make demo-data' installs them) or --mbrola 0")
     lexicon_dir = None
     if args.foreign_diphones and "train" in args.splits:
         missing = [v for v in foreign_diphones.VOICES if not foreign_diphones.installed(v)]
