@@ -310,7 +310,7 @@ def test_foreign_diphone_voices_read_english_through_a_mapped_lexicon(tmp_path):
     extra = more[len(base):]
     assert [j.index for j in extra] == list(range(make_data.FOREIGN_DIPHONE_INDEX_BASE,
                                                   make_data.FOREIGN_DIPHONE_INDEX_BASE + 6))
-    assert all(j.synth == "festival" and j.voice in fd.VOICES for j in extra)
+    assert all(j.synth == "festival" and j.voice in fd.FOREIGN_VOICES for j in extra)
 
     lexicons = make_data.write_foreign_lexicons(tmp_path, ["set a timer for o'clock", "call mom"])
     italian = (tmp_path / "festival-lexicons" / "pc_diphone.scm").read_text()
@@ -318,7 +318,7 @@ def test_foreign_diphone_voices_read_english_through_a_mapped_lexicon(tmp_path):
     assert '("oclock" nil' in italian and '("a" nil (((e) 0)))' in italian and italian.count("lex.add.entry") == 7
     (tmp_path / "train").mkdir()
     durations = {}
-    for voice in fd.VOICES:
+    for voice in fd.FOREIGN_VOICES:
         job = make_data.Job(0, "train", "set a timer for eight o'clock", "festival", voice, 5,
                             festival_lexicon=f"{lexicons}/{voice}.scm")
         audio, rate = soundfile.read(tmp_path / make_data.synthesize(job, tmp_path)["audio"], dtype="float32")
@@ -329,6 +329,40 @@ def test_foreign_diphone_voices_read_english_through_a_mapped_lexicon(tmp_path):
     native = make_data.Job(1, "train", "set a timer for eight o'clock", "festival", "pc_diphone", 5)
     plain, _ = soundfile.read(tmp_path / make_data.synthesize(native, tmp_path)["audio"], dtype="float32")
     assert abs(len(plain) / 16000 - durations["pc_diphone"]) > 0.05
+
+
+def test_british_diphone_voices_read_espeak_pronunciations_never_oald(tmp_path):
+    fd = make_data.foreign_diphones
+    assert set(fd.BRITISH_VOICES) == {"rab_diphone", "don_diphone"} and all(map(fd.installed, fd.BRITISH_VOICES))
+    # British IPA (espeak-ng's en) in festival's mrpa phones: long vowels and diphthongs are one phone,
+    # stress goes on the syllable (mrpa has no stressed vowels of its own)
+    assert fd.syllables(fd.phones("ɐlˈɑːm", "mrpa"), "mrpa") == [(["@"], 0), (["l", "aa", "m"], 1)]
+    assert [p for p, _ in fd.phones("ˈeəpɔːt", "mrpa")] == ["e@", "p", "oo", "t"]
+
+    base = make_data.plan(50, 2, 2, seed=7, foreign_diphones_count=3, lexicon_dir="/l", mbrola=2)
+    more = make_data.plan(50, 2, 2, seed=7, foreign_diphones_count=3, lexicon_dir="/l", mbrola=2,
+                          british_diphones=6)
+    assert more[:len(base)] == base and len(more) == len(base) + 6
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(make_data.BRITISH_DIPHONE_INDEX_BASE,
+                                                  make_data.BRITISH_DIPHONE_INDEX_BASE + 6))
+    assert all(j.voice in fd.BRITISH_VOICES and j.prosody and j.festival_lexicon == f"/l/{j.voice}.scm"
+               for j in extra)
+
+    lexicons = make_data.write_foreign_lexicons(tmp_path, ["set an alarm for the airport"])
+    rab = (tmp_path / "festival-lexicons" / "rab_diphone.scm").read_text()
+    assert '("alarm" nil (((@) 0) ((l aa m) 1)))' in rab and rab.count("lex.add.entry") == 6
+    (tmp_path / "train").mkdir()
+    for k, voice in enumerate(sorted(fd.BRITISH_VOICES)):
+        job = make_data.Job(k, "train", "set an alarm for the airport", "festival", voice, 5,
+                            festival_lexicon=f"{lexicons}/{voice}.scm", prosody=True)
+        audio, rate = soundfile.read(tmp_path / make_data.synthesize(job, tmp_path)["audio"], dtype="float32")
+        assert rate == 16000 and 1.0 < len(audio) / rate < 4.5 and np.sqrt(np.mean(audio ** 2)) > 0.02
+        # a word outside our lexicon fails: the voice has no OALD (non-commercial) to fall back on
+        unknown = make_data.Job(10 + k, "train", "set an alarm for the harbour", "festival", voice, 5,
+                                festival_lexicon=f"{lexicons}/{voice}.scm")
+        with pytest.raises(subprocess.CalledProcessError):
+            make_data.synthesize(unknown, tmp_path)
 
 
 def test_mbrola_diphone_voice_adds_training_jobs_and_speaks(tmp_path):

@@ -1,4 +1,4 @@
-"""English read by festival's Italian and Spanish diphone voices: new diphone speakers.
+"""English read by festival diphone voices with espeak-ng's pronunciations: new diphone speakers.
 
 Debian packages festival diphone voices for English (``kal``, ``ked``) and for other
 languages (Italian ``pc_diphone`` and ``lp_diphone``, Spanish ``el_diphone``). A
@@ -9,6 +9,13 @@ Spanish th, no h for Italian, English h as Spanish x, v as Spanish b), syllabifi
 espeak-ng's primary stress. The result is English with an Italian or Spanish accent,
 spoken by three more diphone speakers (a female one among them) with that language's
 durations and intonation.
+
+The same route gives two British English diphone speakers, ``rab_diphone`` and
+``don_diphone`` (CSTR, Edinburgh; free for any use), without their own lexicon: that
+is OALD, licensed for non-commercial use only. ``prelude_scheme`` defines an empty
+lexicon under OALD's name before the voice loads, so festival never reads OALD (Debian
+installs it as a dependency of the voice packages), and every word's pronunciation
+comes from espeak-ng's British English, mapped to the voices' MRPA phone set.
 
 ``lexicon_scheme(voice, words)`` writes the lexicon entries that a festival script
 loads after selecting the voice; ``festival_word(word)`` is how a word is written in
@@ -21,14 +28,18 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-# voice -> language of its phone set
-VOICES = {"pc_diphone": "italian", "lp_diphone": "italian", "el_diphone": "spanish"}
+# voice -> its phone set (a key of _TABLES)
+FOREIGN_VOICES = {"pc_diphone": "italian", "lp_diphone": "italian", "el_diphone": "spanish"}
+BRITISH_VOICES = {"rab_diphone": "mrpa", "don_diphone": "mrpa"}  # Debian: festvox-rablpc16k, festvox-don
+VOICES = {**FOREIGN_VOICES, **BRITISH_VOICES}
 FESTIVAL_VOICES = Path("/usr/share/festival/voices")
+_LANGUAGE_DIRECTORY = {"italian": "italian", "spanish": "spanish", "mrpa": "english"}
+_ESPEAK_ACCENT = {"italian": "en-us", "spanish": "en-us", "mrpa": "en"}  # whose pronunciations each reads
 
 
 def installed(voice: str) -> bool:
     """Whether festival has ``voice`` (Debian's festvox packages install it there)."""
-    return (FESTIVAL_VOICES / VOICES[voice] / voice).is_dir()
+    return (FESTIVAL_VOICES / _LANGUAGE_DIRECTORY[VOICES[voice]] / voice).is_dir()
 
 # IPA (espeak-ng, en-us) -> phones, longest match first; "" entries drop the symbol
 _ITALIAN = {
@@ -52,8 +63,24 @@ _SPANISH = {
     "ŋ": ["n", "g"], "h": ["x"], "ɹ": ["r"], "r": ["r"], "ɾ": ["r"], "j": ["i0"], "w": ["u0"], "ʔ": ["t"],
     "x": ["x"],
 }
-_TABLES = {"italian": _ITALIAN, "spanish": _SPANISH}
-_NUCLEI = {"italian": set("ieEaoOu"), "spanish": set("ieaou")}  # syllable nuclei (not i0 / u0, j / w)
+# festival's British English phone set (mrpa) for espeak-ng's en-gb IPA
+_MRPA = {
+    "eɪ": ["ei"], "aɪ": ["ai"], "ɔɪ": ["oi"], "aʊ": ["au"], "əʊ": ["ou"], "oʊ": ["ou"], "eə": ["e@"],
+    "ɪə": ["i@"], "ʊə": ["u@"], "tʃ": ["ch"], "dʒ": ["jh"], "iː": ["ii"], "uː": ["uu"], "ɔː": ["oo"],
+    "ɑː": ["aa"], "ɜː": ["@@"],
+    "i": ["i"], "ɪ": ["i"], "ᵻ": ["i"], "e": ["e"], "ɛ": ["e"], "æ": ["a"], "a": ["a"], "ɑ": ["aa"], "ʌ": ["uh"],
+    "ɐ": ["@"], "ɒ": ["o"], "ɔ": ["oo"], "o": ["o"], "ʊ": ["u"], "u": ["uu"], "ə": ["@"], "ɜ": ["@@"],
+    "ɚ": ["@"], "ɝ": ["@@"],
+    "p": ["p"], "b": ["b"], "t": ["t"], "d": ["d"], "k": ["k"], "ɡ": ["g"], "g": ["g"], "f": ["f"], "v": ["v"],
+    "s": ["s"], "z": ["z"], "m": ["m"], "n": ["n"], "l": ["l"], "θ": ["th"], "ð": ["dh"], "ʃ": ["sh"],
+    "ʒ": ["zh"], "ŋ": ["ng"], "h": ["h"], "ɹ": ["r"], "r": ["r"], "ɾ": ["t"], "j": ["y"], "w": ["w"],
+    "ʔ": ["t"], "x": ["k"],
+}
+_TABLES = {"italian": _ITALIAN, "spanish": _SPANISH, "mrpa": _MRPA}
+_NUCLEI = {"italian": set("ieEaoOu"), "spanish": set("ieaou"),  # syllable nuclei (not i0 / u0, j / w)
+           "mrpa": {"uh", "e", "a", "o", "i", "u", "ii", "uu", "oo", "aa", "@@", "ai", "ei", "oi", "au", "ou",
+                    "e@", "i@", "u@", "@"}}
+_ACCENTED_VOWELS = {"italian", "spanish"}  # phone sets with a stressed vowel of its own (a1); mrpa has none
 _IGNORED = set("ː\u0329\u0306ˑ-‿")  # length, syllabic and other marks
 
 
@@ -106,7 +133,8 @@ def syllables(word_phones: list[tuple[str, bool]], language: str) -> list[tuple[
     for start, end in zip(bounds, bounds[1:]):
         part = word_phones[start:end]
         stressed = any(s for _, s in part)
-        out.append(([p + "1" if s else p for p, s in part], int(stressed)))
+        accent = language in _ACCENTED_VOWELS
+        out.append(([p + "1" if s and accent else p for p, s in part], int(stressed)))
     return out
 
 
@@ -124,12 +152,21 @@ def ipa_words(words: list[str], accent: str = "en-us") -> dict[str, str]:
     return {word: _WEAK_FORMS.get(word, ipa) for word, ipa in zip(words, lines)}
 
 
+def prelude_scheme(voice: str) -> str:
+    """Festival commands to run before selecting ``voice``: for the British voices, an empty
+    MRPA lexicon named ``oald`` that the voice then selects instead of loading OALD."""
+    if VOICES[voice] != "mrpa":
+        return ""
+    return ('(define (setup_oald_lex) (if (not (member_string "oald" (lex.list))) (begin (lex.create "oald") '
+            "(lex.set.phoneset \"mrpa\") (lex.set.lts.method 'error))))\n")
+
+
 def lexicon_scheme(voice: str, words: list[str]) -> str:
     """Festival commands adding every word of ``words`` to ``voice``'s lexicon (load them after
     selecting the voice)."""
     language = VOICES[voice]
     entries = []
-    for word, ipa in ipa_words(words).items():
+    for word, ipa in ipa_words(words, _ESPEAK_ACCENT[language]).items():
         sylls = " ".join(f"(({' '.join(p)}) {s})" for p, s in syllables(phones(ipa, language), language) if p)
         entries.append(f'(lex.add.entry \'("{festival_word(word)}" nil ({sylls})))')
     return "\n".join(entries) + "\n"

@@ -42,10 +42,12 @@ voice ``en1`` (concatenated recorded diphones, the technique of the held-out fes
 from another speaker), driven by espeak-ng with random rate and pitch; Debian ships the synthesizer in
 contrib and the voice in non-free. ``en1`` is the one English MBROLA voice whose terms allow use for
 any purpose (University of Edinburgh's ROGER database); ``us1``-``us3`` are licensed for synthesis
-without resale, which a model anyone may deploy commercially should not depend on. ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+without resale, which a model anyone may deploy commercially should not depend on. ``--british-diphones N`` adds N by festival's British diphone voices ``rab`` and
+``don`` with random pitch, reading espeak-ng's pronunciations instead of their own
+non-commercial OALD lexicon (``foreign_diphones.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
-100000, 200000, 300000, 400000 and 500000), so none changes any other utterance.
+100000, 200000, 300000, 400000, 500000 and 600000), so none changes any other utterance.
 
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
@@ -129,6 +131,7 @@ KOKORO_INDEX_BASE = 300_000  # file numbers of --kokoro utterances
 FOREIGN_DIPHONE_INDEX_BASE = 400_000  # file numbers of --foreign-diphones utterances
 MBROLA_VOICES = ["en1"]  # espeak-ng's mb-NAME voices (Debian: mbrola-NAME) whose terms allow any use
 MBROLA_INDEX_BASE = 500_000  # file numbers of --mbrola utterances
+BRITISH_DIPHONE_INDEX_BASE = 600_000  # file numbers of --british-diphones utterances
 
 SPLITS = ("train", "dev", "test")
 
@@ -274,14 +277,16 @@ def synthesize(job: Job, out_dir: Path) -> dict:
             stretch = rng.uniform(0.85, 1.2)
             pitch = ""
             lexicon = ""
-            if job.festival_lexicon:  # a foreign diphone voice reading English (foreign_diphones.py)
+            prelude = ""
+            if job.festival_lexicon:  # a diphone voice reading espeak-ng's pronunciations (foreign_diphones.py)
                 text = " ".join(foreign_diphones.festival_word(w) for w in text.split())
                 lexicon = f"(load \"{job.festival_lexicon}\")\n"
+                prelude = foreign_diphones.prelude_scheme(job.voice)
             if job.prosody:  # drawn after the others: the plan's festival jobs keep their numbers
                 pitch = (f"(set! int_lr_params '((target_f0_mean {rng.uniform(70, 220):.0f}) (target_f0_std "
                          f"{rng.uniform(5, 45):.0f}) (model_f0_mean 170) (model_f0_std 34)))\n")
             with open(script, "w") as f:
-                f.write(f"(voice_{job.voice})\n{lexicon}(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
+                f.write(f"{prelude}(voice_{job.voice})\n{lexicon}(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
                         f"(utt.save.wave (utt.synth (Utterance Text \"{text}\")) \"{raw}\" 'riff)\n")
             subprocess.run(["festival", "--batch", script], check=True, capture_output=True)
         _sox_finish(raw, dst, rng)
@@ -307,17 +312,17 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
          espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0,
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
          kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
-         lexicon_dir: str | None = None, mbrola: int = 0) -> list[Job]:
+         lexicon_dir: str | None = None, mbrola: int = 0, british_diphones: int = 0) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
     ``festival_prosody`` jobs (indices after those) draw from another one; the
-    ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count`` and ``mbrola`` jobs
-    each from one more, with indices from ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``,
-    ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE`` and ``MBROLA_INDEX_BASE``; the
-    foreign-diphone jobs read
-    ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
+    ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count``, ``mbrola`` and
+    ``british_diphones`` jobs each from one more, with indices from ``ACCENT_INDEX_BASE``,
+    ``RHVOICE_INDEX_BASE``, ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE``,
+    ``MBROLA_INDEX_BASE`` and ``BRITISH_DIPHONE_INDEX_BASE``; the foreign- and British-diphone
+    jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -366,13 +371,18 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
                         kokoro_cache=kokoro_cache))
     foreign = random.Random(seed + 10)
     for k in range(foreign_diphones_count):
-        voice = foreign.choice(sorted(foreign_diphones.VOICES))
+        voice = foreign.choice(sorted(foreign_diphones.FOREIGN_VOICES))
         jobs.append(Job(FOREIGN_DIPHONE_INDEX_BASE + k, "train", foreign.choice(train_sentences), "festival", voice,
                         foreign.randrange(2**31), festival_lexicon=f"{lexicon_dir}/{voice}.scm"))
     diphones = random.Random(seed + 11)
     for k in range(mbrola):
         jobs.append(Job(MBROLA_INDEX_BASE + k, "train", diphones.choice(train_sentences), "mbrola",
                         diphones.choice(MBROLA_VOICES), diphones.randrange(2**31)))
+    british = random.Random(seed + 12)
+    for k in range(british_diphones):
+        voice = british.choice(sorted(foreign_diphones.BRITISH_VOICES))
+        jobs.append(Job(BRITISH_DIPHONE_INDEX_BASE + k, "train", british.choice(train_sentences), "festival", voice,
+                        british.randrange(2**31), festival_lexicon=f"{lexicon_dir}/{voice}.scm", prosody=True))
     return jobs
 
 
@@ -383,8 +393,8 @@ def subsample_base(jobs: list[Job], every: int) -> list[Job]:
 
 
 def write_foreign_lexicons(out: Path, sentences: list[str]) -> str:
-    """Write ``out/festival-lexicons/VOICE.scm`` (every word of ``sentences`` in each foreign diphone
-    voice's phones) and return that directory."""
+    """Write ``out/festival-lexicons/VOICE.scm`` (every word of ``sentences`` in each foreign or British
+    diphone voice's phones) and return that directory."""
     root = out / "festival-lexicons"
     root.mkdir(parents=True, exist_ok=True)
     words = sorted({w for s in sentences for w in s.split()})
@@ -433,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mbrola", type=int, default=3000,
                    help="extra training utterances by MBROLA's English diphone voice en1 "
                    "(0: none; needs mbrola and mbrola-en1)")
+    p.add_argument("--british-diphones", type=int, default=3000,
+                   help="extra training utterances by festival's British diphone voices rab and don reading "
+                   "espeak-ng's pronunciations, with a random pitch level and range (0: none)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
@@ -465,15 +478,21 @@ def main(argv: list[str] | None = None) -> int:
                     "contrib, and mbrola-en1, non-free; 'make demo-data' installs them) or --mbrola 0")
     lexicon_dir = None
     if args.foreign_diphones and "train" in args.splits:
-        missing = [v for v in foreign_diphones.VOICES if not foreign_diphones.installed(v)]
+        missing = [v for v in foreign_diphones.FOREIGN_VOICES if not foreign_diphones.installed(v)]
         if missing:
             p.error(f"--foreign-diphones needs festival's {', '.join(missing)} (Debian: festvox-itapc16k, "
                     "festvox-italp16k, festvox-ellpc11k; 'make demo-data' installs them) or --foreign-diphones 0")
+    if args.british_diphones and "train" in args.splits:
+        missing = [v for v in foreign_diphones.BRITISH_VOICES if not foreign_diphones.installed(v)]
+        if missing:
+            p.error(f"--british-diphones needs festival's {', '.join(missing)} (Debian: festvox-rablpc16k, "
+                    "festvox-don; 'make demo-data' installs them) or --british-diphones 0")
+    if (args.foreign_diphones or args.british_diphones) and "train" in args.splits:
         lexicon_dir = write_foreign_lexicons(args.out, generate(args.train, args.seed))
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
                             args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir,
-                            args.mbrola)
+                            args.mbrola, args.british_diphones)
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
     for split in args.splits:
