@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Generator, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -177,6 +178,10 @@ class DecoderState:
     after every step. Greedy streams keep exactly one hypothesis."""
 
     hypotheses: list[Hypothesis] = field(default_factory=list)
+    # beam search: predictor output and state by token sequence (a function of the tokens alone)
+    # for the extensions of the current hypotheses computed so far: an extension proposed again
+    # on a later frame (most are) costs no predictor call
+    predictor_cache: dict[tuple[int, ...], tuple[torch.Tensor, PredictorState]] = field(default_factory=dict)
 
     @property
     def best(self) -> Hypothesis:
@@ -301,7 +306,8 @@ class BeamSearchDecoder:
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
              beam_widths: list[int]) -> None:
-        searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], encoder_out.size(1), first_frames[i])
+        searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], encoder_out.size(1), first_frames[i],
+                                    states[i].predictor_cache)
                     for i in range(len(states))}
         requests: dict[int, _Request] = {}
         for i, search in searches.items():
@@ -314,6 +320,10 @@ class BeamSearchDecoder:
                 except StopIteration as done:
                     states[i].hypotheses = done.value
                     del requests[i]
+                    alive = {h.tokens for h in done.value}
+                    cache = states[i].predictor_cache
+                    for key in [k for k in cache if k[:-1] not in alive]:
+                        del cache[key]
 
     def _serve(self, encoder_out: torch.Tensor, requests: dict[int, _Request]) -> dict[int, object]:
         """Answer every pending request with one joiner call and one predictor call."""
@@ -323,7 +333,9 @@ class BeamSearchDecoder:
         if joins:
             enc = torch.cat([encoder_out[r.stream, r.frame].expand(len(r.hypotheses), -1) for _, r in joins])
             pred = torch.cat([h.predictor_out for _, r in joins for h in r.hypotheses])
-            logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu()
+            # numpy from here: the search's many small float32 sums, sorts and top-k cost a
+            # fraction of torch's per-call overhead, with the same float32 roundings
+            logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu().numpy()
             start = 0
             for i, r in joins:
                 replies[i] = logp[start:start + len(r.hypotheses)]
@@ -341,8 +353,9 @@ class BeamSearchDecoder:
         return replies
 
     def _search(self, stream: int, hyps: list[Hypothesis], beam: int, num_frames: int,
-                first_frame: int) -> Generator[_Request, object, list[Hypothesis]]:
-        """One stream's beam search over ``num_frames`` frames (torchaudio's ``_search``)."""
+                first_frame: int, cache: dict) -> Generator[_Request, object, list[Hypothesis]]:
+        """One stream's beam search over ``num_frames`` frames (torchaudio's ``_search``);
+        ``cache`` is the stream's ``DecoderState.predictor_cache``."""
         for t in range(num_frames):
             expanding = hyps  # hypotheses that may still emit on this frame
             ended: list[Hypothesis] = []  # hypotheses that closed the frame with a blank, ascending
@@ -353,46 +366,48 @@ class BeamSearchDecoder:
                 ended = self._close_with_blank(ended, expanding, logp, ended_by_tokens)
                 if emitted == self.step_max_tokens:
                     break
-                expanding = yield from self._expand(expanding, ended, logp, beam, first_frame + t)
+                expanding = yield from self._expand(expanding, ended, logp, beam, first_frame + t, cache)
                 if expanding:
                     emitted += 1
-            keys = torch.tensor([h.rank_key for h in ended])
-            _, order = keys.topk(min(beam, len(ended)))
-            hyps = [ended[i] for i in order.tolist()]
+            keys = np.array([h.rank_key for h in ended], dtype=np.float32)  # float32 keys, as torchaudio's
+            hyps = [ended[i] for i in np.argsort(-keys, kind="stable")[:beam].tolist()]
         return hyps
 
     @staticmethod
-    def _close_with_blank(ended: list[Hypothesis], expanding: list[Hypothesis], logp: torch.Tensor,
+    def _close_with_blank(ended: list[Hypothesis], expanding: list[Hypothesis], logp: np.ndarray,
                           ended_by_tokens: dict) -> list[Hypothesis]:
-        """Add each expanding hypothesis + blank to ``ended``, merging equal token sequences."""
+        """Add each expanding hypothesis + blank to ``ended``, merging equal token sequences.
+        ``logp``: (len(expanding), V) float32 log-probabilities."""
         # float32 sums, as torchaudio's (one vector add for all hypotheses: the same roundings)
-        blank_scores = torch.tensor([h.score for h in expanding]) + logp[:, -1]
-        for i, (hyp, blank) in enumerate(zip(expanding, blank_scores.tolist())):
+        blank_scores = (np.array([h.score for h in expanding], dtype=np.float32) + logp[:, -1]).tolist()
+        for hyp, blank in zip(expanding, blank_scores):
             previous = ended_by_tokens.get(hyp.tokens)
             if previous is not None:
                 for j, other in enumerate(ended):
-                    if other.tokens == hyp.tokens:
+                    if other is previous:
                         del ended[j]
                         break
-                score = float(torch.tensor(previous.score).logaddexp(blank_scores[i]))
+                # float32 logaddexp, as torchaudio's merge (numpy's gives torch's bits, at a tenth the cost)
+                score = float(np.logaddexp(np.float32(previous.score), np.float32(blank)))
             else:
                 score = blank
             closed = Hypothesis(hyp.tokens, hyp.frames, hyp.predictor_out, hyp.predictor_state,
                                 score, hyp.token_prob_sum)
             ended.append(closed)
             ended_by_tokens[hyp.tokens] = closed
-        _, order = torch.tensor([h.score for h in ended]).sort()
+        order = np.argsort(np.array([h.score for h in ended], dtype=np.float32), kind="stable")
         return [ended[i] for i in order.tolist()]
 
-    def _expand(self, expanding: list[Hypothesis], ended: list[Hypothesis], logp: torch.Tensor, beam: int,
-                frame: int) -> Generator[_Request, object, list[Hypothesis]]:
-        """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis."""
-        scores = torch.tensor([h.score for h in expanding]).unsqueeze(1) + logp[:, :-1]
-        best_scores, best_index = scores.reshape(-1).topk(beam)
-        symbols = logp.size(1) - 1
+    def _expand(self, expanding: list[Hypothesis], ended: list[Hypothesis], logp: np.ndarray, beam: int,
+                frame: int, cache: dict) -> Generator[_Request, object, list[Hypothesis]]:
+        """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis; the
+        predictor runs only on those not in ``cache`` (token sequence -> output, state)."""
+        scores = (np.array([h.score for h in expanding], dtype=np.float32)[:, None] + logp[:, :-1]).reshape(-1)
+        best_index = np.argsort(-scores, kind="stable")[:beam]
+        symbols = logp.shape[1] - 1
         threshold = ended[-beam].score if len(ended) >= beam else -math.inf
         rows, tokens, new_scores = [], [], []
-        for score, index in zip(best_scores.tolist(), best_index.tolist()):
+        for score, index in zip(scores[best_index].tolist(), best_index.tolist()):
             if score > threshold:
                 rows.append(index // symbols)
                 tokens.append(index % symbols)
@@ -401,10 +416,15 @@ class BeamSearchDecoder:
             return []
         base = [expanding[r] for r in rows]
         chosen = logp[rows, tokens].tolist()  # the new symbols' log-probabilities, one gather
-        outputs = yield _PredictRequest(tokens, base)
-        return [Hypothesis(h.tokens + (tok,), h.frames + (frame,), out, state, score,
-                           h.token_prob_sum + math.exp(lp))
-                for lp, h, tok, score, (out, state) in zip(chosen, base, tokens, new_scores, outputs)]
+        keys = [h.tokens + (tok,) for h, tok in zip(base, tokens)]
+        outputs = [cache.get(key) for key in keys]  # (predictor output, state) or None
+        missing = [k for k, output in enumerate(outputs) if output is None]
+        if missing:
+            computed = yield _PredictRequest([tokens[k] for k in missing], [base[k] for k in missing])
+            for k, output in zip(missing, computed):
+                outputs[k] = cache[keys[k]] = output
+        return [Hypothesis(key, h.frames + (frame,), out, state, score, h.token_prob_sum + math.exp(lp))
+                for lp, h, key, score, (out, state) in zip(chosen, base, keys, new_scores, outputs)]
 
 
 class ModifiedBeamSearchDecoder:
