@@ -403,7 +403,8 @@ class BeamSearchDecoder:
         """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis; the
         predictor runs only on those not in ``cache`` (token sequence -> output, state)."""
         scores = (np.array([h.score for h in expanding], dtype=np.float32)[:, None] + logp[:, :-1]).reshape(-1)
-        best_index = np.argsort(-scores, kind="stable")[:beam]
+        top = np.argpartition(scores, scores.size - beam)[-beam:]  # the best beam, unordered (V may be 4 097)
+        best_index = top[np.lexsort((top, -scores[top]))]  # best first; on a tie, the lower index
         symbols = logp.shape[1] - 1
         threshold = ended[-beam].score if len(ended) >= beam else -math.inf
         rows, tokens, new_scores = [], [], []
