@@ -203,6 +203,10 @@ class DecoderState:
         return common / len(best)
 
 
+def _score(hypothesis: Hypothesis) -> float:
+    return hypothesis.score
+
+
 def _initial_hypothesis(predictor: Predictor) -> Hypothesis:
     out, state = predictor.initial()
     return Hypothesis((), (), out, state, 0.0)
@@ -395,20 +399,23 @@ class BeamSearchDecoder:
                                 score, hyp.token_prob_sum)
             ended.append(closed)
             ended_by_tokens[hyp.tokens] = closed
-        order = np.argsort(np.array([h.score for h in ended], dtype=np.float32), kind="stable")
-        return [ended[i] for i in order.tolist()]
+        ended.sort(key=_score)  # stable, ascending; the scores are float32 values, compared exactly
+        return ended
 
     def _expand(self, expanding: list[Hypothesis], ended: list[Hypothesis], logp: np.ndarray, beam: int,
                 frame: int, cache: dict) -> Generator[_Request, object, list[Hypothesis]]:
         """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis; the
         predictor runs only on those not in ``cache`` (token sequence -> output, state)."""
         scores = (np.array([h.score for h in expanding], dtype=np.float32)[:, None] + logp[:, :-1]).reshape(-1)
-        top = np.argpartition(scores, scores.size - beam)[-beam:]  # the best beam, unordered (V may be 4 097)
-        best_index = top[np.lexsort((top, -scores[top]))]  # best first; on a tie, the lower index
-        symbols = logp.shape[1] - 1
         threshold = ended[-beam].score if len(ended) >= beam else -math.inf
+        if float(scores.max()) <= threshold:  # no extension beats the beam-th ended hypothesis (often)
+            return []
+        top = np.argpartition(scores, scores.size - beam)[-beam:]  # the best beam, unordered (V may be 4 097)
+        symbols = logp.shape[1] - 1
         rows, tokens, new_scores = [], [], []
-        for score, index in zip(scores[best_index].tolist(), best_index.tolist()):
+        # best first; on a tie, the lower index
+        for negative, index in sorted(zip((-scores[top]).tolist(), top.tolist())):
+            score = -negative
             if score > threshold:
                 rows.append(index // symbols)
                 tokens.append(index % symbols)
