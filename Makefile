@@ -17,8 +17,9 @@ MBROLA_APT := mbrola mbrola-en1
 # g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
 TEST_APT := prometheus chromium g++ $(DATA_APT) $(MBROLA_APT)
 TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave RHVoice-test mbrola
-# voice data the tests synthesize with (packages that install no command)
-TEST_FILES := /usr/share/festival/voices/english/rab_diphone /usr/share/festival/voices/english/don_diphone \
+# voice data the recipe and the tests synthesize with (packages that install no command)
+VOICE_FILES := /usr/share/festival/voices/italian/pc_diphone /usr/share/festival/voices/spanish/el_diphone \
+	/usr/share/festival/voices/english/rab_diphone /usr/share/festival/voices/english/don_diphone \
 	/usr/share/mbrola/en1/en1
 
 .PHONY: help venv demo test test-apt apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
@@ -48,7 +49,7 @@ test: $(STAMP) test-apt
 
 test-apt:
 	@missing=0; for c in $(TEST_CMDS); do command -v $$c >/dev/null || missing=1; done; \
-	for f in $(TEST_FILES); do [ -e $$f ] || missing=1; done; \
+	for f in $(VOICE_FILES); do [ -e $$f ] || missing=1; done; \
 	if [ $$missing = 1 ]; then $(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
 
@@ -68,9 +69,7 @@ apt-non-free:
 $(VENV)/.data-apt-stamp: Makefile
 	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v festival >/dev/null \
 	  && command -v pico2wave >/dev/null && command -v RHVoice-test >/dev/null && command -v sox >/dev/null \
-	  && [ -d /usr/share/festival/voices/italian/pc_diphone ] && [ -d /usr/share/festival/voices/spanish/el_diphone ] \
-	  && [ -d /usr/share/festival/voices/english/rab_diphone ] && [ -d /usr/share/festival/voices/english/don_diphone ] \
-	  && command -v mbrola >/dev/null && [ -e /usr/share/mbrola/en1/en1 ] \
+	  && command -v mbrola >/dev/null && (for f in $(VOICE_FILES); do [ -e $$f ] || exit 1; done) \
 	  || ($(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_APT) $(MBROLA_APT))
 	mkdir -p $(VENV) && touch $@

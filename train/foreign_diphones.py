@@ -130,10 +130,10 @@ def syllables(word_phones: list[tuple[str, bool]], language: str) -> list[tuple[
         bounds.append(a + 1 + (1 if between >= 2 else 0))
     bounds.append(len(word_phones))
     out = []
+    accent = language in _ACCENTED_VOWELS
     for start, end in zip(bounds, bounds[1:]):
         part = word_phones[start:end]
         stressed = any(s for _, s in part)
-        accent = language in _ACCENTED_VOWELS
         out.append(([p + "1" if s and accent else p for p, s in part], int(stressed)))
     return out
 
