@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torchaudio.functional
 
 from server.models import load_demo
 from tests.conftest import ROOT, SAMPLES
@@ -25,6 +26,7 @@ from tests.conftest import ROOT, SAMPLES
 sys.path.insert(0, str(ROOT / "train"))
 import make_data  # noqa: E402
 import train_demo  # noqa: E402
+import voice_warp  # noqa: E402
 from sentences import generate, vocabulary  # noqa: E402
 from server.features import GlobalStats  # noqa: E402
 
@@ -386,3 +388,73 @@ def test_mbrola_diphone_voice_adds_training_jobs_and_speaks(tmp_path):
         assert 1.0 < len(audio) / rate < 5.0 and np.sqrt(np.mean(audio ** 2)) > 0.02, row  # speech, not silence
         audios.append(audio)
     assert len(audios[0]) != len(audios[1])  # another seed, another rate, pitch and padding
+
+
+def _formants(audio: np.ndarray, rate: int, count: int = 3) -> list[float]:
+    """The lowest ``count`` resonance frequencies (Hz) of an order-``2 * count`` LPC fit of ``audio``."""
+    a = voice_warp.lpc((audio * np.hanning(len(audio)))[None], 2 * count)[0]
+    poles = np.roots(a)
+    return sorted(np.angle(poles[poles.imag > 0]) * rate / (2 * np.pi))
+
+
+def test_voice_warp_moves_each_formant_by_its_own_factor_and_is_exact_at_identity():
+    rate = 16000
+    pulses = np.zeros(rate)
+    pulses[::123] = 1.0  # a 130 Hz voice through three resonances
+    vowel = torch.from_numpy(pulses)
+    for hz, bandwidth in ((700, 80), (1800, 120), (3000, 150)):
+        r, theta = np.exp(-np.pi * bandwidth / rate), 2 * np.pi * hz / rate
+        vowel = torchaudio.functional.lfilter(vowel, torch.tensor([1.0, -2 * r * np.cos(theta), r * r]),
+                                              torch.tensor([1.0, 0.0, 0.0]), clamp=False)
+    vowel = vowel.numpy()
+    same = voice_warp.warp_voice(vowel, rate, voice_warp.VoiceWarp.identity())
+    assert np.max(np.abs(same - vowel)) < 1e-9 * np.max(np.abs(vowel))  # analysis and resynthesis invert
+
+    def measured(warp):
+        out = voice_warp.warp_voice(vowel, rate, warp)
+        assert len(out) == len(vowel)
+        # energy kept frame by frame
+        assert 0.8 < np.sqrt(np.mean(out[2000:-2000] ** 2) / np.mean(vowel[2000:-2000] ** 2)) < 1.25
+        return np.array(_formants(out[4000:5024], rate))
+
+    before = np.array(_formants(vowel[4000:5024], rate))
+    assert np.allclose(before, [700, 1800, 3000], rtol=0.04)
+    higher = measured(voice_warp.VoiceWarp((1.12,) * 5, 1.0))  # a shorter vocal tract: every formant up
+    assert np.all(higher / before > 1.07), higher
+    # the first formant down, the third up: the relation between formants changes
+    mixed = measured(voice_warp.VoiceWarp((0.88, 0.88, 1.0, 1.12, 1.12), 1.0))
+    assert mixed[0] < 0.94 * before[0] and mixed[2] > 1.06 * before[2], mixed
+    rng = random.Random(3)
+    warps = [voice_warp.VoiceWarp.random(rng) for _ in range(50)]
+    assert len(set(warps)) == 50 and all(0.7 < f < 1.3 for w in warps for f in w.factors)
+
+
+def test_warped_voices_add_training_jobs_of_training_voices_and_speak(tmp_path):
+    base = make_data.plan(50, 2, 2, seed=7, lexicon_dir="/l", british_diphones=2)
+    more = make_data.plan(50, 2, 2, seed=7, lexicon_dir="/l", british_diphones=2, warped_voices=40)
+    assert more[:len(base)] == base and len(more) == len(base) + 40
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(make_data.WARPED_VOICE_INDEX_BASE,
+                                                  make_data.WARPED_VOICE_INDEX_BASE + 40))
+    held_out = set(make_data.TEST_FLITE) | set(make_data.TEST_FESTIVAL)
+    assert all(j.warp and j.split == "train" and j.voice not in held_out for j in extra)
+    assert {j.voice for j in extra} == {v for _, v, _ in make_data.WARPED_VOICE_SOURCES}
+    for j in extra:  # rab and don read espeak-ng's pronunciations (never OALD); kal its own lexicon
+        assert j.festival_lexicon == (f"/l/{j.voice}.scm" if j.voice in make_data.foreign_diphones.VOICES else None)
+
+    lexicons = make_data.write_foreign_lexicons(tmp_path, ["set an alarm for the airport"])
+    (tmp_path / "train").mkdir()
+    for k, (synth, voice) in enumerate((("festival", "kal_diphone"), ("festival", "don_diphone"),
+                                        ("flite", "awb"))):
+        lexicon = f"{lexicons}/{voice}.scm" if voice == "don_diphone" else None
+        plain, warped = (make_data.synthesize(make_data.Job(2 * k + w, "train", "set an alarm for the airport",
+                                                            synth, voice, 11, festival_lexicon=lexicon,
+                                                            warp=bool(w)), tmp_path) for w in (0, 1))
+        a, rate = soundfile.read(tmp_path / plain["audio"], dtype="float32")
+        b, _ = soundfile.read(tmp_path / warped["audio"], dtype="float32")
+        assert rate == 16000 and np.sqrt(np.mean(b ** 2)) > 0.02
+        # the same synthesis and sox draws (the speaker has a stream of its own): same length, another spectrum
+        assert len(a) == len(b)
+        spectra = [np.log(np.abs(np.fft.rfft(x[:len(x) // 512 * 512].reshape(-1, 512), axis=1)).mean(0) + 1e-6)
+                   for x in (a, b)]
+        assert np.mean(np.abs(spectra[0] - spectra[1])) > 0.05  # 0.0 without the warp (deterministic)

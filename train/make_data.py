@@ -44,10 +44,13 @@ contrib and the voice in non-free. ``en1`` is the one English MBROLA voice whose
 any purpose (University of Edinburgh's ROGER database); ``us1``-``us3`` are licensed for synthesis
 without resale, which a model anyone may deploy commercially should not depend on. ``--british-diphones N`` adds N by festival's British diphone voices ``rab`` and
 ``don`` with random pitch, reading espeak-ng's pronunciations instead of their own
-non-commercial OALD lexicon (``foreign_diphones.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+non-commercial OALD lexicon (``foreign_diphones.py``). ``--warped-voices N`` adds N by training voices
+(festival ``kal``, ``rab``, ``don``; flite ``kal16``, ``awb``, ``slt``) made into new speakers: each
+utterance's LPC vocal-tract filters get their formants moved by a random, smooth, non-uniform warp and
+their bandwidths scaled, over the voice's own excitation (``voice_warp.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
-100000, 200000, 300000, 400000, 500000 and 600000), so none changes any other utterance.
+100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
 
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
@@ -68,11 +71,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile
+import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import foreign_diphones  # noqa: E402
 import neural_tts  # noqa: E402
+import voice_warp  # noqa: E402
 from sentences import generate  # noqa: E402
 
 ESPEAK_BASES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
@@ -132,6 +137,11 @@ FOREIGN_DIPHONE_INDEX_BASE = 400_000  # file numbers of --foreign-diphones utter
 MBROLA_VOICES = ["en1"]  # espeak-ng's mb-NAME voices (Debian: mbrola-NAME) whose terms allow any use
 MBROLA_INDEX_BASE = 500_000  # file numbers of --mbrola utterances
 BRITISH_DIPHONE_INDEX_BASE = 600_000  # file numbers of --british-diphones utterances
+# --warped-voices: training voices made into new speakers by voice_warp (synthesizer, voice, weight)
+WARPED_VOICE_SOURCES = [("festival", "kal_diphone", 0.3), ("festival", "rab_diphone", 0.15),
+                        ("festival", "don_diphone", 0.1), ("flite", "kal16", 0.15), ("flite", "awb", 0.15),
+                        ("flite", "slt", 0.15)]
+WARPED_VOICE_INDEX_BASE = 700_000  # file numbers of --warped-voices utterances
 
 SPLITS = ("train", "dev", "test")
 
@@ -148,6 +158,7 @@ class Job:
     prosody: bool = False  # festival: also draw a random pitch level and range (--festival-prosody)
     kokoro_cache: str | None = None  # kokoro: where the assembled ONNX model is kept
     festival_lexicon: str | None = None  # festival: English lexicon in a foreign voice's phones
+    warp: bool = False  # a random new speaker of the voice (voice_warp), from a stream of its own
 
 
 def random_variant(name: str, rng: random.Random) -> str:
@@ -289,6 +300,12 @@ def synthesize(job: Job, out_dir: Path) -> dict:
                 f.write(f"{prelude}(voice_{job.voice})\n{lexicon}(Parameter.set 'Duration_Stretch {stretch:.2f})\n{pitch}"
                         f"(utt.save.wave (utt.synth (Utterance Text \"{text}\")) \"{raw}\" 'riff)\n")
             subprocess.run(["festival", "--batch", script], check=True, capture_output=True)
+        if job.warp:
+            audio, rate = soundfile.read(raw, dtype="float64", always_2d=True)
+            speaker = voice_warp.VoiceWarp.random(random.Random(job.seed + 1))  # rng's draws stay sox's
+            warped = voice_warp.warp_voice(audio.mean(axis=1), rate, speaker)
+            raw = os.path.join(tmp, "warped.wav")  # sox normalises the level later
+            soundfile.write(raw, 0.9 * warped / max(float(abs(warped).max()), 1e-9), rate, subtype="PCM_16")
         _sox_finish(raw, dst, rng)
     info = soundfile.info(str(dst))
     return {"audio": f"{job.split}/{dst.name}", "text": job.text, "voice": f"{job.synth}:{job.voice}",
@@ -312,17 +329,18 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
          espeak_path: str | None = None, pico: int = 0, festival_prosody: int = 0,
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
          kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
-         lexicon_dir: str | None = None, mbrola: int = 0, british_diphones: int = 0) -> list[Job]:
+         lexicon_dir: str | None = None, mbrola: int = 0, british_diphones: int = 0,
+         warped_voices: int = 0) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
     ``festival_prosody`` jobs (indices after those) draw from another one; the
-    ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count``, ``mbrola`` and
-    ``british_diphones`` jobs each from one more, with indices from ``ACCENT_INDEX_BASE``,
-    ``RHVOICE_INDEX_BASE``, ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE``,
-    ``MBROLA_INDEX_BASE`` and ``BRITISH_DIPHONE_INDEX_BASE``; the foreign- and British-diphone
-    jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
+    ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count``, ``mbrola``,
+    ``british_diphones`` and ``warped_voices`` jobs each from one more, with indices from
+    ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``, ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE``,
+    ``MBROLA_INDEX_BASE``, ``BRITISH_DIPHONE_INDEX_BASE`` and ``WARPED_VOICE_INDEX_BASE``; the
+    foreign- and British-diphone jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -383,6 +401,12 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         voice = british.choice(sorted(foreign_diphones.BRITISH_VOICES))
         jobs.append(Job(BRITISH_DIPHONE_INDEX_BASE + k, "train", british.choice(train_sentences), "festival", voice,
                         british.randrange(2**31), festival_lexicon=f"{lexicon_dir}/{voice}.scm", prosody=True))
+    warped = random.Random(seed + 13)
+    for k in range(warped_voices):
+        synth, voice, _ = warped.choices(WARPED_VOICE_SOURCES, weights=[w for *_, w in WARPED_VOICE_SOURCES])[0]
+        lexicon = f"{lexicon_dir}/{voice}.scm" if voice in foreign_diphones.VOICES else None
+        jobs.append(Job(WARPED_VOICE_INDEX_BASE + k, "train", warped.choice(train_sentences), synth, voice,
+                        warped.randrange(2**31), festival_lexicon=lexicon, prosody=synth == "festival", warp=True))
     return jobs
 
 
@@ -446,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--british-diphones", type=int, default=3000,
                    help="extra training utterances by festival's British diphone voices rab and don reading "
                    "espeak-ng's pronunciations, with a random pitch level and range (0: none)")
+    p.add_argument("--warped-voices", type=int, default=3000,
+                   help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
+                        "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
@@ -482,24 +509,24 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             p.error(f"--foreign-diphones needs festival's {', '.join(missing)} (Debian: festvox-itapc16k, "
                     "festvox-italp16k, festvox-ellpc11k; 'make demo-data' installs them) or --foreign-diphones 0")
-    if args.british_diphones and "train" in args.splits:
+    if (args.british_diphones or args.warped_voices) and "train" in args.splits:
         missing = [v for v in foreign_diphones.BRITISH_VOICES if not foreign_diphones.installed(v)]
         if missing:
             p.error(f"--british-diphones needs festival's {', '.join(missing)} (Debian: festvox-rablpc16k, "
-                    "festvox-don; 'make demo-data' installs them) or --british-diphones 0")
-    if (args.foreign_diphones or args.british_diphones) and "train" in args.splits:
+                    "festvox-don; 'make demo-data' installs them) or --british-diphones 0 --warped-voices 0")
+    if (args.foreign_diphones or args.british_diphones or args.warped_voices) and "train" in args.splits:
         lexicon_dir = write_foreign_lexicons(args.out, generate(args.train, args.seed))
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
                             args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir,
-                            args.mbrola, args.british_diphones)
+                            args.mbrola, args.british_diphones, args.warped_voices)
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {split: [] for split in args.splits}
     failures = 0
-    with multiprocessing.Pool(args.jobs) as pool:
+    with multiprocessing.Pool(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:  # a core each
         for split, row, err in tqdm(pool.imap(_run, [(j, args.out) for j in jobs], chunksize=8),
                                     total=len(jobs), desc="synthesizing", unit="utt"):
             if row is None:
