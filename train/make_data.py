@@ -47,7 +47,8 @@ without resale, which a model anyone may deploy commercially should not depend o
 non-commercial OALD lexicon (``foreign_diphones.py``). ``--warped-voices N`` adds N by training voices
 (festival ``kal``, ``rab``, ``don``; flite ``kal16``, ``awb``, ``slt``) made into new speakers: each
 utterance's LPC vocal-tract filters get their formants moved by a random, smooth, non-uniform warp and
-their bandwidths scaled, over the voice's own excitation (``voice_warp.py``). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default: stop 24's
+fine-tuning on 3000 did not beat the shipped model). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
 100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
@@ -470,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--british-diphones", type=int, default=3000,
                    help="extra training utterances by festival's British diphone voices rab and don reading "
                    "espeak-ng's pronunciations, with a random pitch level and range (0: none)")
-    p.add_argument("--warped-voices", type=int, default=3000,
+    p.add_argument("--warped-voices", type=int, default=0,
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
-                        "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py)")
+                        "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
+                        "off by default: fine-tuning on 3000 of them did not beat the shipped model (model card)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
