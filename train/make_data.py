@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.british_diphones or args.warped_voices) and "train" in args.splits:
         missing = [v for v in foreign_diphones.BRITISH_VOICES if not foreign_diphones.installed(v)]
         if missing:
-            p.error(f"--british-diphones needs festival's {', '.join(missing)} (Debian: festvox-rablpc16k, "
+            p.error(f"--british-diphones and --warped-voices need festival's {', '.join(missing)} (Debian: festvox-rablpc16k, "
                     "festvox-don; 'make demo-data' installs them) or --british-diphones 0 --warped-voices 0")
     if (args.foreign_diphones or args.british_diphones or args.warped_voices) and "train" in args.splits:
         lexicon_dir = write_foreign_lexicons(args.out, generate(args.train, args.seed))
