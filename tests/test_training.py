@@ -441,6 +441,10 @@ def test_warped_voices_add_training_jobs_of_training_voices_and_speak(tmp_path):
     assert {j.voice for j in extra} == {v for _, v, _ in make_data.WARPED_VOICE_SOURCES}
     for j in extra:  # rab and don read espeak-ng's pronunciations (never OALD); kal its own lexicon
         assert j.festival_lexicon == (f"/l/{j.voice}.scm" if j.voice in make_data.foreign_diphones.VOICES else None)
+    flite = make_data.plan(50, 2, 2, seed=7, lexicon_dir="/l", british_diphones=2, warped_voices=40,
+                           warped_synthesizers=("flite",))
+    assert flite[:len(base)] == base  # only flite's warped jobs, each the same job as in the full plan
+    assert flite[len(base):] == [j for j in extra if j.synth == "flite"] and 0 < len(flite) - len(base) < 40
 
     lexicons = make_data.write_foreign_lexicons(tmp_path, ["set an alarm for the airport"])
     (tmp_path / "train").mkdir()

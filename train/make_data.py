@@ -143,6 +143,7 @@ WARPED_VOICE_SOURCES = [("festival", "kal_diphone", 0.3), ("festival", "rab_diph
                         ("festival", "don_diphone", 0.1), ("flite", "kal16", 0.15), ("flite", "awb", 0.15),
                         ("flite", "slt", 0.15)]
 WARPED_VOICE_INDEX_BASE = 700_000  # file numbers of --warped-voices utterances
+WARPED_SYNTHESIZERS = tuple(sorted({synth for synth, *_ in WARPED_VOICE_SOURCES}))
 
 SPLITS = ("train", "dev", "test")
 
@@ -331,7 +332,7 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
          kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
          lexicon_dir: str | None = None, mbrola: int = 0, british_diphones: int = 0,
-         warped_voices: int = 0) -> list[Job]:
+         warped_voices: int = 0, warped_synthesizers: tuple[str, ...] = WARPED_SYNTHESIZERS) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
@@ -341,7 +342,9 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
     ``british_diphones`` and ``warped_voices`` jobs each from one more, with indices from
     ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``, ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE``,
     ``MBROLA_INDEX_BASE``, ``BRITISH_DIPHONE_INDEX_BASE`` and ``WARPED_VOICE_INDEX_BASE``; the
-    foreign- and British-diphone jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``)."""
+    foreign- and British-diphone jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``).
+    ``warped_synthesizers`` keeps only the warped jobs of those synthesizers (the others are
+    planned and dropped, so the kept ones are the same jobs either way)."""
     train_sentences = generate(num_train, seed)
     seen = set(train_sentences)
     held_out: list[str] = []
@@ -405,9 +408,12 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
     warped = random.Random(seed + 13)
     for k in range(warped_voices):
         synth, voice, _ = warped.choices(WARPED_VOICE_SOURCES, weights=[w for *_, w in WARPED_VOICE_SOURCES])[0]
+        text, job_seed = warped.choice(train_sentences), warped.randrange(2**31)
+        if synth not in warped_synthesizers:  # drawn all the same, so the others stay the same jobs
+            continue
         lexicon = f"{lexicon_dir}/{voice}.scm" if voice in foreign_diphones.VOICES else None
-        jobs.append(Job(WARPED_VOICE_INDEX_BASE + k, "train", warped.choice(train_sentences), synth, voice,
-                        warped.randrange(2**31), festival_lexicon=lexicon, prosody=synth == "festival", warp=True))
+        jobs.append(Job(WARPED_VOICE_INDEX_BASE + k, "train", text, synth, voice, job_seed,
+                        festival_lexicon=lexicon, prosody=synth == "festival", warp=True))
     return jobs
 
 
@@ -475,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
                         "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
                         "off by default: fine-tuning on 3000 of them did not beat the shipped model (model card)")
+    p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
+                   help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
+                        "utterances as in the full plan, numbered as there)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
@@ -521,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
                             args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir,
-                            args.mbrola, args.british_diphones, args.warped_voices)
+                            args.mbrola, args.british_diphones, args.warped_voices, tuple(args.warped_synthesizers))
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
     for split in args.splits:
