@@ -24,6 +24,7 @@ from server.models import load_demo
 from tests.conftest import ROOT, SAMPLES
 
 sys.path.insert(0, str(ROOT / "train"))
+import average_models  # noqa: E402
 import make_data  # noqa: E402
 import train_demo  # noqa: E402
 import voice_warp  # noqa: E402
@@ -462,3 +463,27 @@ def test_warped_voices_add_training_jobs_of_training_voices_and_speak(tmp_path):
         spectra = [np.log(np.abs(np.fft.rfft(x[:len(x) // 512 * 512].reshape(-1, 512), axis=1)).mean(0) + 1e-6)
                    for x in (a, b)]
         assert np.mean(np.abs(spectra[0] - spectra[1])) > 0.05  # 0.0 without the warp (deterministic)
+
+
+def test_average_models_writes_the_mean_weights_and_refuses_other_sizes(tmp_path):
+    dirs = []
+    for k, scale in enumerate((1.0, 3.0)):
+        d = tmp_path / f"m{k}"
+        d.mkdir()
+        torch.save({"w": torch.full((2, 3), scale), "steps": torch.tensor([k])}, d / "model.pt")
+        (d / "config.json").write_text('{"size": 1}')
+        (d / "tokens.txt").write_text("a\nb\n")
+        (d / "words.txt").write_text(f"words of {k}\n")
+        (d / "train_summary.json").write_text(json.dumps({"step": 10 * k}))
+        dirs.append(d)
+    average_models.main([str(dirs[0]), str(dirs[1]), "--out", str(dirs[0])])  # --out may be an input
+    weights = torch.load(dirs[0] / "model.pt", weights_only=True)
+    assert torch.equal(weights["w"], torch.full((2, 3), 2.0)) and weights["steps"].tolist() == [1]
+    assert (dirs[0] / "words.txt").read_text() == "words of 1\n"  # other files from the last input
+    summary = json.loads((dirs[0] / "train_summary.json").read_text())
+    assert summary == {"step": 10, "averaged_with": [{"step": 0}]}
+
+    (dirs[1] / "config.json").write_text('{"size": 2}')
+    with pytest.raises(SystemExit):
+        average_models.main([str(dirs[0]), str(dirs[1]), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

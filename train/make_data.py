@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warped-voices", type=int, default=0,
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
                         "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
-                        "off by default: fine-tuning on 3000 of them did not beat the shipped model (model card)")
+                        "off by default; the shipped model (stop 25) trained on the flite ones of 3000 "
+                        "(--warped-synthesizers flite; model card)")
     p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
                    help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
                         "utterances as in the full plan, numbered as there)")
