@@ -4,7 +4,7 @@
 
 Every input is a directory as ``train_demo.py --export`` writes it; they must share
 ``config.json`` and ``tokens.txt``. ``model.pt`` becomes the element-wise mean of the inputs'
-float tensors; every other file (feature stats, vocabulary, held-out sentences) is copied from
+float tensors (``train_demo.average_state_dicts``); every other file (feature stats, vocabulary, held-out sentences) is copied from
 the **last** input, and its ``train_summary.json`` gains ``averaged_with``: the summaries of the
 others. ``--out`` may be one of the inputs (all are read before anything is written).
 """
@@ -18,20 +18,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from train_demo import average_state_dicts  # the mean train_demo's --export-checkpoint average takes
 
 
-def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of float tensors (same keys and shapes); others taken from the last."""
-    keys = set(state_dicts[0])
-    if any(set(s) != keys for s in state_dicts):
-        raise ValueError("the models have different parameters")
-    out = {}
-    for key, last in state_dicts[-1].items():
-        if any(s[key].shape != last.shape for s in state_dicts):
-            raise ValueError(f"{key}: shapes differ")
-        out[key] = (torch.stack([s[key].float() for s in state_dicts]).mean(0).to(last.dtype)
-                    if last.is_floating_point() else last.clone())
-    return out
+def check_same_parameters(state_dicts: list[dict[str, torch.Tensor]]) -> None:
+    """Raise ``ValueError`` unless every state dict has the same names and shapes."""
+    first = state_dicts[0]
+    for s in state_dicts[1:]:
+        if set(s) != set(first):
+            raise ValueError("the models have different parameters")
+        for key, tensor in first.items():
+            if s[key].shape != tensor.shape:
+                raise ValueError(f"{key}: shapes differ")
 
 
 def average_models(inputs: list[Path], out: Path) -> None:
@@ -39,8 +37,9 @@ def average_models(inputs: list[Path], out: Path) -> None:
         texts = {(d / name).read_text() for d in inputs}
         if len(texts) > 1:
             raise ValueError(f"the models' {name} differ: only models of one size and token table average")
-    weights = average_state_dicts([torch.load(d / "model.pt", map_location="cpu", weights_only=True)
-                                   for d in inputs])
+    state_dicts = [torch.load(d / "model.pt", map_location="cpu", weights_only=True) for d in inputs]
+    check_same_parameters(state_dicts)
+    weights = average_state_dicts(state_dicts)
     summary_path = inputs[-1] / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["averaged_with"] = [json.loads((d / "train_summary.json").read_text())

@@ -48,7 +48,8 @@ non-commercial OALD lexicon (``foreign_diphones.py``). ``--warped-voices N`` add
 (festival ``kal``, ``rab``, ``don``; flite ``kal16``, ``awb``, ``slt``) made into new speakers: each
 utterance's LPC vocal-tract filters get their formants moved by a random, smooth, non-uniform warp and
 their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default: stop 24's
-fine-tuning on 3000 did not beat the shipped model). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+fine-tuning on all 3000 did not beat the shipped model; ``--warped-synthesizers flite`` keeps flite's, which
+the stop-25 model trained on). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
 100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
