@@ -49,7 +49,7 @@ non-commercial OALD lexicon (``foreign_diphones.py``). ``--warped-voices N`` add
 utterance's LPC vocal-tract filters get their formants moved by a random, smooth, non-uniform warp and
 their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default: stop 24's
 fine-tuning on all 3000 did not beat the shipped model; ``--warped-synthesizers flite`` keeps flite's, which
-the stop-25 model trained on). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+the stop-25 model trained on 3000 of, the stop-26 model on 6000). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
 100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warped-voices", type=int, default=0,
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
                         "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
-                        "off by default; the shipped model (stop 25) trained on the flite ones of 3000 "
+                        "off by default; the shipped model (stop 26) trained on the flite ones of 6000 "
                         "(--warped-synthesizers flite; model card)")
     p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
                    help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
