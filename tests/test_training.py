@@ -246,6 +246,23 @@ def test_subsample_base_thins_only_the_base_training_jobs():
     assert make_data.subsample_base(jobs, 1) == jobs
 
 
+def test_exclude_sentences_drops_only_held_out_jobs_with_a_listed_sentence(tmp_path):
+    default = make_data.plan(300, 20, 40, seed=7)
+    other = make_data.plan(300, 20, 40, seed=8)
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"text": j.text}) + "\n" for j in default if j.split == "train"))
+    seen = make_data.read_sentences(manifest)
+    assert seen == {j.text for j in default if j.split == "train"}
+    kept = make_data.exclude_held_out_sentences(other, seen)
+    held_out = [j for j in other if j.split != "train"]
+    assert any(j.text in seen for j in held_out)  # a second seed's held-out sentences overlap training
+    assert [j for j in kept if j.split != "train"] == [j for j in held_out if j.text not in seen]
+    assert [j for j in kept if j.split == "train"] == [j for j in other if j.split == "train"]
+    plain = tmp_path / "sentences.txt"
+    plain.write_text("set a timer\n\nturn on the lights\n")
+    assert make_data.read_sentences(plain) == {"set a timer", "turn on the lights"}
+
+
 def test_random_accents_use_only_training_accents_tables_and_change_the_pronunciation(tmp_path):
     root = make_data.espeak_data_with_random_variants(tmp_path, seed=7)
     lang = root / "espeak-ng-data" / "lang" / "gmw"

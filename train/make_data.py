@@ -424,6 +424,22 @@ def subsample_base(jobs: list[Job], every: int) -> list[Job]:
     return [j for j in jobs if j.split != "train" or j.index >= ACCENT_INDEX_BASE or j.index % every == 0]
 
 
+def read_sentences(path: Path) -> set[str]:
+    """The sentences of ``path``: a JSON-lines manifest's ``text`` fields, or plain text, one per line."""
+    sentences = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            sentences.add(json.loads(line)["text"] if line.startswith("{") else line)
+    return sentences
+
+
+def exclude_held_out_sentences(jobs: list[Job], sentences: set[str]) -> list[Job]:
+    """Drop the dev and test jobs whose sentence is in ``sentences`` (training jobs stay): another
+    ``--seed``'s held-out splits, made unseen by a model trained on the default seed's sentences."""
+    return [j for j in jobs if j.split == "train" or j.text not in sentences]
+
+
 def write_foreign_lexicons(out: Path, sentences: list[str]) -> str:
     """Write ``out/festival-lexicons/VOICE.scm`` (every word of ``sentences`` in each foreign or British
     diphone voice's phones) and return that directory."""
@@ -491,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
                    "newer sources needs only a sample of what it already learned; dev and test stay whole")
     p.add_argument("--seed", type=int, default=20261124)
+    p.add_argument("--exclude-sentences", type=Path, metavar="FILE",
+                   help="drop the dev and test utterances whose sentence occurs in FILE (a manifest such as "
+                   "data/demo/train.jsonl, or one sentence per line): with another --seed, a second held-out set "
+                   "that a model trained on the default seed has never heard (model card, 'Training', step 9)")
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                    help="synthesize only these splits (the plan, and so every split's content, stays the same)")
@@ -535,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.mbrola, args.british_diphones, args.warped_voices, tuple(args.warped_synthesizers))
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
+    if args.exclude_sentences:
+        if not args.exclude_sentences.is_file():
+            p.error(f"--exclude-sentences: no such file: {args.exclude_sentences}")
+        jobs = exclude_held_out_sentences(jobs, read_sentences(args.exclude_sentences))
     for split in args.splits:
         (args.out / split).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {split: [] for split in args.splits}
