@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warped-voices", type=int, default=0,
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
                         "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
-                        "off by default; the shipped model (stops 26-27) trained on the flite ones of 6000 "
+                        "off by default; the shipped model (stops 26-28) trained on the flite ones of 6000 "
                         "(--warped-synthesizers flite; model card)")
     p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
                    help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
