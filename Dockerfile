@@ -18,7 +18,7 @@ WORKDIR /app
 # wheels pull in the CUDA libraries (gigabytes). A "2.14.1+cpu" wheel satisfies "torch==2.14.1".
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-# g++ builds the server's native operators (server/native: int8 products, encoder attention) below.
+# g++ builds the server's native kernels (server/native, setup.py) below.
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
@@ -28,15 +28,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -r /tmp/requirements.txt
 
 # The application (what .dockerignore leaves: server, client, generated stubs, the demo model).
-# Installed in place (editable) so the server finds models/ beside its package.
+# Installed in place (editable) so the server finds models/ beside its package; setup.py builds the
+# native kernels here, every back end (avx512, avx2, portable): the server picks the one the CPU it
+# starts on runs (--kernels auto), so one image serves every x86-64 CPU.
 COPY . .
-# The native operators (server/native) are built once, into the image; they need AVX2 + FMA,
-# and on a CPU without them the server runs the composed path (same results, slower).
-ENV ASR_NATIVE_CACHE=/opt/asr-native
-RUN pip install --no-deps -e . \
- && useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin asr \
- && (python -m server.native || true) \
- && mkdir -p "$ASR_NATIVE_CACHE" && chown -R asr "$ASR_NATIVE_CACHE"
+RUN pip install --no-build-isolation --no-deps -e . \
+ && python -m server.native \
+ && useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin asr
 
 USER asr
 ENV ASR_HOST=0.0.0.0 \

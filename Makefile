@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+KERNELS := $(VENV)/.kernels-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
 	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k festvox-rablpc16k festvox-don sox
@@ -14,7 +15,7 @@ MBROLA_APT := mbrola mbrola-en1
 # sections when one of them is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
-# g++ builds server/native (the fused int8 operator; without it the server runs the composed path).
+# g++ builds server/native's kernels (without it the server runs torch's kernels: --kernels torch).
 TEST_APT := prometheus chromium g++ $(DATA_APT) $(MBROLA_APT)
 TEST_CMDS := prometheus promtool chromium g++ sox espeak-ng flite festival pico2wave RHVoice-test mbrola
 # voice data the recipe and the tests synthesize with (packages that install no command)
@@ -33,18 +34,30 @@ help:
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
 	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
-venv: $(STAMP)
+venv: $(STAMP) $(KERNELS)
 
+# The package installs without build isolation, so that setup.py builds the native kernels against
+# the venv's own torch (not a second copy of it); KERNELS rebuilds them when their sources change.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev,data]'
+	$(VENV)/bin/pip install -q "setuptools>=68" wheel $$(grep -oE '"(torch|ninja)==[^"]+"' pyproject.toml | tr -d '"')
+	ASR_BUILD_KERNELS=0 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev,data]'
+	rm -f $(KERNELS)
 	touch $(STAMP)
 
-demo: $(STAMP)
+# server/native's kernel back ends (setup.py): g++ from apt, then one build at install
+$(KERNELS): $(STAMP) setup.py $(wildcard server/native/*.cpp server/native/*.h)
+	@command -v g++ >/dev/null || ($(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends g++)
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m server.native
+	touch $@
+
+demo: $(STAMP) $(KERNELS)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) test-apt
+test: $(STAMP) $(KERNELS) test-apt
 	$(PY) -m pytest
 
 test-apt:
@@ -53,10 +66,10 @@ test-apt:
 	if [ $$missing = 1 ]; then $(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
 
-test-fast: $(STAMP) test-apt
+test-fast: $(STAMP) $(KERNELS) test-apt
 	$(PY) -m pytest -m "not slow"
 
-bench: $(STAMP)
+bench: $(STAMP) $(KERNELS)
 	$(PY) -m bench.capacity $(BENCH_ARGS)
 
 proto: $(STAMP)
@@ -79,12 +92,12 @@ demo-data: $(STAMP) $(VENV)/.data-apt-stamp
 
 EVAL_SET ?= tests/data/demo-heldout/manifest.jsonl
 EVAL_ARGS ?= --greedy
-eval-demo: $(STAMP)
+eval-demo: $(STAMP) $(KERNELS)
 	$(VENV)/bin/asr-eval $(EVAL_SET) --spawn "--model demo --metrics-port -1 $(SERVER_ARGS)" $(EVAL_ARGS)
 
-train-demo: $(STAMP)
+train-demo: $(STAMP) $(KERNELS)
 	$(PY) train/train_demo.py --data data/demo --work-dir data/demo-train
 	$(PY) train/train_demo.py --work-dir data/demo-train --export models/demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build server/native/_*.so

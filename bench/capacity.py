@@ -85,13 +85,13 @@ def _server_judged(summary: dict) -> dict:
                 client_chunk_latency_ms=summary["chunk_latency_ms"])
 
 
-def profile_engine(precision: str, method: str, beam: int, log, quick: bool) -> dict:
+def profile_engine(precision: str, method: str, beam: int, log, quick: bool, kernels: str = "auto") -> dict:
     from server.config import DecodingMethod
     from server.engine import Engine
     from server.models import load_model
 
     precision, _, kernel = precision.partition("-")
-    engine = Engine(load_model("random-base"), precision=precision, int8_kernel=kernel or "rowwise")
+    engine = Engine(load_model("random-base"), precision=precision, int8_kernel=kernel or "rowwise", kernels=kernels)
     engine.warmup()
     speech = [a for a in _waves()]
     windows = [w for a in speech for w in _cut(a)]
@@ -128,7 +128,7 @@ async def server_capacity(method: str, beam: int, precision: str, args, estimate
     # not where admission control would start refusing streams.
     precision, _, kernel = precision.partition("-")
     server_args = ["--model", "random-base", "--precision", precision, "--int8-kernel", kernel or "rowwise",
-                   "--max-batch", str(args.max_batch),
+                   "--kernels", args.kernels, "--max-batch", str(args.max_batch),
                    "--max-beam-width", str(max(16, beam)), "--latency-budget-ms", "0"]
     with spawned_server(*server_args) as (address, proc):
         summaries: dict[int, dict] = {}
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat-within", type=float, default=REPEAT_WITHIN,
                    help="run a trial again when its p99 lies within this fraction of 160 ms, and judge "
                         "by the mean of the two (0: every N once; default %(default)s)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "avx512", "avx2", "portable", "torch"),
+                   help="the server's --kernels (e.g. avx2 on an AVX-512 machine measures the AVX2 path)")
     p.add_argument("--quick", action="store_true", help="greedy fp32 only, short trials (about 3 min)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-loop baseline")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
@@ -204,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     machine = cpu_description()
+    from server import native
+
+    machine["kernels"] = native.resolve(args.kernels)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; "
-        f"torch {machine['torch']} ({machine['cpu_capability']} kernels)")
+        f"torch {machine['torch']} ({machine['cpu_capability']} kernels); server kernels {machine['kernels']}")
     results: dict = {"machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                       for k, v in vars(args).items()},
                      "threshold_ms": THRESHOLD_MS, "configs": {}}
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         method, beam, precision = parse_config(spec.strip())
         name = f"{'greedy' if method == 'greedy' else f'beam{beam}'}:{precision}"
         log(f"{name}:")
-        entry = profile_engine(precision, method, beam, log, args.quick)
+        entry = profile_engine(precision, method, beam, log, args.quick, args.kernels)
         entry.update(asyncio.run(server_capacity(method, beam, precision, args,
                                                  entry["step_cost"]["estimated_capacity"], log)))
         seed_cap = results.get("seed", {}).get("capacity")

@@ -28,8 +28,8 @@ from server.features import WINDOW_SAMPLES
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_scaled_dot_product", "quantized::linear_dynamic", "aten::_int_mm", "onednn::",
-              "mkldnn", "aten::_linear", "torchao::", "aten::baddbmm", "aten::lstm", "asr_native::rowwise_int8_gemm",
-              "asr_native::rowwise_int8_vnni", "asr_native::linear_f32")
+              "mkldnn", "aten::_linear", "torchao::", "aten::baddbmm", "aten::lstm", "asr_native::rowwise_int8",
+              "asr_native::linear_f32", "asr_avx512::", "asr_avx2::", "asr_portable::")
 
 STATE_IO_OPS = ("aten::index_select", "aten::index_put_", "aten::_index_put_impl_")
 

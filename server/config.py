@@ -53,6 +53,11 @@ class ServerSettings(BaseSettings):
         "scale: a stream's result never depends on its batch) or fbgemm (torch's quantize_dynamic, "
         "one scale per batch: a stream's transcript can change with who it is batched with; no faster "
         "than rowwise where the native operators build, see BENCHMARKS.md)")
+    kernels: Literal["auto", "avx512", "avx2", "portable", "torch"] = Field(
+        "auto", description="native kernel back end (server/native, built at install): auto (the best "
+        "this CPU runs: avx512, else avx2, else portable, else torch), avx512 (AVX-512 F/BW/VL/DQ; int8 on "
+        "VNNI where present), avx2 (AVX2 + FMA), portable (plain C++) or torch (torch's own kernels, no "
+        "native code). A back end this CPU cannot run, or that was not built, stops the server with the reason")
     max_precision_error: float = Field(
         0.1, gt=0, le=1.0, description="start-up self-check: largest relative error of the encoder "
         "output in the chosen precision against fp32, on a fixed input; above it the server refuses "
@@ -133,6 +138,17 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(MODEL_CHOICES)}")
         if source is not None and not Path(v[len(source):]).expanduser().is_dir():
             raise ValueError(f"{source[:-1]} directory {v[len(source):]!r} does not exist")
+        return v
+
+    @field_validator("kernels")
+    @classmethod
+    def _check_kernels(cls, v: str) -> str:
+        from server.native import KernelError, resolve
+
+        try:
+            resolve(v)
+        except KernelError as e:
+            raise ValueError(str(e).removeprefix(f"--kernels {v} ")) from None
         return v
 
     @model_validator(mode="after")

@@ -98,8 +98,8 @@ class FusedPredictorStep:
     """torchaudio's ``_Predictor`` for one symbol per row as one native call
     (``server.native.predictor_step``): the same operators in the same order, so the same
     results as the module, without its ~220 dispatched operators and Python frames per call
-    (on machine B at 6 rows, int8: 1.7 against 0.5 ms). Only for what the kernel covers: every
-    linear a ``BlockedLinear`` (fp32) or every one a VNNI ``RowwiseInt8Linear`` (int8), float32
+    (int8 at 6 rows: 1.7 against 0.5 ms). Only for what the kernels cover: every linear a
+    ``BlockedLinear`` (fp32) or every one a native ``RowwiseInt8Linear`` (int8), float32
     embedding and layer norms (``wrap`` returns ``None`` otherwise, and the module runs)."""
 
     def __init__(self, op, predictor: torch.nn.Module, kind: int, linears: list[torch.Tensor],

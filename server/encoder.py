@@ -159,6 +159,8 @@ class StreamingEncoder(torch.nn.Module):
             raise ValueError("StreamingEncoder needs 4 reduced frames per segment and 1 of right context")
         self.layers = torch.nn.ModuleList(StreamingLayer(layer) for layer in emformer.emformer_layers)
         self.fused_layers: FusedLayers | None = None  # see fuse()
+        # the active native back end's attention, fixed for this encoder's life (None: torch's)
+        self.ring_attention = native_ring_attention()
         self.eval()
 
     def fuse(self) -> bool:
@@ -207,7 +209,7 @@ class StreamingEncoder(torch.nn.Module):
         ring = pool.ring
         carried = None if previous is None else self._carried_keys(previous, chunks_done, rows, pool)
         segments = []  # each layer's (B, 2, 4, D) segment keys and values, for the ring
-        in_place = native_ring_attention() if x.dtype == torch.float32 and x.is_cpu and (D // H) % 8 == 0 else None
+        in_place = self.ring_attention if x.dtype == torch.float32 and x.is_cpu and (D // H) % 8 == 0 else None
         carried_rows = None  # in_place's form of `carried`: (B, ring) row of this step's keys, or -1
         mask = None  # the gathered path's attention mask: the context, then the chunk's own rows
         if in_place is None:
@@ -289,9 +291,9 @@ class StreamingEncoder(torch.nn.Module):
 class FusedLayers:
     """``StreamingEncoder``'s layer loop with the in-place ring attention as one native call
     (``server.native.emformer_layers``): the same operators in the same order, so the same
-    results, without about 60 dispatched operators and the Python frames per layer (on machine B,
-    int8 random-base at 1 / 7 streams the step's fixed cost is mostly those). For layers whose
-    linears the kernels cover (every one a ``BlockedLinear``, or every one a VNNI
+    results, without about 60 dispatched operators and the Python frames per layer (int8
+    random-base at 1 to 7 streams: the step's fixed cost is mostly those). For layers whose
+    linears the kernels cover (every one a ``BlockedLinear``, or every one a native
     ``RowwiseInt8Linear``), float32 layer norms and a ReLU / GELU / SiLU feed-forward."""
 
     ACTIVATIONS = {torch.nn.ReLU: 0, torch.nn.GELU: 1, torch.nn.SiLU: 2}
@@ -308,7 +310,7 @@ class FusedLayers:
         from server.precision import native_layer_norm_args, native_linear_args
 
         op = native.emformer_layers()
-        if op is None or native_ring_attention() is None or (encoder.dim // encoder.heads) % 8:
+        if op is None or encoder.ring_attention is None or (encoder.dim // encoder.heads) % 8:
             return None
         layers = list(encoder.layers)
         modules = [m for layer in layers for m in (layer.qkv, layer.out, layer.ff1, layer.ff2)]
@@ -329,12 +331,19 @@ class FusedLayers:
                         self._activation, ring_kv, slots, valid, carried, self._heads, self._scale)
 
 
-@functools.cache
 def native_ring_attention():
-    """``server.native``'s ``ring_attention`` (the attention of ``StreamingEncoder.forward`` reading
-    each stream's ring in place, instead of a gather per layer and ``scaled_dot_product_attention``;
-    measured 5x faster at 16 streams), or ``None`` where it cannot be built or differs from that
-    path by more than float rounding on a probe here. fp32 on CPU only."""
+    """The active native back end's ``ring_attention`` (the attention of ``StreamingEncoder.forward``
+    reading each stream's ring in place, instead of a gather per layer and
+    ``scaled_dot_product_attention``; measured 5x faster at 16 streams), or ``None`` on the torch
+    path or where it differs from that path by more than float rounding on a probe here. fp32 on
+    CPU only."""
+    from server import native
+
+    return _probed_ring_attention(native.active())
+
+
+@functools.cache
+def _probed_ring_attention(backend: str):
     from server import native
 
     op = native.ring_attention()
@@ -356,6 +365,7 @@ def native_ring_attention():
     got = op(q, k, v, kv, slots, valid, None, heads, 0.25)
     error = float((got - want).norm() / want.norm())
     if not error < 1e-5:
-        log.warning("native ring attention differs from scaled_dot_product_attention here (%.1e); not used", error)
+        log.warning("native ring attention (%s) differs from scaled_dot_product_attention here (%.1e); not used",
+                    backend, error)
         return None
     return op

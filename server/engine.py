@@ -23,15 +23,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from server import native
 from server.config import DecodingMethod, Endpointing
 from server.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
                             DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
                             Predictor)
-from server.encoder import SEGMENT, StreamingEncoder, native_ring_attention
+from server.encoder import SEGMENT, StreamingEncoder
 from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
 from server.models import LoadedModel
-from server.precision import (INT8_KERNELS, PrecisionError, RowwiseInt8Linear, apply_precision, check_precision,
-                              detect_cpu_features, precision_warnings, relative_error)
+from server.precision import (INT8_KERNELS, BlockedLinear, PackedLinear, PrecisionError, RowwiseInt8Linear,
+                              apply_precision, check_precision, detect_cpu_features, precision_warnings,
+                              relative_error)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,10 @@ class Engine:
     """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
 
     def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0,
-                 int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0, beam_search: str = "torchaudio"):
-        """``max_symbols_per_frame``: most non-blank symbols one encoder frame may emit, in greedy
+                 int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0, beam_search: str = "torchaudio",
+                 kernels: str | None = None):
+        """``kernels``: the native kernel back end (``server.native.KERNELS``; ``None`` keeps the
+        process's active one). ``max_symbols_per_frame``: most non-blank symbols one encoder frame may emit, in greedy
         and torchaudio's beam search; 0 takes the model's default (``LoadedModel.max_symbols_per_frame``).
         ``beam_search``: ``"torchaudio"`` (``BeamSearchDecoder``, torchaudio's algorithm) or
         ``"modified"`` (``ModifiedBeamSearchDecoder``, one symbol per frame)."""
@@ -139,6 +143,8 @@ class Engine:
             raise ValueError(f"unknown beam search {beam_search!r}; choose one of {', '.join(BEAM_SEARCHES)}")
         check_precision(precision, device)
         backend = INT8_KERNELS[int8_kernel]
+        self.kernels = native.select(kernels) if kernels is not None else native.active()
+        self.int8_kernel = int8_kernel
         self.model = model
         self.precision = precision
         self.device = torch.device(device)
@@ -158,15 +164,8 @@ class Engine:
         self.encoder.fuse()
         self.pool = self.encoder.new_pool(self.encoder.dtype, self.device)
         self.decoding = apply_precision(DecodingNetwork(self.rnnt).to(self.device), precision, backend)
-        if precision == "int8":
-            rowwise = [m for m in self.encoder.modules() if isinstance(m, RowwiseInt8Linear)]
-            gemms = "/".join(sorted({m.gemm for m in rowwise}))
-            path = ("native AVX-512 VNNI kernel" if all(m.uses_vnni for m in rowwise) else
-                    f"{'native' if any(m._fused is not None for m in rowwise) else 'composed'} fbgemm path")
-            log.info("int8 kernel %s%s", int8_kernel, f" (row-wise scales, {gemms} GEMM, {path})" if rowwise else "")
-        if self.encoder.dtype == torch.float32 and self.device.type == "cpu":
-            log.info("encoder attention: %s", "native, ring read in place" if native_ring_attention()
-                     else "gather + scaled_dot_product_attention")
+        if self.device.type == "cpu":
+            log.info("kernels: %s (%s); %s", self.kernels, native.describe(self.kernels), self.products())
         self.predictor = Predictor(self.decoding, model.blank, self.device)
         cap = max_symbols_per_frame or model.max_symbols_per_frame
         self.greedy = GreedyDecoder(self.predictor, cap or GREEDY_MAX_SYMBOLS)
@@ -175,6 +174,52 @@ class Engine:
                      else BeamSearchDecoder(self.predictor, cap or BEAM_STEP_MAX_TOKENS))
         with torch.inference_mode():
             self.predictor.initial()
+
+    def products(self) -> str:
+        """What runs the encoder's products and attention, in words (for the start-up log)."""
+        linears = [m for m in self.encoder.layers.modules() if isinstance(m, (torch.nn.Linear, BlockedLinear,
+                                                                             RowwiseInt8Linear, PackedLinear))]
+        kinds = sorted({type(m).__name__ if not isinstance(m, RowwiseInt8Linear)
+                        else f"RowwiseInt8Linear({m.gemm} GEMM, weights to +-{m.weight_max})" for m in linears})
+        attention = ("native, ring read in place" if self.encoder.ring_attention is not None
+                     and self.encoder.dtype == torch.float32 else "gather + scaled_dot_product_attention")
+        layers = "one native call per step" if self.encoder.fused_layers is not None else "Python layer loop"
+        return f"products {', '.join(kinds) or 'quantize_dynamic'}; attention {attention}; layers {layers}"
+
+    def check_batching(self, streams: int = 3, chunks: int = 3, seed: int = 1) -> bool:
+        """Whether batching is bit-exact in this engine: ``streams`` streams of seeded random
+        features, at different positions (stream i starts i chunks late), batched together against
+        each run alone, through the encoder and the decoding network's products (predictor and
+        joiner linears, row by row). ``True`` only if every output is bitwise equal."""
+        generator = torch.Generator().manual_seed(seed)
+        dims = self.front_end.mean.numel()
+        inputs = torch.randn(chunks + streams, streams, WINDOW_FRAMES, dims, generator=generator).to(self.device)
+        exact = True
+        with torch.inference_mode():
+            batched_pool = self.encoder.new_pool(self.encoder.dtype, self.device)
+            batched_slots = [batched_pool.allocate() for _ in range(streams)]
+            solo = []
+            for i in range(streams):
+                pool = self.encoder.new_pool(self.encoder.dtype, self.device)
+                slot = pool.allocate()
+                solo.append([self.encoder(inputs[c, i:i + 1], pool, torch.tensor([slot], device=self.device),
+                                          torch.tensor([c - i], device=self.device))
+                             for c in range(i, i + chunks)])
+            for step in range(chunks + streams - 1):
+                members = [i for i in range(streams) if i <= step < i + chunks]
+                out = self.encoder(inputs[step, members], batched_pool,
+                                   torch.tensor([batched_slots[i] for i in members], device=self.device),
+                                   torch.tensor([step - i for i in members], device=self.device))
+                exact = exact and all(torch.equal(out[j:j + 1], solo[i][step - i]) for j, i in enumerate(members))
+            for module in self.decoding.modules():
+                if isinstance(module, (torch.nn.Linear, BlockedLinear, RowwiseInt8Linear, PackedLinear)):
+                    x = torch.randn(7, module.in_features, generator=generator).to(self.device, self.encoder.dtype)
+                    rows = module(x)
+                    exact = exact and all(torch.equal(module(x[i:i + 1]), rows[i:i + 1]) for i in range(7))
+        self.batching_exact = exact
+        log.info("batching: %s (%d staggered streams batched vs alone, encoder and decoder products)",
+                 "bit-exact" if exact else "NOT bit-exact: a stream's result may depend on its batch", streams)
+        return exact
 
     def self_check(self, max_error: float, chunks: int = 12, streams: int = 2, seed: int = 0) -> float:
         """Relative error of this precision's encoder output against fp32 on a fixed input.

@@ -133,8 +133,9 @@ def random_model(config: ModelConfig, seed: int = 0, blank_bias: float = 0.0,
     then restarts it); ``max_symbols_per_frame`` bounds those bursts (see
     ``RANDOM_BASE_MAX_SYMBOLS``).
     """
-    torch.manual_seed(seed)
-    rnnt = config.build().eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights; torch's global random state left as it was
+        torch.manual_seed(seed)
+        rnnt = config.build().eval()
     with torch.no_grad():
         rnnt.joiner.linear.bias.zero_()
         rnnt.joiner.linear.bias[config.num_symbols - 1] = blank_bias

@@ -4,12 +4,12 @@
 the networks (the streaming encoder, the predictor and joiner) in place; nothing
 casts around each step:
 
-* ``fp32``: every ``Linear`` of 256 K weights or more on CPU becomes a ``PackedLinear``:
-  oneDNN's fp32 GEMM on weights reordered once at load time. At the 5-80 rows of a
-  typical step, MKL's ``addmm`` behind ``nn.Linear`` ran 2-4x slower here (and its
-  result for a row changed with the number of rows); the packed kernel gives every
-  row the same bits whatever the batch. Smaller layers (the demo model's, the input
-  projection) stay on MKL, whose call is about 40 us cheaper.
+* ``fp32``: every ``Linear`` on CPU becomes a ``BlockedLinear`` (the active native back
+  end's kernel, ``server.native``) or, on the torch path, a ``PackedLinear``: oneDNN's
+  fp32 GEMM on weights reordered once at load time. Both give every row the same bits
+  whatever the batch; MKL's ``addmm`` behind ``nn.Linear`` does not (a row's last bits
+  change with the number of rows), and at the 5-80 rows of a typical step it ran 2-4x
+  slower than oneDNN.
 * ``bf16`` / ``fp16``: weights and activations in that dtype end to end (the
   left-context state and the LSTM state follow the weights' dtype; LayerNorm and
   softmax accumulate in fp32 inside their kernels).
@@ -134,13 +134,10 @@ def apply_precision(module: torch.nn.Module, precision: str, int8_backend: str =
     if _module_device(module).type == "cpu" and native_linear_f32() is not None:
         return _replace_linears(module, BlockedLinear)
     if _module_device(module).type == "cpu" and packed_linear_available():
-        return _replace_linears(module, PackedLinear, min_params=PACKED_MIN_PARAMS)
+        return _replace_linears(module, PackedLinear)
     return module
 
 
-# oneDNN's call costs about 40 us more than MKL's; below this size that is more than it saves
-# (measured, 2 threads: 128 x 512 at 5 rows 20 us MKL / 69 us oneDNN; 512 x 512 at 20 rows 252 / 93).
-PACKED_MIN_PARAMS = 256 * 1024
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -227,13 +224,12 @@ class PackedLinear(torch.nn.Module):
 
 
 class BlockedLinear(torch.nn.Module):
-    """``nn.Linear`` in fp32 on ``server.native``'s AVX-512 kernel (``native_linear_f32``), its weight
-    laid out once in 16-output blocks: each output one fma chain over the inputs in order, so each
-    output row is bitwise the same whatever the other rows, at any row count (batching cannot move a
-    result). The fp32 default where the kernel works: measured on machine B (2 threads) against
-    ``PackedLinear`` (oneDNN), 512 x 2048 at 1 / 10 / 40 / 120 rows 80 / 122 / 330 / 872 us vs
-    173 / 226 / 524 / 925; 1024 x 4097 at 1 / 120 rows 317 / 4762 vs 472 / 5789: the decoder's
-    few-row products read their weights at twice the speed, large ones run alike.
+    """``nn.Linear`` in fp32 on the active native back end's kernel (``native_linear_f32``), its
+    weight laid out once in 16-output blocks: each output one fma chain over the inputs in order, so
+    each output row is bitwise the same whatever the other rows, at any row count (batching cannot
+    move a result); the avx512 and avx2 back ends give the same bits. The fp32 default where a
+    native back end runs: against ``PackedLinear`` (oneDNN) it reads few-row products' weights at
+    up to twice the speed (BENCHMARKS.md, "Kernels").
 
     Input ``(..., in_features)`` float32 -> output ``(..., out_features)`` float32.
     """
@@ -243,7 +239,7 @@ class BlockedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._op = native_linear_f32()
         if self._op is None:
-            raise ValueError("the native fp32 kernel is not available here (server.native, AVX-512)")
+            raise ValueError("no native fp32 kernel on this path (server.native, --kernels)")
         self.register_buffer("weight", blocked_f32_weight(linear.weight.detach().float()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
@@ -265,29 +261,46 @@ def blocked_f32_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.reshape(blocks, 16, in_features).permute(0, 2, 1).contiguous()
 
 
-@functools.cache
+def probe_linear(in_features: int, out_features: int, bias: bool, generator: torch.Generator) -> torch.nn.Linear:
+    """An ``nn.Linear`` with weights drawn from ``generator`` (start-up probes leave torch's global
+    random state alone)."""
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.rand(out_features, in_features, generator=generator).sub_(0.5).div_(in_features ** 0.5))
+        if bias:
+            linear.bias.copy_(torch.rand(out_features, generator=generator).sub_(0.5))
+    return linear
+
+
 def native_linear_f32():
-    """``server.native``'s fp32 kernel (``linear_f32``), or ``None`` where it cannot be built, the
-    CPU lacks AVX-512, or on a probe here it is not within float rounding of ``F.linear`` or a
-    row's result depends on the other rows."""
+    """The active native back end's fp32 kernel (``linear_f32``), or ``None`` on the torch path or
+    where, on a probe here, it is not within float rounding of ``F.linear`` or a row's result
+    depends on the other rows."""
+    from server import native
+
+    return _probed_linear_f32(native.active())
+
+
+@functools.cache
+def _probed_linear_f32(backend: str):
     from server import native
 
     op = native.linear_f32()
     if op is None:
         return None
     ok = True
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        torch.manual_seed(0)
         for bias, (k, n) in ((True, (301, 70)), (False, (64, 33))):
-            linear = torch.nn.Linear(k, n, bias=bias)
+            linear = probe_linear(k, n, bias, generator)
             weight = blocked_f32_weight(linear.weight.float())
             for rows in (1, 7, 150):
-                x = torch.randn(rows, k)
+                x = torch.randn(rows, k, generator=generator)
                 got, want = op(x, weight, linear.bias, n), linear(x)
                 ok = (ok and float((got - want).norm() / want.norm()) < 1e-5
                       and torch.equal(op(x[-1:], weight, linear.bias, n), got[-1:]))
     if not ok:
-        log.warning("native fp32 kernel differs from F.linear here; not used")
+        log.warning("native fp32 kernel (%s) differs from F.linear here; not used", backend)
     return op if ok else None
 
 
@@ -295,29 +308,65 @@ def _onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
+def _extreme_int8_operands(k: int, n: int, weight_max: int, generator: torch.Generator):
+    """int8 weights ``(n, k)`` in [-weight_max, weight_max] and integer rows ``(6, k)`` in [-127, 127]
+    with the extremes that saturate 16-bit pair sums (u8 255 x s8 127) where a GEMM has them."""
+    w = torch.randint(-weight_max, weight_max + 1, (n, k), dtype=torch.int8, generator=generator)
+    w[0] = weight_max
+    w[1, ::2], w[1, 1::2] = weight_max, -weight_max
+    x = torch.randint(-127, 128, (6, k), generator=generator).float()
+    x[0], x[1] = 127.0, -127.0
+    return w, x
+
+
 @functools.cache
-def fbgemm_rowwise_exact() -> bool:
+def fbgemm_rowwise_exact(weight_max: int = 127) -> bool:
     """Whether fbgemm's int8 GEMM here gives exactly the integer products ``RowwiseInt8Linear``
-    needs (checked once, on the extreme values 255 x 127 that saturate the 16-bit pair sums of
-    CPUs without VNNI): then it is the row-wise kernel, else oneDNN's is."""
+    needs for weights of at most ``weight_max`` (checked once, on the extreme values that saturate
+    the 16-bit pair sums of CPUs without VNNI: 255 x 127 does, 255 x 63 does not)."""
     exact = False
     if "fbgemm" in torch.backends.quantized.supported_engines:
         try:
             with torch.inference_mode():
-                torch.manual_seed(0)
                 k, n = 256, 64
-                w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-                w[0] = 127
-                w[1, ::2], w[1, 1::2] = 127, -127
-                x = torch.randint(-127, 128, (6, k)).float()
-                x[0], x[1] = 127.0, -127.0
+                w, x = _extreme_int8_operands(k, n, weight_max, torch.Generator().manual_seed(0))
                 got = _fbgemm_unit_product(x, _fbgemm_pack(w, torch.ones(n)), _fbgemm_range_row(k))
                 exact = bool(torch.equal(got, (x.double() @ w.double().t()).float()))
         except (RuntimeError, AttributeError) as e:  # a build without the quantized ops
             log.info("fbgemm int8 GEMM unavailable: %s", e)
     if not exact:
-        log.info("fbgemm's int8 GEMM is not exact here; row-wise int8 runs on oneDNN")
+        log.info("fbgemm's int8 GEMM is not exact here for weights up to %d", weight_max)
     return exact
+
+
+@functools.cache
+def onednn_rowwise_exact(weight_max: int = 127) -> bool:
+    """Whether oneDNN's int8 GEMM here gives exact integer products for weights of at most
+    ``weight_max`` (the extreme-value probe of ``fbgemm_rowwise_exact``)."""
+    if not _onednn_int8_available():
+        return False
+    with torch.inference_mode():
+        k, n = 256, 64
+        w, x = _extreme_int8_operands(k, n, weight_max, torch.Generator().manual_seed(0))
+        packed = torch.ops.onednn.qlinear_prepack(w, [8, k])
+        quantised = x.add(128).to(torch.uint8)
+        got = torch.ops.onednn.qlinear_pointwise(quantised, 1.0, 128, packed, torch.ones(n),
+                                                 torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32,
+                                                 "none", [], "")
+        exact = bool(torch.equal(got, (x.double() @ w.double().t()).float()))
+    if not exact:
+        log.info("oneDNN's int8 GEMM is not exact here for weights up to %d", weight_max)
+    return exact
+
+
+@functools.cache
+def torch_int8_weight_max() -> int:
+    """Largest int8 weight magnitude for which torch's int8 GEMMs here (fbgemm's and oneDNN's,
+    those present) give exact products: 127 where they sum in int32 (VNNI, AMX), else 63 (AVX2
+    and AVX-512 without VNNI sum u8 x s8 pairs in 16 bits: 2 x 255 x 63 < 32 767)."""
+    engines = [probe for probe, present in ((fbgemm_rowwise_exact, "fbgemm" in torch.backends.quantized.supported_engines),
+                                            (onednn_rowwise_exact, _onednn_int8_available())) if present]
+    return 127 if all(probe(127) for probe in engines) else 63
 
 
 def _fbgemm_pack(quantised: torch.Tensor, scale: torch.Tensor):
@@ -343,35 +392,6 @@ def _fbgemm_unit_product(unit: torch.Tensor, packed, range_row: torch.Tensor) ->
     return torch.ops.quantized.linear_dynamic(torch.cat([unit, range_row]), packed, False)[:-1]
 
 
-def fused_rowwise_int8():
-    """``server.native``'s one-call fbgemm path (``rowwise_int8_gemm``; ``None`` where it cannot
-    be built or does not give the composed path's bits on a probe here)."""
-    global _FUSED
-    if _FUSED is None:  # not functools.cache: the probe's own RowwiseInt8Linear asks again (-> None)
-        _FUSED = False
-        from server import native
-
-        op = native.rowwise_int8_gemm() if fbgemm_rowwise_exact() else None
-        if op is not None:
-            with torch.inference_mode():
-                torch.manual_seed(0)
-                ok = True
-                for bias in (True, False):
-                    linear = torch.nn.Linear(300, 70, bias=bias)
-                    composed = RowwiseInt8Linear(linear, "fbgemm")
-                    composed._fused = None
-                    for rows in (1, 9, 150):
-                        x = torch.randn(rows, 300) * torch.logspace(-3, 3, rows)[:, None]
-                        ok = ok and torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
-            _FUSED = op if ok else False
-            if not ok:
-                log.warning("native int8 operator differs from the composed path here; not used")
-    return _FUSED or None
-
-
-_FUSED = None
-
-
 def _row_scales(rows: torch.Tensor) -> torch.Tensor:
     """(n, k) -> (n, 1): each row's int8 scale, max |row| / 127 (at least 1e-12 / 127)."""
     # abs().amax(): measured 10x faster here than linalg.vector_norm(ord=inf) or aminmax
@@ -390,30 +410,37 @@ def _quantize_u8(rows: torch.Tensor, padded_rows: int) -> tuple[torch.Tensor, to
     return quantised, scale
 
 
-@functools.cache
 def fused_quantize_u8():
-    """``server.native``'s one-pass ``_quantize_u8`` (``None`` where it cannot be built or does not
-    give the composed bits on a probe here: rows spanning twelve decades, ties, odd widths)."""
+    """The active native back end's one-pass ``_quantize_u8`` (``None`` on the torch path or where
+    it does not give the composed bits on a probe here: rows spanning twelve decades, ties, odd
+    widths)."""
+    from server import native
+
+    return _probed_quantize_u8(native.active())
+
+
+@functools.cache
+def _probed_quantize_u8(backend: str):
     from server import native
 
     op = native.rowwise_quantize_u8()
     if op is None:
         return None
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     ok = True
     for k in (300, 37, 2048):
-        x = torch.randn(9, k) * torch.logspace(-6, 6, 9)[:, None]
+        x = torch.randn(9, k, generator=generator) * torch.logspace(-6, 6, 9)[:, None]
         x[0, :5] = torch.tensor([0.5, 1.5, -2.5, 127.0, -127.0]) * (x[0].abs().max() / 127.0)  # ties
         x[1] = 0.0
         want, got = _quantize_u8(x, 16), op(x, 16)
         ok = ok and torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     if not ok:
-        log.warning("native int8 quantisation differs from the composed path here; not used")
+        log.warning("native int8 quantisation (%s) differs from the composed path here; not used", backend)
     return op if ok else None
 
 
-def vnni_pack(quantised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights ``(out, in)`` -> ``server.native.rowwise_int8_vnni``'s layout: ``(blocks, k4, 16, 4)``
+def block_pack_int8(quantised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights ``(out, in)`` -> ``server.native.rowwise_int8``'s layout: ``(blocks, k4, 16, 4)``
     with ``[b, j, c, i] = w[16 b + c, 4 j + i]`` (zero-padded to whole blocks), and the column sums
     ``(blocks * 16,)`` int32 (for the kernel's uint8 activation offset)."""
     out_features, in_features = quantised.shape
@@ -424,54 +451,69 @@ def vnni_pack(quantised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return padded.reshape(blocks, 16, k4, 4).permute(0, 2, 1, 3).contiguous(), colsum
 
 
-@functools.cache
-def native_vnni_int8():
-    """``server.native``'s AVX-512 VNNI kernel for row-wise int8 products (``rowwise_int8_vnni``),
-    or ``None`` where it cannot be built, the CPU lacks VNNI, or it does not give the other GEMMs'
-    bits on a probe here (odd widths, rows across six decades, a zero row, with and without bias).
-    Measured on machine B (2 threads), against the native fbgemm call / oneDNN: 512 x 2048 at
-    1 / 10 / 80 / 160 rows 15 / 42 / 250 / 545 us vs 44 / 119 / 372 / 716; 1024 x 4097 at 1 / 160 rows
-    90 / 2242 vs 133 / 2973: fbgemm's packed GEMM reads its weights at a third of the memory
-    bandwidth when a product has few rows."""
+def native_int8():
+    """The active native back end's row-wise int8 product (``rowwise_int8``), or ``None`` on the
+    torch path or where it does not give a torch GEMM's bits on a probe here (odd widths, rows
+    across six decades, a zero row, with and without bias, weights at its ``int8_weight_max``)."""
     from server import native
 
-    op = native.rowwise_int8_vnni()
+    return _probed_int8(native.active())
+
+
+@functools.cache
+def _probed_int8(backend: str):
+    from server import native
+
+    op = native.rowwise_int8()
     if op is None:
         return None
-    reference = ("fbgemm" if fbgemm_rowwise_exact() else "onednn" if _onednn_int8_available() else "int_mm")
+    weight_max = native.int8_weight_max()
     ok = True
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        torch.manual_seed(0)
         for bias, (k, n) in ((True, (301, 70)), (False, (64, 33))):
-            linear = torch.nn.Linear(k, n, bias=bias)
-            want = RowwiseInt8Linear(linear, reference)
-            weight, colsum = vnni_pack(torch.round(linear.weight.float() / want.weight_scale[:, None]).to(torch.int8))
+            linear = probe_linear(k, n, bias, generator)
+            w = linear.weight.float()
+            w_scale = w.abs().amax(dim=1).clamp_min(1e-12) / float(weight_max)
+            quantised = torch.round(w / w_scale[:, None]).to(torch.int8)
+            weight, colsum = block_pack_int8(quantised)
+            b = None if linear.bias is None else linear.bias.detach()
             for rows in (1, 7, 150):
-                x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
+                x = torch.randn(rows, k, generator=generator) * torch.logspace(-3, 3, rows)[:, None]
                 x[0] = 0.0
-                ok = ok and torch.equal(op(x, weight, colsum, want.weight_scale, want.bias, n), want(x))
+                ok = ok and torch.equal(op(x, weight, colsum, w_scale, b, n), exact_rowwise_int8(x, quantised, w_scale, b))
     if not ok:
-        log.warning("native VNNI int8 kernel differs from the %s GEMM here; not used", reference)
+        log.warning("native int8 kernel (%s) differs from the exact row-wise product here; not used", backend)
     return op if ok else None
 
 
+def exact_rowwise_int8(x: torch.Tensor, quantised: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """The bits every ``RowwiseInt8Linear`` GEMM gives, computed exactly in float64: rows ``x (n, k)``
+    quantised per row, times int8 weights ``quantised (out, k)``, then ``* w_scale`` and the row
+    scales and ``bias`` in one ``addcmul``. The reference of the start-up probes and the tests."""
+    scale = _row_scales(x)
+    acc = (x.div(scale).round_().double() @ quantised.double().t()).float()
+    out = acc.mul_(w_scale)
+    return out.mul_(scale) if bias is None else torch.addcmul(bias, out, scale)
+
+
 # "hybrid": row-wise int8 products up to this many rows run on fbgemm, larger ones on oneDNN;
-# measured on machine B (2 threads, 512 x 2048 ... 1024 x 4097): the composed fbgemm path is
-# faster than oneDNN to about 32 rows, the native one-call path (``fused_rowwise_int8``) to 120-160
+# the composed fbgemm path is faster than oneDNN to about 32 rows (BENCHMARKS.md, "Kernels")
 FBGEMM_MAX_ROWS = 32
-NATIVE_FBGEMM_MAX_ROWS = 128
 
 
 @functools.cache
 def hybrid_int8_available() -> bool:
     """Whether ``RowwiseInt8Linear`` may take fbgemm's GEMM for small products and oneDNN's for
     large ones: both exact here and bit-for-bit equal on a probe (checked once)."""
-    if not (fbgemm_rowwise_exact() and _onednn_int8_available()):
+    weight_max = torch_int8_weight_max()
+    if not (fbgemm_rowwise_exact(weight_max) and onednn_rowwise_exact(weight_max)):
         return False
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(2048, 96)
-        x = torch.randn(40, 2048) * torch.logspace(-3, 3, 40)[:, None]
+        linear = probe_linear(2048, 96, True, generator)
+        x = torch.randn(40, 2048, generator=generator) * torch.logspace(-3, 3, 40)[:, None]
         small, large = RowwiseInt8Linear(linear, "fbgemm"), RowwiseInt8Linear(linear, "onednn")
         agree = bool(torch.equal(small(x), large(x)))
     if not agree:
@@ -479,62 +521,77 @@ def hybrid_int8_available() -> bool:
     return agree
 
 
+def torch_int8_gemm() -> str:
+    """The torch GEMM ``RowwiseInt8Linear`` runs where no native back end does."""
+    weight_max = torch_int8_weight_max()
+    return ("hybrid" if hybrid_int8_available() else "fbgemm" if fbgemm_rowwise_exact(weight_max)
+            else "onednn" if onednn_rowwise_exact(weight_max) else "int_mm")
+
+
 class RowwiseInt8Linear(torch.nn.Module):
-    """``nn.Linear`` in int8: weights quantised once per output channel (symmetric), each input
-    row quantised on the fly with its own scale, products accumulated exactly in int32.
+    """``nn.Linear`` in int8: weights quantised once per output channel (symmetric, to at most
+    ``weight_max`` in magnitude), each input row quantised on the fly with its own scale (to
+    [-127, 127]), products accumulated exactly in int32.
 
     Input ``(..., in_features)`` float32 -> output ``(..., out_features)`` float32. Each output
     row depends on its input row alone, bit for bit, whatever else is in the batch.
 
-    GEMM (``gemm``; default: the first that works here). Every int8 GEMM gives the exact integer
-    products scaled by the weight scales (``acc * w_scale``, one rounding), and the row scales
-    and the bias are applied to that in one ``addcmul`` (or its fma):
+    GEMM (``gemm``; default: ``"native"`` where a native back end runs, else ``"torch"``). Every
+    one gives the exact integer products scaled by the weight scales (``acc * w_scale``, one
+    rounding), then the row scales and the bias in one ``addcmul`` (or its fma), so all give the
+    same bits for the same weights:
 
-    * ``"vnni"``: ``server.native``'s AVX-512 VNNI kernel (``native_vnni_int8``), all row counts
-      in one call: faster than fbgemm and oneDNN at every batch measured here.
-    * ``"hybrid"``: fbgemm up to ``NATIVE_FBGEMM_MAX_ROWS`` rows (``FBGEMM_MAX_ROWS`` without
-      the native operator), oneDNN above (where ``hybrid_int8_available``: the two agree bit for
-      bit). Measured on machine B, native fbgemm / oneDNN, median of 7: 512 x 2048 at 60 rows
-      354 / 438 us, 120 rows 565 / 582, 160 rows 688 / 684; 1024 x 4097 at 160 rows 2591 / 2150.
-    * ``"fbgemm"``: fbgemm's u8s8 GEMM. With ``server.native`` (``fused_rowwise_int8``) in one
-      call; else composed around ``quantized::linear_dynamic``, handed each row already divided
-      by its scale and pinned to an exact unit quantisation (``_fbgemm_unit_product``).
-      Where ``fbgemm_rowwise_exact``.
+    * ``"native"``: the active back end's ``rowwise_int8`` (``server.native``), all row counts
+      in one call.
+    * ``"torch"``: the best of the following that is exact here (``torch_int8_gemm``).
+    * ``"hybrid"``: fbgemm up to ``FBGEMM_MAX_ROWS`` rows, oneDNN above (where
+      ``hybrid_int8_available``: the two agree bit for bit).
+    * ``"fbgemm"``: fbgemm's u8s8 GEMM, composed around ``quantized::linear_dynamic``, handed
+      each row already divided by its scale and pinned to an exact unit quantisation
+      (``_fbgemm_unit_product``).
     * ``"onednn"``: oneDNN's int8 GEMM on weights packed once (``onednn.qlinear_pointwise``,
       given rows already quantised, with scale 1), at bucketed row counts (``row_bucket``:
       oneDNN keeps a kernel per row count).
     * ``"int_mm"``: ``torch._int_mm``, which repacks the weights at every call (1.4-2x slower).
+
+    ``weight_max`` (default: what the GEMM sums exactly here: ``native.int8_weight_max`` or
+    ``torch_int8_weight_max``) is 127, or 63 where a CPU sums pairs of u8 x s8 products in 16
+    bits (AVX2, AVX-512 without VNNI): one bit of weight precision for exact products.
     """
 
-    GEMMS = ("vnni", "hybrid", "fbgemm", "onednn", "int_mm")
+    GEMMS = ("native", "torch", "hybrid", "fbgemm", "onednn", "int_mm")
 
-    def __init__(self, linear: torch.nn.Linear, gemm: str | None = None):
+    def __init__(self, linear: torch.nn.Linear, gemm: str | None = None, weight_max: int | None = None):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        quantised = torch.round(weight / scale[:, None]).to(torch.int8)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        from server import native
+
         if gemm is None:
-            gemm = ("vnni" if native_vnni_int8() else "hybrid" if hybrid_int8_available() else "fbgemm" if fbgemm_rowwise_exact()
-                    else "onednn" if _onednn_int8_available() else "int_mm")
+            gemm = "native" if native_int8() is not None else "torch"
+        if gemm == "torch":
+            gemm = torch_int8_gemm()
         if gemm not in self.GEMMS:
             raise ValueError(f"unknown int8 GEMM {gemm!r}; choose one of {', '.join(self.GEMMS)}")
         self.gemm = gemm
-        self._fused = None
-        self._vnni = None
-        if gemm == "vnni":
-            self._vnni = native_vnni_int8()
-            if self._vnni is None:
-                raise ValueError("the VNNI int8 GEMM is not available here (server.native, AVX-512 VNNI)")
-            weight_vnni, colsum = vnni_pack(quantised)
-            self.register_buffer("weight_vnni", weight_vnni)
+        self._native = None
+        if gemm == "native":
+            self._native = native_int8()
+            if self._native is None:
+                raise ValueError("no native int8 kernel on this path (server.native, --kernels)")
+        if weight_max is None:
+            weight_max = native.int8_weight_max() if gemm == "native" else torch_int8_weight_max()
+        self.weight_max = weight_max
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / float(weight_max)
+        quantised = torch.round(weight / scale[:, None]).to(torch.int8)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if gemm == "native":
+            weight_blocks, colsum = block_pack_int8(quantised)
+            self.register_buffer("weight_blocks", weight_blocks)
             self.register_buffer("weight_colsum", colsum)
         if gemm in ("hybrid", "fbgemm"):
             self._fbgemm = _fbgemm_pack(quantised, scale)
             self.register_buffer("range_row", _fbgemm_range_row(self.in_features))
-            self._fused = fused_rowwise_int8()
-        hybrid_rows = FBGEMM_MAX_ROWS if self._fused is None else NATIVE_FBGEMM_MAX_ROWS
-        self.fbgemm_max_rows = {"hybrid": hybrid_rows, "fbgemm": 1 << 62}.get(gemm, -1)
+        self.fbgemm_max_rows = {"hybrid": FBGEMM_MAX_ROWS, "fbgemm": 1 << 62}.get(gemm, -1)
         if gemm in ("hybrid", "onednn"):
             self._quantize_u8 = fused_quantize_u8() or _quantize_u8
             self._onednn = torch.ops.onednn.qlinear_prepack(quantised, [256, self.in_features])
@@ -545,18 +602,16 @@ class RowwiseInt8Linear(torch.nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     @property
-    def uses_vnni(self) -> bool:
-        """Whether products run on the VNNI kernel (``weight_vnni``, ``weight_colsum``)."""
-        return self._vnni is not None
+    def uses_native(self) -> bool:
+        """Whether products run on a native back end's kernel (``weight_blocks``, ``weight_colsum``)."""
+        return self._native is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self._vnni is not None:
-            return self._vnni(rows, self.weight_vnni, self.weight_colsum, self.weight_scale, self.bias,
-                              self.out_features).reshape(*x.shape[:-1], self.out_features)
+        if self._native is not None:
+            return self._native(rows, self.weight_blocks, self.weight_colsum, self.weight_scale, self.bias,
+                                self.out_features).reshape(*x.shape[:-1], self.out_features)
         count = rows.size(0)
-        if self._fused is not None and count <= self.fbgemm_max_rows:  # the fbgemm path in one C++ call
-            return self._fused(rows, self._fbgemm, self.bias).reshape(*x.shape[:-1], self.out_features)
         if count <= self.fbgemm_max_rows:  # fbgemm rounds rows / scale itself (exactly: unit scale)
             scale = _row_scales(rows)
             out = _fbgemm_unit_product(rows.div(scale), self._fbgemm, self.range_row)
@@ -575,20 +630,20 @@ class RowwiseInt8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, gemm={self.gemm}")
+                f"bias={self.bias is not None}, gemm={self.gemm}, weight_max={self.weight_max}")
 
 
 def native_linear_args(modules: list[torch.nn.Module]) -> tuple[int, list[torch.Tensor]] | None:
     """How ``server.native``'s fused operators (``predictor_step``, ``emformer_layers``) take these
     linears: ``(kind, tensors)``, kind 0 when every one is a ``BlockedLinear`` (tensors weight, bias
-    per linear), 1 when every one is a VNNI ``RowwiseInt8Linear`` (weight, column sums, weight
+    per linear), 1 when every one is a native ``RowwiseInt8Linear`` (weight, column sums, weight
     scales, bias); a missing bias is a 0-element tensor. ``None`` for anything else."""
     empty = torch.empty(0)
     bias = lambda m: m.bias if m.bias is not None else empty  # noqa: E731
     if all(isinstance(m, BlockedLinear) for m in modules):
         return 0, [t for m in modules for t in (m.weight, bias(m))]
-    if all(isinstance(m, RowwiseInt8Linear) and m.uses_vnni for m in modules):
-        return 1, [t for m in modules for t in (m.weight_vnni, m.weight_colsum, m.weight_scale, bias(m))]
+    if all(isinstance(m, RowwiseInt8Linear) and m.uses_native for m in modules):
+        return 1, [t for m in modules for t in (m.weight_blocks, m.weight_colsum, m.weight_scale, bias(m))]
     return None
 
 

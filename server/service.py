@@ -35,6 +35,8 @@ class ModelDescription:
     device: str
     vocabulary_size: int
     num_parameters: int
+    kernels: str = "torch"
+    batching_exact: bool = False
     chunk_ms: float = SEGMENT_SAMPLES * 1000 / SAMPLE_RATE
     right_context_ms: float = RIGHT_CONTEXT_SAMPLES * 1000 / SAMPLE_RATE
     sample_rate_hertz: int = SAMPLE_RATE
@@ -53,7 +55,8 @@ class RecognitionService:
         self.engine = Engine(model, device=settings.device, precision=settings.precision,
                              threads=settings.threads, int8_kernel=settings.int8_kernel,
                              max_symbols_per_frame=settings.max_symbols_per_frame,
-                             beam_search=settings.beam_search)
+                             beam_search=settings.beam_search, kernels=settings.kernels)
+        self.engine.check_batching()
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
                                    on_batch=self._batch_done, executor=self.executor,
@@ -61,7 +64,8 @@ class RecognitionService:
         self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
-            vocabulary_size=model.tokens.size, num_parameters=model.num_parameters)
+            vocabulary_size=model.tokens.size, num_parameters=model.num_parameters,
+            kernels=self.engine.kernels, batching_exact=self.engine.batching_exact)
 
     async def start(self) -> None:
         """Check the precision against fp32 (``PrecisionError`` over the bound), warm the model

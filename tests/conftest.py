@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests import tests.reference
 
 from asr.v1 import asr_pb2_grpc  # noqa: E402
+from server import native  # noqa: E402
 from client.stream import channel  # noqa: E402
 from server.app import AsrServer  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
@@ -21,6 +22,46 @@ from server.models import RANDOM_SMALL_BLANK_BIAS, SMALL_CONFIG, LoadedModel, ra
 from server.tokens import CharTokenTable  # noqa: E402
 
 SAMPLES = ROOT / "samples"
+KERNEL_PATHS = [*native.BACKENDS, "torch"]  # every --kernels path but auto
+
+
+def skip_unless_cpu_runs(backend: str) -> None:
+    """Skip, naming the instructions, where this CPU physically cannot run ``backend``; a back end the
+    CPU could run but that was not built is a failure (``native.select`` raises), never a skip."""
+    missing = [flag for flag in native.REQUIRED_FLAGS.get(backend, ()) if flag not in native.cpu_flags()]  # auto: none
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)}: the {backend} kernels cannot run here")
+
+
+@contextlib.contextmanager
+def kernels_selected(backend: str):
+    """Run the block with ``backend``'s native kernels active (``server.native.select``); engines
+    and encoders built inside keep them."""
+    skip_unless_cpu_runs(backend)
+    previous = native.active()
+    native.select(backend)
+    try:
+        yield backend
+    finally:
+        native.select(previous)
+
+
+INITIAL_KERNELS = native.active()  # ASR_KERNELS, else auto
+
+
+@pytest.fixture(autouse=True)
+def _kernels_restored():
+    """Each test starts on the session's kernels, whatever an engine built by an earlier one
+    selected (engines keep the operators they were built with)."""
+    native.select(INITIAL_KERNELS)
+    yield
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernels(request):
+    """Each --kernels path in turn (skipped only where the CPU lacks its instructions)."""
+    with kernels_selected(request.param) as backend:
+        yield backend
 
 
 def small_model(seed: int = 0) -> LoadedModel:

@@ -61,8 +61,11 @@ async def _words(stub, audio: np.ndarray, options: dict, delay: float = 0.0, bat
 @pytest.mark.parametrize("options", [{"decoding_method": asr_pb2.GREEDY},
                                      {"decoding_method": asr_pb2.BEAM_SEARCH, "beam_width": 4}],
                          ids=["greedy", "beam4"])
-async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, options, precision):
-    async with running_server(max_batch=16, precision=precision) as (server, stub):
+async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, options, precision, kernels):
+    async with running_server(max_batch=16, precision=precision, kernels=kernels) as (server, stub):
+        info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
+        assert (info.kernels, info.precision) == (kernels, precision)
+        assert info.batching_exact, "the start-up probe should find batching bit-exact on this path"
         solo = [await _words(stub, a, options) for a in waves]
         assert sum(len(t) for s in solo for t, _ in s) > 50, "the model should emit text"
         rng = random.Random(7)

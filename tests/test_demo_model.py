@@ -23,7 +23,7 @@ from client.eval import evaluate, load_manifest, report
 from client.stream import StreamOptions
 from server.models import DEMO_DIR, load_demo
 from server.precision import PRECISIONS, PrecisionError, check_precision
-from tests.conftest import ROOT, running_server
+from tests.conftest import KERNEL_PATHS, ROOT, running_server, skip_unless_cpu_runs
 from tests.helpers import GREEDY, transcript
 
 HELDOUT_SUBSET = ROOT / "tests" / "data" / "demo-heldout" / "manifest.jsonl"
@@ -119,8 +119,8 @@ def heldout_split(tmp_path_factory):
     return rows
 
 
-async def _heldout_greedy_wer(demo, rows, precision: str) -> dict:
-    async with running_server(model=demo, precision=precision) as (server, _):
+async def _heldout_greedy_wer(demo, rows, precision: str, kernels: str = "auto") -> dict:
+    async with running_server(model=demo, precision=precision, kernels=kernels) as (server, _):
         return await evaluate(f"127.0.0.1:{server.port}", rows, _options(decoding_method=asr_pb2.GREEDY),
                               concurrency=8, progress=False)
 
@@ -130,13 +130,19 @@ async def fp32_heldout(demo, heldout_split):
     return await _heldout_greedy_wer(demo, heldout_split, "fp32")
 
 
+# int8 on every kernel path (each has its own products: 7-bit weights on avx2), bf16 on the default one
+PRECISION_PATHS = [(p, k) for p in REDUCED_PRECISIONS for k in (KERNEL_PATHS if p == "int8" else ["auto"])]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", REDUCED_PRECISIONS)
-async def test_reduced_precision_wer_within_half_a_point_of_fp32(demo, heldout_split, fp32_heldout, precision):
-    reduced = await _heldout_greedy_wer(demo, heldout_split, precision)
+@pytest.mark.parametrize("precision, kernels", PRECISION_PATHS)
+async def test_reduced_precision_wer_within_half_a_point_of_fp32(demo, heldout_split, fp32_heldout, precision,
+                                                                 kernels):
+    skip_unless_cpu_runs(kernels)
+    reduced = await _heldout_greedy_wer(demo, heldout_split, precision, kernels)
     assert reduced["words"] == fp32_heldout["words"] > 5000
     assert reduced["wer"] <= fp32_heldout["wer"] + PRECISION_WER_BOUND, (
-        f"{precision} WER {reduced['wer']:.4f} vs fp32 {fp32_heldout['wer']:.4f}")
+        f"{precision} ({kernels} kernels) WER {reduced['wer']:.4f} vs fp32 {fp32_heldout['wer']:.4f}")
 
 
 def test_the_reduced_precisions_under_test_are_the_ones_the_server_runs():

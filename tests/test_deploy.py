@@ -216,6 +216,8 @@ def test_dockerfile_builds_a_cpu_non_root_image_with_a_health_check():
     run = " ".join(a for k, a in steps if k == "RUN")
     assert "download.pytorch.org/whl/cpu" in " ".join(a for _, a in steps), "torch must come from the CPU index"
     assert "pip install" in run and "--no-deps -e ." in run
+    # the native kernels are built into the image (setup.py, against the image's torch), never at run time
+    assert "g++" in run and "--no-build-isolation" in run and "python -m server.native" in run
     # runs as a named non-root user, set after the last RUN
     user = [a for k, a in steps if k == "USER"]
     assert user and user[-1] not in ("root", "0") and kinds.index("USER") > max(

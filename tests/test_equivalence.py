@@ -3,16 +3,26 @@
 import pytest
 import torch
 
+from server import native
 from server.encoder import StreamingEncoder
 from server.features import FeatureFrontEnd, utterance_windows
 from tests import reference
-from tests.conftest import small_model
+from tests.conftest import KERNEL_PATHS, kernels_selected, running_server, skip_unless_cpu_runs, small_model
 from tests.helpers import GREEDY, beam_options, transcript
 
 
+@pytest.fixture(scope="module", params=KERNEL_PATHS)
+async def kernel_server(request):
+    """The random-small server on each --kernels path this CPU runs."""
+    skip_unless_cpu_runs(request.param)
+    async with running_server(kernels=request.param) as pair:
+        assert pair[0].service.engine.kernels == request.param
+        yield pair
+
+
 @pytest.mark.parametrize("beam", [1, 4])
-async def test_beam_search_through_grpc_equals_rnntbeamsearch_infer(small_server, speech, beam):
-    server, stub = small_server
+async def test_beam_search_through_grpc_equals_rnntbeamsearch_infer(kernel_server, speech, beam):
+    server, stub = kernel_server
     model = server.model
     compared = 0
     for name, audio, _ in speech:
@@ -23,8 +33,8 @@ async def test_beam_search_through_grpc_equals_rnntbeamsearch_infer(small_server
     assert compared > 20, "the model should emit tokens, or the comparison proves little"
 
 
-async def test_greedy_through_grpc_equals_single_stream_greedy(small_server, speech):
-    server, stub = small_server
+async def test_greedy_through_grpc_equals_single_stream_greedy(kernel_server, speech):
+    server, stub = kernel_server
     model = server.model
     for name, audio, _ in speech:
         expected = reference.greedy_tokens(model, torch.from_numpy(audio))
@@ -33,20 +43,15 @@ async def test_greedy_through_grpc_equals_single_stream_greedy(small_server, spe
         assert got == model.tokens.text(expected), name
 
 
-@pytest.fixture(params=["native", "sdpa"])
-def ring_attention(request, monkeypatch):
-    """Run a test with server/native's in-place ring attention, and with the gather +
-    ``scaled_dot_product_attention`` path it replaces."""
+@pytest.fixture
+def ring_attention(kernels):
+    """Run a test with each native back end's in-place ring attention, and (``--kernels torch``)
+    with the gather + ``scaled_dot_product_attention`` path it replaces."""
     import server.encoder
 
-    if request.param == "native":
-        if server.encoder.native_ring_attention() is None:
-            from server import native
-
-            pytest.fail(f"native ring attention unavailable: {native.why_unavailable() or 'build or probe failed'}")
-    else:
-        monkeypatch.setattr(server.encoder, "native_ring_attention", lambda: None)
-    return request.param
+    if kernels != "torch":
+        assert server.encoder.native_ring_attention() is not None, f"{kernels} ring attention failed its probe"
+    return kernels
 
 
 def test_batched_encoder_matches_transcribe_streaming_at_mixed_positions(speech, ring_attention):
@@ -125,17 +130,16 @@ def test_modified_beam_search_of_a_stream_does_not_depend_on_its_batch(speech):
     assert all(len(hyps) > 1 for hyps in batched)
 
 
-def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbours():
+@pytest.mark.parametrize("backend", native.BACKENDS)
+def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbours(backend):
     """server/native's ring attention against the path it replaces: the batch's ring gathered,
     the chunk's own keys appended, ``scaled_dot_product_attention`` with the context mask;
     strided inputs (views of the fused q/k/v projection), empty and full contexts; a stream's
     result is the same bits alone as in its batch; bad shapes are refused."""
     import torch.nn.functional as F
 
-    from server import native
-
-    op = native.ring_attention()
-    assert op is not None, native.why_unavailable() or "build failed"
+    with kernels_selected(backend):
+        op = native.ring_attention()
     torch.manual_seed(0)
     slots_total, layers, ring, rows, dim, heads, batch = 12, 3, 32, 5, 256, 4, 7
     kv = torch.randn(slots_total, layers, 2, ring + rows, dim)
@@ -172,27 +176,22 @@ def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbo
         op(q, k, v, layer_kv, slots, valid, carried + batch * rows, heads, 0.125)
 
 
+@pytest.mark.parametrize("backend", native.BACKENDS)
 @pytest.mark.parametrize("model_name, precision", [("random-small", "fp32"), ("random-small", "int8"),
                                                    ("demo", "fp32"), ("demo", "int8")])
-def test_fused_predictor_step_gives_the_modules_bits(model_name, precision):
+def test_fused_predictor_step_gives_the_modules_bits(model_name, precision, backend):
     """server/native's one-call prediction network step (``FusedPredictorStep``) against
     torchaudio's ``_Predictor`` modules in the engine's precision: the same output and states,
     bit for bit, at several row counts; ``step_rows`` advances exactly the given rows of a
     batch's state, in place, and leaves the others alone."""
-    from server import native
     from server.engine import Engine
     from server.models import load_model
 
-    if native.predictor_step() is None:
-        pytest.skip(f"no native predictor step here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
+    skip_unless_cpu_runs(backend)
     model = small_model() if model_name == "random-small" else load_model(model_name)
-    predictor = Engine(model, precision=precision).predictor
+    predictor = Engine(model, precision=precision, kernels=backend).predictor
     fused = predictor.fused
-    if precision == "int8" and not fused:
-        from server.precision import native_vnni_int8
-        assert native_vnni_int8() is None, "VNNI int8 products, yet the predictor step is not fused"
-        pytest.skip("the CPU lacks AVX-512 VNNI: int8 products on fbgemm, the module path runs")
-    assert fused is not None, "fp32 on AVX-512: the predictor step should be fused"
+    assert fused is not None, f"{precision} on the {backend} kernels: the predictor step should be fused"
     _, initial_state = predictor.initial()
     vocabulary = model.rnnt.predictor.embedding.num_embeddings
     with torch.inference_mode():
@@ -225,27 +224,22 @@ def test_fused_predictor_step_gives_the_modules_bits(model_name, precision):
         assert torch.equal(fresh_out, predictor.step(torch.tensor([predictor.blank]), None)[0])
 
 
+@pytest.mark.parametrize("backend", native.BACKENDS)
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_fused_encoder_layers_give_the_layer_loops_bits(speech, precision):
+def test_fused_encoder_layers_give_the_layer_loops_bits(speech, precision, backend):
     """server/native's one-call layer loop (``FusedLayers``) against ``StreamingEncoder``'s
     Python loop over the same layers: the same encoder output and left-context state, bit for
     bit, for streams at different positions, some bringing several chunks to one step (their
     earlier chunks' keys carried within the step), greedy tokens alike."""
     import random
 
-    from server import native
     from server.config import DecodingMethod
     from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
 
-    if native.emformer_layers() is None:
-        pytest.skip(f"no native encoder layers here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
-    engine = Engine(small_model(seed=5), precision=precision)
+    skip_unless_cpu_runs(backend)
+    engine = Engine(small_model(seed=5), precision=precision, kernels=backend)
     fused = engine.encoder.fused_layers
-    if precision == "int8" and fused is None:
-        from server.precision import native_vnni_int8
-        assert native_vnni_int8() is None, "VNNI int8 products, yet the encoder layers are not fused"
-        pytest.skip("the CPU lacks AVX-512 VNNI: int8 products on fbgemm, the layer loop runs")
-    assert fused is not None, "fp32 on AVX-512: the encoder layers should be fused"
+    assert fused is not None, f"{precision} on the {backend} kernels: the encoder layers should be fused"
     windows = [utterance_windows(torch.from_numpy(a)).numpy() for _, a, _ in speech]
     outputs: list[torch.Tensor] = []
     engine.encoder.register_forward_hook(lambda module, args, out: outputs.append(out.clone()))

@@ -15,7 +15,8 @@ from server.engine import Engine
 from server.precision import (CpuFeatures, PackedLinear, PrecisionError, RowwiseInt8Linear, check_precision,
                               detect_cpu_features, packed_linear_available, precision_warnings,
                               relative_error)
-from tests.conftest import running_server, small_model
+from server import native
+from tests.conftest import kernels_selected, running_server, skip_unless_cpu_runs, small_model
 from tests.helpers import GREEDY, transcript
 
 SAPPHIRE_FLAGS = "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 avx512_fp16\n"
@@ -58,11 +59,23 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
 
 
 def _int8_gemms() -> list[str]:
-    """The row-wise int8 GEMMs this machine runs (fbgemm where its products are exact here)."""
-    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact, hybrid_int8_available, native_vnni_int8
+    """The row-wise int8 GEMMs of the torch path this machine runs exactly (at
+    ``torch_int8_weight_max``), then each native back end's (``native:<backend>``)."""
+    from server.precision import fbgemm_rowwise_exact, hybrid_int8_available, onednn_rowwise_exact, torch_int8_weight_max
 
-    return [g for g, ok in (("vnni", native_vnni_int8() is not None), ("hybrid", hybrid_int8_available()),
-                            ("fbgemm", fbgemm_rowwise_exact()), ("onednn", _onednn_int8_available())) if ok] + ["int_mm"]
+    weight_max = torch_int8_weight_max()
+    torch_gemms = [g for g, ok in (("hybrid", hybrid_int8_available()), ("fbgemm", fbgemm_rowwise_exact(weight_max)),
+                                   ("onednn", onednn_rowwise_exact(weight_max))) if ok] + ["int_mm"]
+    return torch_gemms + [f"native:{b}" for b in native.BACKENDS]
+
+
+def _rowwise(linear: torch.nn.Linear, gemm: str, weight_max: int | None = None) -> RowwiseInt8Linear:
+    """``RowwiseInt8Linear`` on ``gemm`` (``native:<backend>``: that back end's kernel; skipped only
+    where the CPU lacks its instructions)."""
+    if not gemm.startswith("native:"):
+        return RowwiseInt8Linear(linear, gemm, weight_max)
+    with kernels_selected(gemm.partition(":")[2]):
+        return RowwiseInt8Linear(linear, "native", weight_max)
 
 
 @pytest.mark.parametrize("gemm", _int8_gemms())
@@ -71,7 +84,7 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
                                                                                       out_features, gemm):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, out_features)
-    int8 = RowwiseInt8Linear(linear, gemm)
+    int8 = _rowwise(linear, gemm)
     x = torch.randn(rows, in_features) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scale
     with torch.inference_mode():
         batched = int8(x)
@@ -81,32 +94,64 @@ def test_rowwise_int8_linear_is_close_to_fp32_and_each_row_independent_of_the_ba
         assert torch.equal(int8(x.reshape(1, rows, in_features)), batched.reshape(1, rows, out_features))
 
 
-@pytest.mark.parametrize("rows", [3, 40, 100, 150])  # below and above FBGEMM_MAX_ROWS (and the native one)
-def test_rowwise_int8_gemms_give_the_same_bits(rows):
+@pytest.mark.parametrize("weight_max", [127, 63])
+@pytest.mark.parametrize("rows", [3, 40, 100, 150])  # below and above FBGEMM_MAX_ROWS
+def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
     """Whatever GEMM runs, the result is the exact integer product of the quantised rows and
-    weights, scaled the same way: bit for bit the same (the hybrid's small and large batches
-    must agree, or batching would change a stream's result)."""
-    from server.precision import _fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, fbgemm_rowwise_exact
+    weights, scaled the same way: bit for bit ``exact_rowwise_int8`` (the hybrid's small and large
+    batches must agree, or batching would change a stream's result). Every native back end at its
+    own weight range, the torch GEMMs at the range they are exact at here."""
+    from server.precision import (_fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, exact_rowwise_int8,
+                                  fbgemm_rowwise_exact, torch_int8_weight_max)
 
     torch.manual_seed(rows)
     linear = torch.nn.Linear(2048, 70)
     x = torch.randn(rows, 2048) * torch.logspace(-3, 3, rows)[:, None]
+    compared = 0
     with torch.inference_mode():
-        outputs = {gemm: RowwiseInt8Linear(linear, gemm)(x) for gemm in _int8_gemms()}
-        first = next(iter(outputs.values()))
-        assert all(torch.equal(out, first) for out in outputs.values()), \
-            {g: (out - first).abs().max().item() for g, out in outputs.items()}
-        if fbgemm_rowwise_exact():  # the pinned unit quantisation: exact, extreme values included
-            w = torch.randint(-127, 128, (70, 300), dtype=torch.int8)
+        for gemm in _int8_gemms():
+            if gemm.startswith("native:"):
+                backend = gemm.partition(":")[2]
+                if any(f not in native.cpu_flags() for f in native.REQUIRED_FLAGS[backend]):
+                    continue  # the CPU lacks its instructions (the tests above say which)
+                int8 = _rowwise(linear, gemm)
+                if int8.weight_max != weight_max:
+                    continue
+            elif weight_max > torch_int8_weight_max():
+                continue
+            else:
+                int8 = _rowwise(linear, gemm, weight_max)
+            want = exact_rowwise_int8(x, torch.round(linear.weight / int8.weight_scale[:, None]).to(torch.int8),
+                                      int8.weight_scale, linear.bias)
+            got = int8(x)
+            assert torch.equal(got, want), (gemm, (got - want).abs().max().item())
+            compared += 1
+        if fbgemm_rowwise_exact(weight_max):  # the pinned unit quantisation: exact, extreme values included
+            w = torch.randint(-weight_max, weight_max + 1, (70, 300), dtype=torch.int8)
             units = torch.randint(-127, 128, (9, 300)).float()
             units[0], units[1] = 127.0, -127.0
             got = _fbgemm_unit_product(units, _fbgemm_pack(w, torch.ones(70)), _fbgemm_range_row(300))
             assert torch.equal(got, (units.double() @ w.double().t()).float())
+    assert compared or weight_max == 127, "at 63 the avx2 back end, at least, runs on every x86-64 CPU with AVX2"
+
+
+def test_int8_weight_range_is_seven_bits_where_pairs_are_summed_in_16_bits():
+    """u8 x s8 pairs summed in 16 bits (vpmaddubsw: AVX2, AVX-512 without VNNI) saturate at
+    2 x 255 x 127; 63 keeps them exact. VNNI and the portable loops sum in int32."""
+    from server.precision import torch_int8_weight_max
+
+    expected = {"avx512": 127 if "avx512_vnni" in native.cpu_flags() else 63, "avx2": 63, "portable": 127}
+    for backend in native.runnable():
+        with kernels_selected(backend):
+            assert native.int8_weight_max() == expected[backend], backend
+    with kernels_selected("torch"):
+        assert native.int8_weight_max() == 127
+    assert torch_int8_weight_max() in (63, 127)
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
-def test_fp32_runs_every_linear_on_the_native_kernel_else_packs_the_large_ones_for_onednn():
-    from server.precision import PACKED_MIN_PARAMS, BlockedLinear, apply_precision, native_linear_f32
+def test_fp32_runs_every_linear_on_the_native_kernel_else_on_onednn(kernels):
+    from server.precision import BlockedLinear, apply_precision
 
     net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512),
                               torch.nn.Sequential(torch.nn.Linear(512, 29)))
@@ -115,27 +160,23 @@ def test_fp32_runs_every_linear_on_the_native_kernel_else_packs_the_large_ones_f
         expected = net(x)
         converted = apply_precision(net, "fp32")
         assert relative_error(expected, converted(x)) < 1e-5
-    if native_linear_f32() is not None:
-        assert all(isinstance(m, BlockedLinear) for m in (converted[0], converted[2], converted[3][0]))
-    else:
-        assert isinstance(converted[0], PackedLinear) and isinstance(converted[2], PackedLinear)
-        assert type(converted[3][0]) is torch.nn.Linear and 512 * 29 < PACKED_MIN_PARAMS
+    kind = PackedLinear if kernels == "torch" else BlockedLinear
+    assert all(isinstance(m, kind) for m in (converted[0], converted[2], converted[3][0]))
 
 
 @pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, False),
                                                                    (7, 37, 29, True), (45, 1024, 4097, True),
                                                                    (200, 512, 1536, False)])
+@pytest.mark.parametrize("backend", native.BACKENDS)
 def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_batch(rows, in_features,
-                                                                                    out_features, bias):
-    """server/native's fp32 kernel (the fp32 default where the CPU has AVX-512): within float
-    rounding of ``F.linear``, and each row's result the same bits alone as in any batch, for widths
-    that are not whole blocks and row counts that are not whole register tiles."""
-    from server import native
-    from server.precision import BlockedLinear, blocked_f32_weight, native_linear_f32
+                                                                                    out_features, bias, backend):
+    """Each native back end's fp32 kernel (the fp32 default where one runs): within float rounding
+    of ``F.linear``, and each row's result the same bits alone as in any batch, for widths that are
+    not whole blocks and row counts that are not whole register tiles; avx2 gives avx512's bits."""
+    from server.precision import BlockedLinear, blocked_f32_weight
 
-    assert native.why_unavailable() is not None or native.load(), "the native operators failed to build"
-    if native_linear_f32() is None:
-        pytest.skip(f"no native fp32 kernel here: {native.why_unavailable() or 'the CPU lacks AVX-512'}")
+    skip_unless_cpu_runs(backend)
+    native.select(backend)
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     blocked = BlockedLinear(linear)
@@ -154,6 +195,9 @@ def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_ba
             op(torch.randn(2, in_features), weight, None, out_features + 16)
         with pytest.raises(RuntimeError, match="float32"):
             op(torch.randn(2, in_features), weight.double(), None, out_features)
+        if backend == "avx2" and "avx512f" in native.cpu_flags():  # the same fma chains, 8 lanes at a time
+            native.select("avx512")
+            assert torch.equal(BlockedLinear(linear)(x), batched)
 
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
@@ -181,13 +225,45 @@ def test_bf16_keeps_weights_and_streaming_state_in_bf16():
 
 
 @pytest.mark.parametrize("precision, bound", [("bf16", 0.05), ("int8", 0.1)])
-def test_self_check_measures_a_small_error_and_refuses_over_the_bound(precision, bound):
+def test_self_check_measures_a_small_error_and_refuses_over_the_bound(precision, bound, kernels):
+    if precision == "bf16" and kernels != "torch":
+        pytest.skip("bf16 runs torch's kernels whatever --kernels says: its self-check runs once, on torch")
     engine = Engine(small_model(), precision=precision)
+    assert engine.kernels == kernels
     error = engine.self_check(max_error=1.0)
     assert 0 < error < bound
     assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
     with pytest.raises(PrecisionError, match="--max-precision-error"):
         engine.self_check(max_error=error / 10)
+
+
+@pytest.mark.parametrize("model_name", ["random-base", "demo"])
+def test_int8_passes_the_self_check_and_is_batch_exact_on_every_path(model_name, kernels):
+    """The start-up checks of ``asr-server --precision int8``, full-size model included, on each
+    kernel path: the self-check's error well under its bound (0.1), batching bit-exact."""
+    from server.models import load_model
+
+    engine = Engine(load_model(model_name), precision="int8", kernels=kernels)
+    assert 0 < engine.self_check(max_error=0.1) < 0.05
+    assert engine.check_batching()
+
+
+def test_start_up_probes_leave_torchs_global_random_state_alone(kernels):
+    from server import precision
+    from server.encoder import _probed_ring_attention
+
+    probes = [precision._probed_linear_f32, precision._probed_quantize_u8, precision._probed_int8,
+              _probed_ring_attention, precision.fbgemm_rowwise_exact, precision.onednn_rowwise_exact,
+              precision.torch_int8_weight_max, precision.hybrid_int8_available]
+    for probe in probes:
+        probe.cache_clear()
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    for precision in ("int8", "fp32"):
+        engine = Engine(small_model(), precision=precision)
+        engine.check_batching()
+        engine.self_check(max_error=1.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 async def test_server_refuses_to_start_when_the_self_check_fails():
@@ -239,88 +315,61 @@ def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
         assert relative_error(torch.nn.functional.linear(x, net[0].weight, net[0].bias), net(x)) < 1e-2
 
 
-@pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, True),
-                                                                   (32, 80, 29, False), (17, 300, 4097, True),
-                                                                   (128, 512, 1536, True), (160, 1024, 70, False)])
-def test_native_rowwise_int8_operator_gives_the_composed_paths_bits(rows, in_features, out_features, bias):
-    """server/native's one-call fbgemm operator (built here: g++ comes with ``make test-apt``)
-    and the composed Python path compute the same products to the bit, so which one runs never
-    changes a transcript."""
-    from server import native
-    from server.precision import NATIVE_FBGEMM_MAX_ROWS, fbgemm_rowwise_exact, hybrid_int8_available
-
-    if not fbgemm_rowwise_exact():
-        pytest.skip("fbgemm's int8 GEMM is not exact on this CPU: the fused operator is not used")
-    assert native.why_unavailable() is not None or native.load(), "the native operator failed to build"
-    op = native.rowwise_int8_gemm()
-    if op is None:
-        pytest.skip(f"native operator unavailable here: {native.why_unavailable()}")
-    torch.manual_seed(rows)
-    linear = torch.nn.Linear(in_features, out_features, bias=bias)
-    composed = RowwiseInt8Linear(linear, "fbgemm")
-    composed._fused = None
-    x = (torch.randn(rows, in_features * 2) * torch.logspace(-3, 3, rows)[:, None])[:, ::2]  # not contiguous
-    x[0] = 0.0  # an all-zero row: the scale's clamp
-    assert not x.is_contiguous()
-    with torch.inference_mode():
-        assert torch.equal(op(x, composed._fbgemm, composed.bias), composed(x))
-        fused = RowwiseInt8Linear(linear, "hybrid")  # the fbgemm GEMMs pick the fused operator up
-        assert fused._fused is not None
-        if hybrid_int8_available():
-            assert fused.fbgemm_max_rows == NATIVE_FBGEMM_MAX_ROWS
-        assert torch.equal(fused(x.reshape(1, rows, in_features)), composed(x).reshape(1, rows, out_features))
-        with pytest.raises(RuntimeError, match="columns"):
-            op(torch.randn(2, in_features + 1), composed._fbgemm, composed.bias)
-
-
 @pytest.mark.parametrize("rows, in_features, out_features, bias", [(1, 512, 2048, True), (5, 2048, 512, False),
                                                                    (6, 1024, 4097, True), (7, 37, 29, False),
                                                                    (40, 301, 70, True), (200, 512, 1536, True)])
-def test_native_vnni_int8_kernel_gives_the_other_gemms_bits(rows, in_features, out_features, bias):
-    """server/native's AVX-512 VNNI kernel (the default int8 GEMM where the CPU has VNNI) computes
-    the same products, to the bit, as fbgemm's (or oneDNN's) GEMM, for widths that are not whole
-    blocks and row counts that are not whole register tiles; each row independent of the batch."""
-    from server import native
-    from server.precision import _onednn_int8_available, fbgemm_rowwise_exact, native_vnni_int8, vnni_pack
+@pytest.mark.parametrize("backend", native.BACKENDS)
+def test_native_int8_kernel_gives_the_exact_bits(rows, in_features, out_features, bias, backend):
+    """Each native back end's int8 kernel (the int8 default where one runs) computes the exact
+    row-wise products (``exact_rowwise_int8``, to the bit) at its weight range, for widths that
+    are not whole blocks and row counts that are not whole register tiles, extreme values
+    included; each row independent of the batch; bad shapes refused."""
+    from server.precision import block_pack_int8, exact_rowwise_int8
 
-    assert native.why_unavailable() is not None or native.load(), "the native operators failed to build"
-    if native_vnni_int8() is None:
-        pytest.skip(f"no VNNI kernel here: {native.why_unavailable() or 'the CPU lacks AVX-512 VNNI'}")
+    skip_unless_cpu_runs(backend)
+    native.select(backend)
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
-    reference = RowwiseInt8Linear(linear, "fbgemm" if fbgemm_rowwise_exact() else
-                                  "onednn" if _onednn_int8_available() else "int_mm")
-    vnni = RowwiseInt8Linear(linear)  # the default where the kernel works
-    assert vnni.gemm == "vnni"
+    int8 = RowwiseInt8Linear(linear)  # the default where a native back end runs
+    assert int8.gemm == "native" and int8.weight_max == native.int8_weight_max()
     x = (torch.randn(rows, in_features * 2) * torch.logspace(-3, 3, rows)[:, None])[:, ::2]  # not contiguous
     x[0] = 0.0
     with torch.inference_mode():
-        want = reference(x)
-        assert torch.equal(vnni(x), want)
-        assert torch.equal(vnni(x[-1:]), want[-1:])
-        assert torch.equal(vnni(x.reshape(1, rows, in_features)), want.reshape(1, rows, out_features))
-        op = native.rowwise_int8_vnni()
-        weight, colsum = vnni_pack(torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8))
+        quantised = torch.round(linear.weight / int8.weight_scale[:, None]).to(torch.int8)
+        want = exact_rowwise_int8(x, quantised, int8.weight_scale, linear.bias)
+        assert torch.equal(int8(x), want)
+        assert torch.equal(int8(x[-1:]), want[-1:])
+        assert torch.equal(int8(x.reshape(1, rows, in_features)), want.reshape(1, rows, out_features))
+        op = native.rowwise_int8()
+        top = native.int8_weight_max()  # extremes: +-weight_max weights, +-127 activations (u8 1 and 255)
+        extreme = torch.full((out_features, in_features), top, dtype=torch.int8)
+        extreme[1::2, 1::2] = -top
+        weight, colsum = block_pack_int8(extreme)
+        ones = torch.ones(out_features)
+        peaks = torch.ones(3, in_features)
+        peaks[1] = -1.0
+        peaks[2, 1::2] = -1.0
+        assert torch.equal(op(peaks, weight, colsum, ones, None, out_features),
+                           exact_rowwise_int8(peaks, extreme, ones, None))
         with pytest.raises(RuntimeError, match="columns"):
-            op(torch.randn(2, in_features + 4), weight, colsum, vnni.weight_scale, None, out_features)
+            op(torch.randn(2, in_features + 4), weight, colsum, ones, None, out_features)
         with pytest.raises(RuntimeError, match="out_features"):
-            op(torch.randn(2, in_features), weight, colsum, vnni.weight_scale, None, out_features + 16)
+            op(torch.randn(2, in_features), weight, colsum, ones, None, out_features + 16)
         with pytest.raises(RuntimeError, match="int8"):
-            op(torch.randn(2, in_features), weight.float(), colsum, vnni.weight_scale, None, out_features)
+            op(torch.randn(2, in_features), weight.float(), colsum, ones, None, out_features)
 
 
 @pytest.mark.parametrize("rows, padded, in_features", [(33, 40, 512), (160, 160, 2048), (41, 45, 37), (1, 5, 1024)])
-def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in_features):
-    """The large-product (oneDNN) path's one-pass activation quantisation in server/native equals
-    the composed torch ops bit for bit (ties round to even, padding rows are zero point 128),
-    and a RowwiseInt8Linear using it equals one without it."""
-    from server import native
+@pytest.mark.parametrize("backend", native.BACKENDS)
+def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in_features, backend):
+    """Each native back end's one-pass activation quantisation (used by the oneDNN GEMM) equals the
+    composed torch ops bit for bit (ties round to even, padding rows are zero point 128), and a
+    RowwiseInt8Linear using it equals one without it."""
     from server.precision import _onednn_int8_available, _quantize_u8
 
-    assert native.why_unavailable() is not None or native.load(), "the native operator failed to build"
+    skip_unless_cpu_runs(backend)
+    native.select(backend)
     op = native.rowwise_quantize_u8()
-    if op is None:
-        pytest.skip(f"native operator unavailable here: {native.why_unavailable()}")
     torch.manual_seed(rows)
     x = (torch.randn(rows, in_features * 2) * torch.logspace(-4, 4, rows)[:, None])[:, ::2]  # not contiguous
     x[0] = 0.0

@@ -185,7 +185,7 @@ class Limits(_message.Message):
     def __init__(self, max_streams: _Optional[int] = ..., max_stream_duration_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., max_alternatives: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "sample_rate_hertz", "min_sample_rate_hertz", "max_sample_rate_hertz", "supported_encodings", "chunk_ms", "right_context_ms", "precision", "device", "vocabulary_size", "num_parameters", "default_decoding_method", "default_beam_width", "limits", "version")
+    __slots__ = ("model_name", "sample_rate_hertz", "min_sample_rate_hertz", "max_sample_rate_hertz", "supported_encodings", "chunk_ms", "right_context_ms", "precision", "device", "vocabulary_size", "num_parameters", "default_decoding_method", "default_beam_width", "limits", "version", "kernels", "batching_exact")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
     MIN_SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,8 @@ class ModelInfo(_message.Message):
     DEFAULT_BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_EXACT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     sample_rate_hertz: int
     min_sample_rate_hertz: int
@@ -216,4 +218,6 @@ class ModelInfo(_message.Message):
     default_beam_width: int
     limits: Limits
     version: str
-    def __init__(self, model_name: _Optional[str] = ..., sample_rate_hertz: _Optional[int] = ..., min_sample_rate_hertz: _Optional[int] = ..., max_sample_rate_hertz: _Optional[int] = ..., supported_encodings: _Optional[_Iterable[_Union[AudioEncoding, str]]] = ..., chunk_ms: _Optional[float] = ..., right_context_ms: _Optional[float] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., vocabulary_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., default_decoding_method: _Optional[_Union[DecodingMethod, str]] = ..., default_beam_width: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    kernels: str
+    batching_exact: bool
+    def __init__(self, model_name: _Optional[str] = ..., sample_rate_hertz: _Optional[int] = ..., min_sample_rate_hertz: _Optional[int] = ..., max_sample_rate_hertz: _Optional[int] = ..., supported_encodings: _Optional[_Iterable[_Union[AudioEncoding, str]]] = ..., chunk_ms: _Optional[float] = ..., right_context_ms: _Optional[float] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., vocabulary_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., default_decoding_method: _Optional[_Union[DecodingMethod, str]] = ..., default_beam_width: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., kernels: _Optional[str] = ..., batching_exact: _Optional[bool] = ...) -> None: ...

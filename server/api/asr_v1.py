@@ -202,4 +202,4 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
             limits=asr_pb2.Limits(max_streams=s.max_streams, max_stream_duration_s=s.max_stream_seconds,
                                   max_message_bytes=s.max_message_bytes, max_beam_width=s.max_beam_width,
                                   max_alternatives=s.max_beam_width),
-            version=d.version)
+            version=d.version, kernels=d.kernels, batching_exact=d.batching_exact)

@@ -1,151 +1,177 @@
-"""The server's own C++ operators, compiled on first use and cached.
+"""The server's native kernels: one back end per instruction set, built at install, chosen at start-up.
 
-``rowwise_int8_gemm()`` returns ``torch.ops.asr_native.rowwise_int8_gemm`` (see
-``operators.cpp``: ``RowwiseInt8Linear`` on fbgemm in one call, the same bits),
-``rowwise_quantize_u8()`` its oneDNN path's activation quantisation in one pass,
-``ring_attention()`` ``StreamingEncoder``'s attention reading the left-context pool in place,
-``rowwise_int8_vnni()`` every ``RowwiseInt8Linear`` product on AVX-512 VNNI (the same bits) and
-``linear_f32()`` fp32 products on AVX-512 (``BlockedLinear``), ``predictor_step()`` one step of the
-RNN-T prediction network over those two kernels (``server.decoder.Predictor``) and
-``emformer_layers()`` every encoder layer of a step over them (``StreamingEncoder``), each ``None``
-where it cannot be built or this CPU lacks its instructions: no C++ compiler, no AVX2 / FMA
-(AVX-512, and VNNI for ``rowwise_int8_vnni``, for the last four), ``ASR_NATIVE_KERNELS=0``, or a
-build error. Callers then run the composed Python path or torch's kernels, which give the same
-results (fp32 and attention to float rounding), slower. The first build takes 10-30 s (a C++
-compiler and ninja: ``g++`` from apt, ``ninja`` from pip); later processes load the cached library
-in well under a second.
+Each back end is the same C++ operators (``operators.h``) over its own primitives, compiled ahead
+of time by ``setup.py`` into ``server/native/_<backend>.so`` (``pip install`` builds them; the
+Docker image at build time). Nothing is compiled at run time.
 
-Cache: ``$ASR_NATIVE_CACHE``, else ``~/.cache/asr-server/native``, one folder per torch version
-and compiler flags (the build is for this CPU).
+==========  ==========================================  ========================================
+back end    instructions (``/proc/cpuinfo`` flags)       products
+==========  ==========================================  ========================================
+avx512      avx512f, avx512bw, avx512vl, avx512dq,      fp32 16-lane fma tiles; int8 on VNNI
+            avx2, fma                                   (``vpdpbusd``) where present, else
+                                                        16-bit pair sums with 7-bit weights
+avx2        avx2, fma                                   fp32 8-lane fma tiles (the avx512 back
+                                                        end's bits); int8 16-bit pair sums with
+                                                        7-bit weights (exact)
+portable    none (the compiler's baseline)              plain loops; int8 summed in int32
+torch       (no native code)                            torch's kernels: oneDNN, fbgemm, MKL
+==========  ==========================================  ========================================
 
-    python -m server.native     # build now (the Docker image does this at build time)
+``select(kernels)`` chooses the back end for this process (``auto``: the first of avx512, avx2,
+portable that is built and that this CPU runs, else ``torch``); the server calls it at start-up
+from ``--kernels`` / ``ASR_KERNELS``. Until then ``active()`` resolves ``ASR_KERNELS`` (default
+``auto``). The accessors (``linear_f32()``, ``rowwise_int8()``, ...) return the active back end's
+operator, or ``None`` on the ``torch`` path; callers then run torch's operators.
+
+    python -m server.native     # which back ends are built and which this CPU runs
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("operators.cpp")
-SHIM = Path(__file__).with_name("asmjit_shim")  # headers torch's fbgemm headers include, not shipped (see there)
-OPERATORS = ("rowwise_int8_gemm", "rowwise_quantize_u8", "ring_attention", "rowwise_int8_vnni", "linear_f32",
+BACKENDS = ("avx512", "avx2", "portable")  # native back ends, fastest first
+KERNELS = ("auto", *BACKENDS, "torch")  # values of --kernels
+OPERATORS = ("int8_weight_max", "rowwise_quantize_u8", "ring_attention", "rowwise_int8", "linear_f32",
              "predictor_step", "emformer_layers")
-# -ffp-contract=off: no a * b + c fused where torch's ops do not fuse (the same bits);
-# -fopenmp: at::parallel_for runs threads (torch's own OpenMP runtime, already loaded)
-FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DUSE_FBGEMM"]
-VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo's names
-_loaded: bool | None = None
+REQUIRED_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"),
+    "avx2": ("avx2", "fma"),
+    "portable": (),
+}
+HERE = Path(__file__).parent
+_active: str | None = None
 
 
-def _cpu_has(*flags: str) -> bool:
+class KernelError(ValueError):
+    """A ``--kernels`` value that cannot run here; the message says why."""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return all(f in line.split() for f in flags)
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
-def _cache_dir() -> Path:
-    sources = [SOURCE, *sorted(SHIM.rglob("*.h"))]
-    text = "".join(p.read_text() for p in sources) + torch.__version__ + " ".join(FLAGS)
-    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("ASR_NATIVE_CACHE") or Path.home() / ".cache" / "asr-server" / "native")
-    path = root / f"torch-{torch.__version__.replace('+', '-')}-{tag}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".writable"
-        probe.touch()
-        return path
-    except OSError:  # a read-only home (containers): build in a private temporary folder
-        return Path(tempfile.mkdtemp(prefix="asr-native-"))
+def library(backend: str) -> Path | None:
+    """The built shared library of ``backend``, or ``None`` where it was not built."""
+    found = sorted(HERE.glob(f"_{backend}*.so"))
+    return found[0] if found else None
 
 
-def why_unavailable() -> str | None:
-    """Why the operators cannot be built here (``None``: they can be tried)."""
-    if os.environ.get("ASR_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return "ASR_NATIVE_KERNELS=0"
-    if not _cpu_has("avx2", "fma"):
-        return "the CPU lacks AVX2 / FMA"
-    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
-        return "no C++ compiler (apt install g++)"
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return "this torch build has no fbgemm"
+def why_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run here (``None``: it can)."""
+    if backend == "torch":
+        return None
+    if backend not in BACKENDS:
+        raise KernelError(f"unknown kernels {backend!r}; choose one of {', '.join(KERNELS)}")
+    missing = [flag for flag in REQUIRED_FLAGS[backend] if flag not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if library(backend) is None:
+        return ("not built: reinstall with a C++ compiler (apt install g++; "
+                "pip install --no-build-isolation -e .), see setup.py")
     return None
 
 
-def load() -> bool:
-    """Build (or find in the cache) and load the operators; ``True`` if they are loaded."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    _loaded = False
-    reason = why_unavailable()
-    if reason:
-        log.info("native int8 operator not built: %s; the composed path runs instead", reason)
-        return False
-    # importing cpp_extension warns that no CUDA runtime is found: irrelevant to a CPU operator
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
+def runnable() -> list[str]:
+    """The native back ends this machine can run, fastest first (``torch`` always can)."""
+    return [b for b in BACKENDS if why_unavailable(b) is None]
 
-    bin_dir = str(Path(sys.executable).parent)  # ninja comes with the virtual environment
-    path = os.environ.get("PATH", "")
-    if bin_dir not in path.split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + path
-    try:
-        cpp_extension.load(name="asr_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           extra_include_paths=[str(SHIM)], build_directory=str(_cache_dir()),
-                           is_python_module=False, verbose=False)
-        _loaded = all(hasattr(torch.ops.asr_native, op) for op in OPERATORS)
-    except Exception as e:  # noqa: BLE001 - any build failure falls back to the composed path
-        log.warning("native int8 operator could not be built (%s); the composed path runs instead",
-                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-    return _loaded
+
+def resolve(kernels: str) -> str:
+    """``kernels`` (one of ``KERNELS``) -> the back end it runs here; ``KernelError`` where it cannot."""
+    if kernels not in KERNELS:
+        raise KernelError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    if kernels == "auto":
+        return next(iter(runnable()), "torch")
+    reason = why_unavailable(kernels)
+    if reason:
+        raise KernelError(f"--kernels {kernels} cannot run here: {reason}; this machine runs "
+                          f"{', '.join([*runnable(), 'torch'])}")
+    return kernels
+
+
+@functools.cache
+def _load(backend: str) -> None:
+    torch.ops.load_library(str(library(backend)))
+    namespace = getattr(torch.ops, f"asr_{backend}")
+    missing = [op for op in OPERATORS if not hasattr(namespace, op)]
+    if missing:
+        raise KernelError(f"{library(backend)} lacks {', '.join(missing)}: rebuild it (pip install -e .)")
+
+
+def select(kernels: str) -> str:
+    """Run this process's native operators on ``kernels`` (see ``resolve``) from now on; returns
+    the back end. Engines built before keep the operators they were built with."""
+    global _active
+    backend = resolve(kernels)
+    if backend != "torch":
+        _load(backend)
+    _active = backend
+    return backend
+
+
+def active() -> str:
+    """The back end in use: the last ``select``, else ``ASR_KERNELS`` (default ``auto``) resolved."""
+    if _active is None:
+        select(os.environ.get("ASR_KERNELS", "auto"))
+    return _active
+
+
+def describe(backend: str) -> str:
+    """``backend``'s kernels on this CPU, in words (the start-up log)."""
+    if backend == "avx512":
+        int8 = "VNNI" if "avx512_vnni" in cpu_flags() else "16-bit pair sums, 7-bit weights (no VNNI)"
+        return f"AVX-512 register tiles; int8 on {int8}"
+    return {"avx2": "AVX2 + FMA register tiles; int8 on 16-bit pair sums, 7-bit weights",
+            "portable": "portable C++ loops",
+            "torch": "torch's own kernels (oneDNN, fbgemm, MKL), no native code"}[backend]
+
+
+def _op(name: str):
+    backend = active()
+    return None if backend == "torch" else getattr(getattr(torch.ops, f"asr_{backend}"), name)
+
+
+def int8_weight_max() -> int:
+    """Largest int8 weight magnitude the active back end's ``rowwise_int8`` sums exactly (127, or 63
+    where it sums pairs of u8 x s8 products in 16 bits); 127 on the torch path."""
+    op = _op("int8_weight_max")
+    return 127 if op is None else int(op())
 
 
 def rowwise_quantize_u8():
-    """``torch.ops.asr_native.rowwise_quantize_u8``, or ``None`` where it cannot be built."""
-    return torch.ops.asr_native.rowwise_quantize_u8 if load() else None
-
-
-def rowwise_int8_gemm():
-    """``torch.ops.asr_native.rowwise_int8_gemm``, or ``None`` where it cannot be built."""
-    return torch.ops.asr_native.rowwise_int8_gemm if load() else None
+    return _op("rowwise_quantize_u8")
 
 
 def ring_attention():
-    """``torch.ops.asr_native.ring_attention``, or ``None`` where it cannot be built."""
-    return torch.ops.asr_native.ring_attention if load() else None
+    return _op("ring_attention")
 
 
-def rowwise_int8_vnni():
-    """``torch.ops.asr_native.rowwise_int8_vnni``, or ``None`` where it cannot be built or this CPU
-    lacks AVX-512 VNNI."""
-    return torch.ops.asr_native.rowwise_int8_vnni if _cpu_has(*VNNI_FLAGS) and load() else None
+def rowwise_int8():
+    return _op("rowwise_int8")
 
 
 def linear_f32():
-    """``torch.ops.asr_native.linear_f32``, or ``None`` where it cannot be built or this CPU lacks
-    AVX-512."""
-    return torch.ops.asr_native.linear_f32 if _cpu_has("avx512f") and load() else None
+    return _op("linear_f32")
 
 
 def predictor_step():
-    """``torch.ops.asr_native.predictor_step``, or ``None`` where it cannot be built or this CPU lacks
-    AVX-512 (its products are ``linear_f32`` and ``rowwise_int8_vnni``)."""
-    return torch.ops.asr_native.predictor_step if _cpu_has("avx512f") and load() else None
+    return _op("predictor_step")
 
 
 def emformer_layers():
-    """``torch.ops.asr_native.emformer_layers``, or ``None`` where it cannot be built or this CPU lacks
-    AVX-512 (its products are ``linear_f32`` and ``rowwise_int8_vnni``)."""
-    return torch.ops.asr_native.emformer_layers if _cpu_has("avx512f") and load() else None
+    return _op("emformer_layers")

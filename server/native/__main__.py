@@ -1,11 +1,11 @@
-"""``python -m server.native``: build the native operators now (the Docker image does this)."""
+"""``python -m server.native``: which kernel back ends are built and which this CPU runs."""
 
-import logging
 import sys
 
-from server.native import OPERATORS, load, why_unavailable
+from server.native import BACKENDS, library, resolve, why_unavailable
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-ok = load()
-print(f"asr_native operators ({', '.join(OPERATORS)}):", "built and loaded" if ok else f"unavailable ({why_unavailable() or 'build failed'})")
-sys.exit(0 if ok else 1)
+for backend in BACKENDS:
+    reason = why_unavailable(backend)
+    print(f"{backend:9s} {'runs here' if reason is None else reason}  ({library(backend) or 'not built'})")
+print(f"--kernels auto runs: {resolve('auto')}")
+sys.exit(0 if resolve("auto") != "torch" else 1)
