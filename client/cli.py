@@ -15,19 +15,24 @@ import sys
 from pathlib import Path
 
 import grpc
-import numpy as np
 import soundfile
 from google.protobuf import json_format
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import add_connection_args, connection_from_args, parse_args
-from client.stream import StreamOptions, channel, decoding_method, stream_audio
+from client.stream import StreamOptions, channel, decoding_method, pcm16, stream_audio
 
 
 def read_wav(path: Path) -> tuple[bytes, int, int]:
-    """LINEAR16 bytes (interleaved), sample rate and channel count of an audio file."""
-    data, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
-    return np.ascontiguousarray(data).astype("<i2").tobytes(), rate, data.shape[1]
+    """LINEAR16 bytes (interleaved), sample rate and channel count of an audio file in any format
+    soundfile reads (16/24/32-bit and 8-bit integer, float and double, A-law and mu-law WAV, FLAC,
+    ...): decoded to float in [-1, 1] (libsndfile's own scaling of each format; float samples as
+    they are), then rounded to int16, so a 16-bit file's samples come back unchanged.
+    ``FileNotFoundError`` for a missing file (libsndfile says only "System error")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return pcm16(data), rate, data.shape[1]
 
 
 class Printer:
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def run(args: argparse.Namespace) -> int:
     try:
         pcm, rate, channels = read_wav(args.file)
+    except FileNotFoundError as exc:
+        print(f"asr-client: {exc}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
         print(f"asr-client: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2

@@ -438,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="pid of the server, to report its CPU use (same machine)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts to DIR")
+    p.add_argument("--expect-errors", action="store_true",
+                   help="exit 0 even when streams end with errors (by default a run with any stream error "
+                        "exits 1; a --find-capacity search expects them above capacity and exits 0 once it "
+                        "has a figure)")
     add_connection_args(p)
     return p
 
@@ -509,6 +513,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {out['model']}\n" + table(out))
     if "plots" in out and not args.json:
         print("plots: " + ", ".join(out["plots"]))
+    return exit_code(out, args)
+
+
+def exit_code(out: dict, args) -> int:
+    """1 when streams failed and errors were not expected (or a capacity search found none), else 0."""
+    if args.find_capacity:
+        if out["capacity"] == 0:
+            print("asr-loadtest: no number of streams met the latency threshold without errors", file=sys.stderr)
+            return 1
+        return 0
+    errors = out.get("errors") or {}
+    if errors and not args.expect_errors:
+        print(f"asr-loadtest: {sum(errors.values())} stream(s) ended with errors "
+              f"({', '.join(f'{code} x{n}' for code, n in sorted(errors.items()))}); exit 1 "
+              "(--expect-errors to accept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,7 +56,7 @@ class StreamingLayer(torch.nn.Module):
         super().__init__()
         att, ff = layer.attention, layer.pos_ff  # pos_ff: LayerNorm, Linear, act, Dropout, Linear, Dropout
         dim = att.emb_to_query.in_features
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.qkv = torch.nn.utils.skip_init(torch.nn.Linear, dim, 3 * dim)  # no draw from torch's generator
         with torch.no_grad():
             self.qkv.weight.copy_(torch.cat([att.emb_to_query.weight, att.emb_to_key_value.weight]))
             self.qkv.bias.copy_(torch.cat([att.emb_to_query.bias, att.emb_to_key_value.bias]))

@@ -64,6 +64,7 @@ class PrecisionError(ValueError):
 class CpuFeatures:
     """Matrix-product features of the CPU (from /proc/cpuinfo flags)."""
 
+    avx2: bool = False
     avx512: bool = False
     avx512_bf16: bool = False
     avx512_fp16: bool = False
@@ -74,36 +75,39 @@ class CpuFeatures:
 
     def describe(self) -> str:
         present = [name for name, on in vars(self).items() if on]
-        return ", ".join(present) if present else "none of AVX-512 / AMX"
+        return ", ".join(present) if present else "none of AVX2 / AVX-512 / AMX"
+
+    @property
+    def bf16_hardware(self) -> bool:
+        return self.avx512_bf16 or self.amx_bf16
 
 
 def detect_cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
-    """Parse the ``flags`` line of /proc/cpuinfo (or the given text)."""
+    """The features in the ``flags`` line of the given /proc/cpuinfo text (default: this CPU's,
+    ``server.native.cpu_flags``)."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return CpuFeatures()
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return CpuFeatures(avx512="avx512f" in flags, avx512_bf16="avx512_bf16" in flags,
-                       avx512_fp16="avx512_fp16" in flags, avx512_vnni="avx512_vnni" in flags,
-                       amx_bf16="amx_bf16" in flags, amx_int8="amx_int8" in flags, amx_fp16="amx_fp16" in flags)
+        from server.native import cpu_flags
+
+        flags = cpu_flags()
+    else:
+        line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+        flags = frozenset(line.partition(":")[2].split())
+    return CpuFeatures(**{name: (f"{name}f" if name == "avx512" else name) in flags
+                          for name in CpuFeatures.__dataclass_fields__})
 
 
-def check_precision(precision: str, device: str) -> None:
+def check_precision(precision: str, device: str, features: CpuFeatures | None = None) -> None:
     """Raise ``PrecisionError`` for a precision this service does not run on ``device``."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if device == "cpu" and precision == "fp16":
+        features = features or detect_cpu_features()
+        bf16 = ("which has native AVX-512 BF16 / AMX-BF16 kernels on this CPU" if features.bf16_hardware else
+                "though this CPU has no bf16 hardware either (its features: " + features.describe()
+                + "): int8 or fp32 will be faster here")
         raise PrecisionError(
-            "fp16 is refused on CPU: measured here it is slower than bf16 for this model "
-            "(CPU fp16 kernels convert to fp32 around most operators); use --precision bf16, "
-            "which has the same memory footprint and native AVX-512 BF16 / AMX kernels")
+            "fp16 is refused on CPU: it is slower than bf16 for this model (CPU fp16 kernels convert to "
+            f"fp32 around most operators); --precision bf16 has the same memory footprint, {bf16}")
     if device == "cuda" and precision == "int8":
         raise PrecisionError("int8 is implemented for CPU only; on CUDA use --precision bf16 or fp16")
 
@@ -113,12 +117,12 @@ def precision_warnings(precision: str, device: str, features: CpuFeatures) -> li
     if device != "cpu":
         return []
     out = []
-    if precision == "bf16" and not (features.avx512_bf16 or features.amx_bf16):
+    if precision == "bf16" and not features.bf16_hardware:
         out.append("this CPU has neither AVX-512 BF16 nor AMX-BF16: bf16 matrix products are emulated "
                    "and will likely be slower than fp32")
-    if precision == "int8" and not (features.avx512_vnni or features.amx_int8):
-        out.append("this CPU has neither AVX-512 VNNI nor AMX-INT8: int8 matrix products will gain "
-                   "little over fp32")
+    if precision == "int8" and not (features.avx2 or features.avx512):
+        out.append("this CPU has neither AVX2 nor AVX-512: int8 matrix products run on portable loops "
+                   "and will gain little over fp32")
     return out
 
 

@@ -168,6 +168,8 @@ class Session:
         if self.state is SessionState.OPEN:
             raise ASRError(ErrorCode.INVALID_ARGUMENT, "the first message must carry the stream "
                            "configuration, before any audio")
+        if self._end_status is not None:
+            return  # the server ended the stream (drain, a limit): it ends with that status, not this audio's
         if self.state is not SessionState.ACTIVE:
             raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
         samples = self._decoder.decode(data)

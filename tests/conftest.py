@@ -25,12 +25,18 @@ SAMPLES = ROOT / "samples"
 KERNEL_PATHS = [*native.BACKENDS, "torch"]  # every --kernels path but auto
 
 
+def why_cpu_cannot_run(backend: str) -> str | None:
+    """The instructions this CPU lacks for ``backend`` (``None``: it has them; auto and torch need none)."""
+    missing = [flag for flag in native.REQUIRED_FLAGS.get(backend, ()) if flag not in native.cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)}: the {backend} kernels cannot run here" if missing else None
+
+
 def skip_unless_cpu_runs(backend: str) -> None:
     """Skip, naming the instructions, where this CPU physically cannot run ``backend``; a back end the
     CPU could run but that was not built is a failure (``native.select`` raises), never a skip."""
-    missing = [flag for flag in native.REQUIRED_FLAGS.get(backend, ()) if flag not in native.cpu_flags()]  # auto: none
-    if missing:
-        pytest.skip(f"this CPU lacks {', '.join(missing)}: the {backend} kernels cannot run here")
+    reason = why_cpu_cannot_run(backend)
+    if reason:
+        pytest.skip(reason)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,8 @@ def test_server_help_lists_every_option_with_its_environment_variable():
     (["--model", "nonsense"], {}, "--model"),
     (["--model", "bundle:/does/not/exist"], {}, "--model"),
     (["--beam-width", "20", "--max-beam-width", "8"], {}, "--beam-width"),
+    (["--kernels", "sse"], {}, "--kernels"),
+    ([], {"ASR_KERNELS": "avx1024"}, "--kernels"),
 ])
 def test_server_refuses_invalid_options_naming_them(args, env, option):
     result = run("asr-server", *args, env=env)
@@ -91,4 +93,52 @@ async def test_file_client_exits_nonzero_with_the_server_status(tmp_path):
         assert rc == 1
         assert "RESOURCE_EXHAUSTED" in err
     rc, out, err = await _client(str(tmp_path / "missing.wav"))
+    assert rc == 2 and "no such file" in err and "System error" not in err
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
+    rc, out, err = await _client(str(tmp_path / "garbage.wav"))
     assert rc == 2 and "cannot read" in err
+
+
+# every format soundfile writes that a user may hand over, and how close each comes to the 16-bit original
+WAV_FORMATS = [("FLOAT", 0), ("DOUBLE", 0), ("PCM_24", 0), ("PCM_32", 0), ("PCM_U8", 1 / 128), ("ULAW", 0.03),
+               ("ALAW", 0.03)]
+
+
+@pytest.mark.parametrize("subtype, tolerance", WAV_FORMATS)
+def test_read_wav_decodes_every_sample_format_to_the_same_pcm(tmp_path, subtype, tolerance):
+    """A float, 24-bit, 32-bit, 8-bit or A-law / mu-law WAV of a 16-bit sample decodes to that sample's
+    PCM (exactly where the format holds 16 bits), never to near-silence."""
+    import numpy as np
+    import soundfile
+
+    from client.cli import read_wav
+
+    wav = sorted(SAMPLES.glob("*.wav"))[0]
+    original, rate = soundfile.read(str(wav), dtype="int16")
+    converted = tmp_path / f"{subtype}.wav"
+    soundfile.write(str(converted), original.astype(np.float64) / 32768, rate, subtype=subtype)
+    pcm, got_rate, channels = read_wav(converted)
+    got = np.frombuffer(pcm, "<i2").astype(np.float64) / 32768
+    assert (got_rate, channels, len(got)) == (rate, 1, len(original))
+    error = np.abs(got - original / 32768)
+    if tolerance == 0:
+        assert error.max() == 0, subtype
+    else:  # companded / 8-bit formats: relative to the signal, and loud, not near-silent
+        assert np.sqrt(np.mean(error ** 2)) < tolerance * np.sqrt(np.mean((original / 32768) ** 2)) + 1 / 256
+    assert np.abs(got).max() > 0.1
+
+
+async def test_file_client_transcribes_a_float_wav_as_its_16_bit_original(small_server, tmp_path):
+    import soundfile
+
+    server, _ = small_server
+    wav = sorted(SAMPLES.glob("*.wav"))[1]
+    data, rate = soundfile.read(str(wav), dtype="float32")
+    soundfile.write(str(tmp_path / "float.wav"), data, rate, subtype="FLOAT")
+    address = f"127.0.0.1:{server.port}"
+    outputs = []
+    for path in (wav, tmp_path / "float.wav"):
+        rc, out, err = await _client(str(path), "--server", address, "--fast", "--no-endpointing", "--no-interim")
+        assert rc == 0, err
+        outputs.append(out.strip())
+    assert outputs[0] and outputs[1] == outputs[0]

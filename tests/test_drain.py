@@ -154,3 +154,35 @@ async def test_a_second_signal_stops_at_once(speech):
             while await call.read() is not grpc.aio.EOF:
                 pass
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+@pytest.mark.parametrize("chunk_ms, interim", [(160, False), (20, True), (1000, False)])
+async def test_drain_timeout_ends_every_client_with_unavailable_whatever_its_pacing(chunk_ms, interim):
+    """A client still sending when --drain-timeout expires gets its final result and the retryable
+    UNAVAILABLE, whether its messages are small or large and whether or not it asked for interim
+    results (audio that arrives after the server ended the stream is dropped, not an error)."""
+    import soundfile
+
+    from tests.conftest import ROOT, running_server
+
+    audio = np.concatenate([soundfile.read(str(p), dtype="float32")[0]
+                            for p in sorted((ROOT / "bench" / "audio").glob("*.wav"))])
+    assert len(audio) > 16000 * 10
+    async with running_server() as (server, stub):
+        options = StreamOptions(realtime=True, interim_results=interim, endpointing=False, chunk_ms=chunk_ms)
+
+        async def client():
+            finals = []
+            try:
+                async for event in stream_audio(stub, pcm16(audio), 16000, options):
+                    finals += [r for r in event.response.results if r.is_final]
+            except grpc.aio.AioRpcError as exc:
+                return exc.code(), exc.details(), finals
+            return grpc.StatusCode.OK, "", finals
+
+        task = asyncio.ensure_future(client())
+        await asyncio.sleep(2.0)
+        assert not await server.drain(0.3)
+        code, details, finals = await asyncio.wait_for(task, 30)
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    assert "--drain-timeout" in details and finals, "the final result of the audio received comes first"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.loadtest import find_capacity, load_audio, run_load, table
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, running_server
 
 BIN = Path(sys.executable).parent
 DISTRIBUTIONS = ["chunk_latency_ms", "server_chunk_latency_ms", "server_queue_wait_ms", "network_ms",
@@ -53,6 +53,22 @@ async def test_loadtest_four_real_streams_gives_json_and_plots(small_server, tmp
     for row in ("chunk latency (client)", "of which in the server", "waiting in its queue", "network + gRPC",
                 "time to first result", "final-result latency", "stream RTF", "errors: none", "CPU: load tester"):
         assert row in text
+
+
+async def test_loadtest_exits_nonzero_when_streams_fail_unless_errors_are_expected():
+    async with running_server(max_streams=1) as (server, _):
+        codes = []
+        for extra in ([], ["--expect-errors"]):
+            proc = await asyncio.create_subprocess_exec(
+                str(BIN / "asr-loadtest"), "--server", f"127.0.0.1:{server.port}", "--streams", "3",
+                "--duration", "2", "--ramp-up", "0", "--json", *extra,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            summary = json.loads(out)
+            assert summary["errors"].get("RESOURCE_EXHAUSTED", 0) > 0, summary["errors"]
+            codes.append((proc.returncode, err.decode()))
+    assert codes[0][0] == 1 and "RESOURCE_EXHAUSTED" in codes[0][1] and "--expect-errors" in codes[0][1]
+    assert codes[1][0] == 0, codes[1][1]
 
 
 def test_loadtest_refuses_bad_options_and_an_unreachable_server():

@@ -16,7 +16,8 @@ from server.precision import (CpuFeatures, PackedLinear, PrecisionError, Rowwise
                               detect_cpu_features, packed_linear_available, precision_warnings,
                               relative_error)
 from server import native
-from tests.conftest import kernels_selected, running_server, skip_unless_cpu_runs, small_model
+from tests.conftest import (KERNEL_PATHS, kernels_selected, running_server, skip_unless_cpu_runs, small_model,
+                            why_cpu_cannot_run)
 from tests.helpers import GREEDY, transcript
 
 SAPPHIRE_FLAGS = "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 avx512_fp16\n"
@@ -26,13 +27,16 @@ def test_cpu_features_are_read_from_cpuinfo_flags():
     f = detect_cpu_features("processor : 0\n" + SAPPHIRE_FLAGS)
     assert f.avx512 and f.avx512_bf16 and f.amx_bf16 and f.amx_int8 and f.avx512_vnni and not f.amx_fp16
     assert "amx_bf16" in f.describe()
-    assert detect_cpu_features("flags : fpu sse avx2\n") == CpuFeatures()
+    assert detect_cpu_features("flags : fpu sse avx2\n") == CpuFeatures(avx2=True)
+    assert detect_cpu_features("flags : fpu sse\n") == CpuFeatures()
 
 
 def test_precision_that_would_be_slow_here_is_warned_about():
     old_cpu = CpuFeatures(avx512=True)
     assert any("slower than fp32" in w for w in precision_warnings("bf16", "cpu", old_cpu))
-    assert precision_warnings("int8", "cpu", old_cpu)
+    assert precision_warnings("int8", "cpu", old_cpu) == []  # exact int8 kernels on AVX-512 and AVX2
+    assert precision_warnings("int8", "cpu", CpuFeatures(avx2=True)) == []
+    assert precision_warnings("int8", "cpu", CpuFeatures())
     assert precision_warnings("bf16", "cpu", detect_cpu_features(SAPPHIRE_FLAGS)) == []
     assert precision_warnings("fp32", "cpu", old_cpu) == []
 
@@ -40,6 +44,11 @@ def test_precision_that_would_be_slow_here_is_warned_about():
 def test_fp16_on_cpu_and_unknown_precisions_are_refused_with_a_reason():
     with pytest.raises(PrecisionError, match="bf16"):
         check_precision("fp16", "cpu")
+    with pytest.raises(PrecisionError, match="no bf16 hardware either .*avx2") as refused:
+        check_precision("fp16", "cpu", CpuFeatures(avx2=True))
+    assert "native AVX-512 BF16" not in str(refused.value)
+    with pytest.raises(PrecisionError, match="native AVX-512 BF16 / AMX-BF16 kernels on this CPU"):
+        check_precision("fp16", "cpu", detect_cpu_features(SAPPHIRE_FLAGS))
     with pytest.raises(PrecisionError, match="choose one of"):
         check_precision("fp8", "cpu")
     check_precision("fp16", "cuda")
@@ -224,12 +233,16 @@ def test_bf16_keeps_weights_and_streaming_state_in_bf16():
     assert out.dtype == torch.bfloat16 and state[0][0].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision, bound", [("bf16", 0.05), ("int8", 0.1)])
-def test_self_check_measures_a_small_error_and_refuses_over_the_bound(precision, bound, kernels):
-    if precision == "bf16" and kernels != "torch":
-        pytest.skip("bf16 runs torch's kernels whatever --kernels says: its self-check runs once, on torch")
-    engine = Engine(small_model(), precision=precision)
-    assert engine.kernels == kernels
+@pytest.mark.parametrize("precision, bound, paths", [("bf16", 0.05, ["auto"]), ("int8", 0.1, KERNEL_PATHS)])
+def test_self_check_measures_a_small_error_and_refuses_over_the_bound(precision, bound, paths):
+    for path in paths:  # bf16 runs torch's kernels on every path
+        _self_check_measures_and_refuses(precision, bound, path)
+
+
+def _self_check_measures_and_refuses(precision: str, bound: float, kernels: str) -> None:
+    if kernels != "auto" and why_cpu_cannot_run(kernels):
+        return  # the CPU lacks the path's instructions (named by the per-path tests' skips)
+    engine = Engine(small_model(), precision=precision, kernels=kernels)
     error = engine.self_check(max_error=1.0)
     assert 0 < error < bound
     assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
