@@ -11,7 +11,12 @@ to a 32-stream step (160 rows), the median time of:
 Printed as a table with each kernel's time relative to the best library kernel of the same
 precision (below 1.0: the native kernel is faster); JSON to ``bench/results/kernels.json``.
 
+``--steps``: what decides, a whole engine step of the full-size model (greedy, 1 / 4 / 16 / 32
+streams) on every kernel path, fp32 and int8, each relative to the torch path (the libraries'
+kernels, no native code) in the same run.
+
     .venv/bin/python -m bench.kernels [--rows 1 5 20 80 160] [--repeats 30]
+    .venv/bin/python -m bench.kernels --steps
 """
 
 from __future__ import annotations
@@ -64,13 +69,49 @@ def candidates(linear: torch.nn.Linear) -> dict[str, dict[str, torch.nn.Module]]
     return out
 
 
+def step_costs(sizes=(1, 4, 16, 32), repeats: int = 5) -> list[dict]:
+    """Median greedy step (ms) of random-base per kernel path and precision, and x the torch path."""
+    from bench.step_profile import fit_step_cost
+    from server.engine import Engine
+    from server.models import load_model
+
+    model = load_model("random-base")
+    runs = []
+    for precision in ("fp32", "int8"):
+        base = None
+        print(f"\n{precision} greedy step, ms at {' / '.join(map(str, sizes))} streams (x the torch path)")
+        for path in ["torch", *native.runnable()]:
+            engine = Engine(model, precision=precision, kernels=path)
+            engine.warmup()
+            cost = fit_step_cost(engine, sizes, repeats=repeats)
+            base = base or cost.total_ms
+            ratios = [t / b for t, b in zip(cost.total_ms, base)]
+            print(f"{path:<10}" + " / ".join(f"{t:.1f} ({r:.2f})" for t, r in zip(cost.total_ms, ratios))
+                  + f"   c0 {cost.c0_ms:.1f} + {cost.c_ms:.2f} per stream")
+            runs.append({"precision": precision, "kernels": path, "streams": list(sizes), "ms": cost.total_ms,
+                         "x_torch": [round(r, 3) for r in ratios], "c0_ms": round(cost.c0_ms, 2),
+                         "c_ms": round(cost.c_ms, 3)})
+            del engine
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 5, 20, 80, 160])
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
+    p.add_argument("--steps", action="store_true", help="whole engine steps per kernel path instead of products")
+    p.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/kernels.json, "
+                   "with --steps kernel_steps.json)")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / ("kernel_steps.json" if args.steps else "kernels.json")
+    if args.steps:
+        runs = step_costs()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"isa": sorted(native.cpu_flags() & {"avx2", "avx512f", "avx512_vnni",
+                                                                           "amx_int8"}), "runs": runs}, indent=2) + "\n")
+        print(f"\nresults: {args.out}")
+        return 0
     flags = native.cpu_flags()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     print(f"CPU: {' '.join(isa)}; {torch.get_num_threads()} threads; native back ends: "

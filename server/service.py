@@ -21,7 +21,7 @@ from server.config import DecodingMethod, Encoding, Endpointing, ServerSettings,
 from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
 from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
 from server.models import LoadedModel
-from server.scheduler import BatchRecord, Scheduler
+from server.scheduler import BatchRecord, Scheduler, engine_thread
 from server.session import Result, Session, SessionManager
 from server.stats import Observer, first_step_stats
 

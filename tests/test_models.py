@@ -147,3 +147,17 @@ def test_max_symbols_per_frame_caps_what_one_frame_emits(method, speech):
 def test_random_base_emits_at_most_one_symbol_per_frame():
     assert load_model("random-base").max_symbols_per_frame == 1
     assert load_model("random-small").max_symbols_per_frame is None
+
+
+async def test_the_service_builds_its_own_inference_thread_when_given_none():
+    """``RecognitionService`` without an executor makes its own engine thread (it used to raise NameError)."""
+    from server.config import ServerSettings
+    from server.service import RecognitionService
+    from tests.conftest import small_model
+
+    service = RecognitionService(ServerSettings(model="random-small", metrics_port=-1), small_model())
+    try:
+        assert service.executor is not None
+        assert await service.scheduler.run_on_engine_thread(lambda: 6 * 7) == 42
+    finally:
+        await service.stop()

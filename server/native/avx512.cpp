@@ -29,10 +29,8 @@ inline bool has_vnni() {
 // (saturating), exact for weights of at most 63 (2 x 255 x 63 < 32 767)
 inline int64_t int8_weight_max() { return has_vnni() ? 127 : 63; }
 
-constexpr int kTileRows = 6;    // 6 x 4 accumulators of 16 lanes
-constexpr int kTileBlocks = 4;
-
 struct F32Tiles {  // float accumulators: one fma chain per output over j in order
+  static constexpr int kRows = 6, kBlocks = 4;  // 6 x 4 accumulators of 16 lanes
   template <int R, int NB>
   static void tile(const float* x, int64_t x_row, const float* w, int64_t k, float* out, int64_t out_row) {
     __m512 c[R][NB];
@@ -98,6 +96,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_tile(const uint
 }
 
 struct Int8Tiles {
+  static constexpr int kRows = 6, kBlocks = 4;
   template <int R, int NB>
   static void tile(const uint8_t* q, int64_t q_row, const int8_t* w, int64_t k4, int32_t* acc, int64_t acc_row) {
     if (has_vnni()) {

@@ -7,12 +7,12 @@
 //   bool cpu_supported();                      the CPU runs this back end's instructions
 //   int64_t int8_weight_max();                 largest |int8 weight| Int8Tiles sums exactly (127, or 63
 //                                              where u8 x s8 pairs are summed in 16 bits)
-//   constexpr int kTileRows, kTileBlocks;      register tile: rows x 16-output blocks
 //   void quantize_rows_u8(x, q, s, begin, end, k)
 //   float dot(a, b, n); void dot4(a, b[4], n, out)       (n a multiple of 8)
 //   void exp_shifted(p, padded, top)           p[j] = e^(p[j] - top), padded a multiple of 8
 //   void weighted_sum_any(p, values, n, offset, width, inv, o)
-//   struct F32Tiles, Int8Tiles { template <int R, int NB> static void tile(...); }
+//   struct F32Tiles, Int8Tiles { kRows, kBlocks: the register tile, rows x 16-output blocks (1..6 x 1..4);
+//                                template <int R, int NB> static void tile(...); }
 //   void int8_epilogue(acc, colsum, w_scale, bias, row_scale, out, m)
 //
 // Operators (torch.ops.<ASR_NATIVE_LIB>.*; server/native/__init__.py loads one back end):
@@ -209,16 +209,15 @@ auto tile_for(int rows, int nb) {
   }
 }
 
-static_assert(simd::kTileRows >= 1 && simd::kTileRows <= 6 && simd::kTileBlocks >= 1 && simd::kTileBlocks <= 4,
-              "register tiles are 1..6 rows by 1..4 blocks");
-
-// The schedule: tasks of kTileBlocks 16-output blocks (their weights read from memory once, for all
-// rows) in parallel, each running its row tiles in turn. body(scratch, first block, blocks, first
-// output column, columns, first row, rows) computes one tile; scratch holds a tile's accumulators
-// (row stride 16 * kTileBlocks).
-template <class Acc, class Body>
+// The schedule of kernel K: tasks of K::kBlocks 16-output blocks (their weights read from memory
+// once, for all rows) in parallel, each running its row tiles of K::kRows rows in turn.
+// body(scratch, first block, blocks, first output column, columns, first row, rows) computes one
+// tile; scratch holds a tile's accumulators (row stride 16 * K::kBlocks).
+template <class K, class Acc, class Body>
 void for_each_tile(int64_t n, int64_t blocks, int64_t m, const Body& body) {
-  constexpr int rows_per_tile = simd::kTileRows, blocks_per_tile = simd::kTileBlocks;
+  constexpr int rows_per_tile = K::kRows, blocks_per_tile = K::kBlocks;
+  static_assert(rows_per_tile >= 1 && rows_per_tile <= 6 && blocks_per_tile >= 1 && blocks_per_tile <= 4,
+                "register tiles are 1..6 rows by 1..4 blocks");
   const int64_t groups = (blocks + blocks_per_tile - 1) / blocks_per_tile;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) Acc scratch[rows_per_tile * kBlock * blocks_per_tile];
@@ -281,12 +280,12 @@ at::Tensor rowwise_int8(const at::Tensor& rows_in, const at::Tensor& weight, con
   const int32_t* cs = colsum.data_ptr<int32_t>();
   const float* ws = w_scale.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  for_each_tile<int32_t>(n, blocks, m, [&](int32_t* acc, int64_t first, int nb, int64_t col, int64_t cols,
-                                            int64_t r0, int rr) {
-    tile_for<simd::Int8Tiles>(rr, nb)(q + r0 * kp, kp, wp + first * k4 * 4 * kBlock, k4, acc,
-                                      kBlock * simd::kTileBlocks);
+  using Tiles = simd::Int8Tiles;
+  for_each_tile<Tiles, int32_t>(n, blocks, m, [&](int32_t* acc, int64_t first, int nb, int64_t col, int64_t cols,
+                                                  int64_t r0, int rr) {
+    tile_for<Tiles>(rr, nb)(q + r0 * kp, kp, wp + first * k4 * 4 * kBlock, k4, acc, kBlock * Tiles::kBlocks);
     for (int r = 0; r < rr; ++r)
-      simd::int8_epilogue(acc + r * kBlock * simd::kTileBlocks, cs + col, ws + col, b == nullptr ? nullptr : b + col,
+      simd::int8_epilogue(acc + r * kBlock * Tiles::kBlocks, cs + col, ws + col, b == nullptr ? nullptr : b + col,
                           s[r0 + r], o + (r0 + r) * m + col, cols);
   });
   return out;
@@ -310,11 +309,12 @@ at::Tensor linear_f32(const at::Tensor& rows_in, const at::Tensor& weight, const
   const float* wp = weight.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
-  for_each_tile<float>(n, blocks, m, [&](float* tile, int64_t first, int nb, int64_t col, int64_t cols, int64_t r0,
-                                         int rr) {
-    tile_for<simd::F32Tiles>(rr, nb)(x + r0 * k, k, wp + first * k * kBlock, k, tile, kBlock * simd::kTileBlocks);
+  using Tiles = simd::F32Tiles;
+  for_each_tile<Tiles, float>(n, blocks, m, [&](float* tile, int64_t first, int nb, int64_t col, int64_t cols,
+                                                int64_t r0, int rr) {
+    tile_for<Tiles>(rr, nb)(x + r0 * k, k, wp + first * k * kBlock, k, tile, kBlock * Tiles::kBlocks);
     for (int r = 0; r < rr; ++r) {
-      const float* t = tile + r * kBlock * simd::kTileBlocks;
+      const float* t = tile + r * kBlock * Tiles::kBlocks;
       float* oi = o + (r0 + r) * m + col;
       if (b != nullptr) {
         for (int64_t j = 0; j < cols; ++j) oi[j] = t[j] + b[col + j];

@@ -3,6 +3,7 @@
 // tested against, and the native path of CPUs without AVX2.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace simd {
 
@@ -11,8 +12,9 @@ inline bool cpu_supported() { return true; }
 // products are summed in int32: any int8 weight is exact
 inline int64_t int8_weight_max() { return 127; }
 
-constexpr int kTileRows = 4;
-constexpr int kTileBlocks = 1;
+// fp32 tiles on the compiler's own 4-lane vectors (GCC / Clang vector extensions: SSE2 on any
+// x86-64, NEON on arm64, plain code elsewhere), int8 in plain int32 loops.
+typedef float f32x4 __attribute__((vector_size(16)));
 
 inline void quantize_rows_u8(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s,
                              int64_t begin, int64_t end, int64_t k) {
@@ -53,34 +55,43 @@ inline void weighted_sum_any(const float* p, const float* const* values, int64_t
   for (int64_t d = 0; d < width; ++d) o[d] *= inv;
 }
 
-struct F32Tiles {  // one multiply-add chain per output over j in order
+struct F32Tiles {  // one multiply-add chain per output over j in order (a * w, then + c: no fma)
+  static constexpr int kRows = 2, kBlocks = 1;
   template <int R, int NB>
   static void tile(const float* x, int64_t x_row, const float* w, int64_t k, float* out, int64_t out_row) {
-    float c[R][NB * 16] = {};
+    f32x4 c[R][NB][4];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b)
+        for (int q = 0; q < 4; ++q) c[r][b][q] = f32x4{0.f, 0.f, 0.f, 0.f};
     const int64_t block = k * 16;
-    for (int64_t j = 0; j < k; ++j)
+    for (int64_t j = 0; j < k; ++j) {
+      f32x4 wv[NB][4];
+      for (int b = 0; b < NB; ++b) std::memcpy(wv[b], w + b * block + j * 16, sizeof(wv[b]));
       for (int r = 0; r < R; ++r) {
         const float a = x[r * x_row + j];
         for (int b = 0; b < NB; ++b)
-          for (int l = 0; l < 16; ++l) c[r][16 * b + l] += a * w[b * block + j * 16 + l];
+          for (int q = 0; q < 4; ++q) c[r][b][q] += a * wv[b][q];
       }
+    }
     for (int r = 0; r < R; ++r)
-      for (int l = 0; l < NB * 16; ++l) out[r * out_row + l] = c[r][l];
+      for (int b = 0; b < NB; ++b) std::memcpy(out + r * out_row + 16 * b, c[r][b], sizeof(c[r][b]));
   }
 };
 
 struct Int8Tiles {  // int32 sums of uint8 rows times int8 weight blocks (4 inputs per step)
+  static constexpr int kRows = 4, kBlocks = 1;
   template <int R, int NB>
   static void tile(const uint8_t* q, int64_t q_row, const int8_t* w, int64_t k4, int32_t* acc, int64_t acc_row) {
     int32_t c[R][NB * 16] = {};
     const int64_t block = k4 * 64;
     for (int64_t j = 0; j < k4; ++j)
       for (int r = 0; r < R; ++r) {
-        const uint8_t* a = q + r * q_row + 4 * j;
+        const int32_t a0 = q[r * q_row + 4 * j], a1 = q[r * q_row + 4 * j + 1], a2 = q[r * q_row + 4 * j + 2],
+                      a3 = q[r * q_row + 4 * j + 3];
         for (int b = 0; b < NB; ++b)
           for (int l = 0; l < 16; ++l) {
             const int8_t* wl = w + b * block + j * 64 + 4 * l;
-            c[r][16 * b + l] += a[0] * wl[0] + a[1] * wl[1] + a[2] * wl[2] + a[3] * wl[3];
+            c[r][16 * b + l] += a0 * wl[0] + a1 * wl[1] + a2 * wl[2] + a3 * wl[3];
           }
       }
     for (int r = 0; r < R; ++r)

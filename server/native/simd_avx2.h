@@ -152,10 +152,8 @@ inline void weighted_sum_any(const float* p, const float* const* values, int64_t
 
 // Register tiles: R rows x NB blocks of 16 outputs, each block two 8-lane registers (16 registers
 // in all: 4 x 1 tiles keep accumulators, weights and the broadcast row value in them).
-constexpr int kTileRows = 4;
-constexpr int kTileBlocks = 1;
-
 struct F32Tiles {  // float accumulators: one fma chain per output over j in order
+  static constexpr int kRows = 4, kBlocks = 1;
   template <int R, int NB>
   static void tile(const float* x, int64_t x_row, const float* w, int64_t k, float* out, int64_t out_row) {
     __m256 c[R][NB][2];
@@ -196,6 +194,7 @@ struct F32Tiles {  // float accumulators: one fma chain per output over j in ord
 inline int64_t int8_weight_max() { return 63; }
 
 struct Int8Tiles {  // int32 accumulators of uint8 rows (4 bytes per step) times int8 weight blocks
+  static constexpr int kRows = 4, kBlocks = 1;
   template <int R, int NB>
   static void tile(const uint8_t* q, int64_t q_row, const int8_t* w, int64_t k4, int32_t* acc, int64_t acc_row) {
     __m256i c[R][NB][2];
