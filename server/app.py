@@ -22,7 +22,7 @@ from server.metrics import Metrics
 from server.models import LoadedModel, load_model
 from server.scheduler import engine_thread
 from server.service import RecognitionService
-from server.stats import LimitReason
+from server.stats import LimitReason, Observer
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +45,32 @@ class AsrServer:
         self.metrics_port = 0  # the bound /metrics port once started (0: no endpoint)
 
     async def start(self) -> int:
-        """Load and warm up the model, bind the port, start serving; return the bound port."""
+        """Check every option that can fail without the model (TLS files, bearer tokens, both
+        ports: bound now), then load and warm up the model and start serving; return the bound
+        gRPC port. A bad certificate or a taken port is reported at once, not after loading. On
+        any failure what was started is stopped again before the error propagates."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> int:
         s = self.settings
-        loop = asyncio.get_running_loop()
-        # Every torch operation of the server runs on this one thread (see engine_thread).
-        executor = engine_thread()
-        if self.model is None:
-            self.model = await loop.run_in_executor(executor, load_model, s.model, s.seed)
+        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        tokens = read_tokens(s.auth_token_file) if s.auth_token_file is not None else None
         if s.metrics_port >= 0:
-            self.metrics = Metrics(version=__version__, model=self.model.name, precision=s.precision,
-                                   device=s.device)
-        self.service = await loop.run_in_executor(
-            executor, RecognitionService, s, self.model, self.metrics.observer if self.metrics else None, executor)
-        if self.metrics:
-            self.metrics.watch(self.service)
+            self.metrics = Metrics(version=__version__, model=self.model.name if self.model else s.model,
+                                   precision=s.precision, device=s.device)
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
-        await self.service.start()  # warms the model up: health says SERVING only after this
+        observer = self.metrics.observer if self.metrics else Observer()
         interceptors = []
-        if s.auth_token_file is not None:
+        if tokens is not None:
             exempt = (HEALTH_SERVICE,) if s.auth_exempt_health else ()
-            interceptors.append(TokenAuthInterceptor(read_tokens(s.auth_token_file), exempt,
-                                                     self.service.observer))
-            if s.tls_cert is None:
+            interceptors.append(TokenAuthInterceptor(tokens, exempt, observer))
+            if credentials is None:
                 log.warning("--auth-token-file without --tls-cert: bearer tokens cross the network in "
                             "clear text (use TLS, or a TLS-terminating proxy on this host)")
-        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             # The servicers refuse (and count) messages over --max-message-bytes; gRPC's own
             # check, at twice that, only bounds what a message may cost before they see it.
@@ -82,6 +83,23 @@ class AsrServer:
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         ])
+        address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
+        try:
+            port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                    else self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc raises this for a port it cannot bind
+            raise OSError(f"cannot listen on {address} (--host / --port): {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (--host / --port)")
+        loop = asyncio.get_running_loop()
+        # Every torch operation of the server runs on this one thread (see engine_thread).
+        executor = engine_thread()
+        if self.model is None:
+            self.model = await loop.run_in_executor(executor, load_model, s.model, s.seed)
+        self.service = await loop.run_in_executor(executor, RecognitionService, s, self.model, observer, executor)
+        if self.metrics:
+            self.metrics.watch(self.service)
+        await self.service.start()  # warms the model up: health says SERVING only after this
         asr_pb2_grpc.add_SpeechRecognitionServicer_to_server(AsrServicer(self.service), self.server)
         compat_services = [add(self.service, self.server)  # Riva and Google Cloud Speech v1
                            for add in (riva.add_to_server, google_speech.add_to_server)]
@@ -89,14 +107,8 @@ class AsrServer:
         reflection.enable_server_reflection(
             [ASR_SERVICE, *compat_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
-        address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
-        if credentials is not None:
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        self.port = port
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (%s, %.1f M parameters, %s) on %s:%d (%s%s)", self.model.name, s.precision,
                  self.model.num_parameters / 1e6, s.device, s.host, self.port,

@@ -142,3 +142,35 @@ async def test_file_client_transcribes_a_float_wav_as_its_16_bit_original(small_
         assert rc == 0, err
         outputs.append(out.strip())
     assert outputs[0] and outputs[1] == outputs[0]
+
+
+async def test_start_up_errors_come_before_the_model_loads(tmp_path, monkeypatch):
+    """A certificate that is not PEM, a taken metrics port or a taken gRPC port stop the server before
+    it loads the model (a full-size model takes tens of seconds), with a message naming the option."""
+    import socket
+
+    import server.app
+    from server.app import AsrServer
+
+    loads = []
+    monkeypatch.setattr(server.app, "load_model", lambda *args: loads.append(args))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    cases = [({"tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem"}, ValueError, "--tls-cert"),
+             ({"metrics_port": busy}, OSError, "--metrics-port"),
+             ({"port": busy}, OSError, "--port")]
+    try:
+        for overrides, error, option in cases:
+            settings = ServerSettings(**{"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1",
+                                         "metrics_port": 0, "model": "random-base", **overrides})
+            server = AsrServer(settings)
+            with pytest.raises(error, match=option):
+                await server.start()
+            assert server.metrics_port == 0 and server.server is None, "what was started is stopped again"
+    finally:
+        taken.close()
+    assert loads == [], "the model must not be loaded before the options that can fail are checked"
