@@ -41,7 +41,7 @@ venv: $(STAMP) $(KERNELS)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "setuptools>=68" wheel $$(grep -oE '"(torch|ninja)==[^"]+"' pyproject.toml | tr -d '"')
+	$(VENV)/bin/pip install -q "setuptools>=77" wheel $$(grep -oE '"(torch|ninja)==[^"]+"' pyproject.toml | tr -d '"')
 	ASR_BUILD_KERNELS=0 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev,data]'
 	rm -f $(KERNELS)
 	touch $(STAMP)
