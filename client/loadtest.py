@@ -49,6 +49,7 @@ from client.stream import SendLog, StreamOptions, channel, decoding_method, stre
 
 CHUNK_PERIOD_MS = 160.0
 RETRY_PAUSE_S = 0.5
+PROGRESS_LINE_S = 5.0  # without a terminal: one progress line on stderr this often
 DEFAULT_AUDIO = Path(__file__).resolve().parent.parent / "samples"
 
 
@@ -203,13 +204,14 @@ async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float,
 
 async def run_load(address: str | Connection, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
                    options: StreamOptions | None = None, server_pid: int | None = None,
-                   progress: bool = True, seed: int = 0) -> LoadResult:
+                   progress: bool = True, seed: int = 0, report_every: float = 0.0) -> LoadResult:
     """Run ``streams`` simulated users for ``duration`` seconds after a ``ramp_up``; all records.
 
     ``audio``: ``load_audio(directory)``. User i starts at ``ramp_up * i / streams`` (plus a
     random phase within one chunk) and sends files back to back, one gRPC stream each,
     until the end; the file in flight then finishes. ``server_pid``: also measure the
-    server's CPU use (same machine only).
+    server's CPU use (same machine only). ``progress``: a progress bar on stderr; else, with
+    ``report_every`` seconds, one summary line on stderr that often (for logs and pipes).
     """
     options = options or StreamOptions(realtime=True, interim_results=True)
     rng = random.Random(seed)
@@ -234,10 +236,15 @@ async def run_load(address: str | Connection, audio: list, streams: int, duratio
                     await asyncio.sleep(RETRY_PAUSE_S)  # a refused or failed stream: no busy loop
 
         async def ticker(bar):
+            last_line = time.monotonic()
             while True:
                 await asyncio.sleep(0.5)
                 bar.n = min(time.monotonic() - t0, bar.total)
                 bar.set_postfix_str(live.postfix(), refresh=True)
+                if not progress and report_every > 0 and time.monotonic() - last_line >= report_every:
+                    last_line = time.monotonic()
+                    print(f"asr-loadtest: {bar.n:.0f}/{bar.total:.0f} s, {streams} streams: {live.postfix()}",
+                          file=sys.stderr, flush=True)
 
         with tqdm(total=ramp_up + duration, unit="s", desc=f"{streams} streams", disable=not progress,
                   file=sys.stderr, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
@@ -335,6 +342,53 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def latency_over_time_figure(result: LoadResult):
+    """Client chunk latency against time, one colour per simulated user and one line per file it
+    streamed (the pause between two files is not drawn as a line), the 160 ms chunk period, the
+    unmeasured ramp-up and tail, and a red cross where a stream was refused or failed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    users = sorted({r.user for r in result.records})
+    colours = plt.get_cmap("tab10")
+    for n, user in enumerate(users):
+        colour = colours(n % 10)
+        for i, r in enumerate(rec for rec in result.records if rec.user == user and rec.latency_at):
+            ax.plot(r.latency_at, r.client_latency_ms, lw=0.8, alpha=0.8, color=colour,
+                    label=f"stream {user}" if i == 0 and len(users) <= 10 else None)
+    if len(users) > 10:
+        ax.plot([], [], color="grey", lw=0.8, label=f"{len(users)} streams, one colour each")
+    failed = [r for r in result.records if r.status != "OK"]
+    if failed:
+        top = max([v for r in result.records for v in r.client_latency_ms] or [CHUNK_PERIOD_MS])
+        codes = sorted({r.status for r in failed})
+        ax.scatter([r.started_at for r in failed], [top] * len(failed), marker="x", color="red", zorder=3,
+                   label=f"refused / failed stream ({', '.join(codes)}): {len(failed)}")
+    ax.axhline(CHUNK_PERIOD_MS, color="grey", ls="--", label=f"{CHUNK_PERIOD_MS:g} ms (one chunk period)")
+    ax.axvspan(0, result.ramp_up_s, color="grey", alpha=0.1, label="ramp-up (not measured)")
+    ax.axvspan(result.ramp_up_s + result.duration_s, max(result.wall_s, result.ramp_up_s + result.duration_s),
+               color="tab:orange", alpha=0.08, label="last files finishing (not measured)")
+    ax.set(xlabel="time (s)", ylabel="client chunk latency (ms)", title="Chunk latency over time")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def rtf_per_stream_figure(result: LoadResult):
+    """Real-time factor per simulated user: bars at whole-number stream ids, and the RTF = 1 line
+    (above it a stream's compute would not keep up with its audio)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    per_stream = summarize(result)["per_stream"]
+    ax.bar([s["stream"] for s in per_stream], [s["rtf"] or 0 for s in per_stream], label="stream RTF")
+    ax.axhline(1.0, color="red", ls="--", label="RTF = 1 (real time)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="stream", ylabel="RTF (compute share / audio)", title="Real-time factor per stream")
+    ax.legend(fontsize="small")
+    return fig
+
+
 def plot(result: LoadResult, directory: Path, sweep: list[dict] | None = None) -> list[Path]:
     """PNG charts: chunk-latency CDF, latency over time per stream, RTF per stream, and, given the
     summaries of a sweep over N (``find_capacity``'s trials), latency vs N. Returns the paths."""
@@ -363,24 +417,8 @@ def plot(result: LoadResult, directory: Path, sweep: list[dict] | None = None) -
     ax.legend()
     save(fig, "latency_cdf.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for user in sorted({r.user for r in result.records}):
-        mine = sorted((t, v) for r in result.records if r.user == user
-                      for t, v in zip(r.latency_at, r.client_latency_ms))
-        ax.plot([t for t, _ in mine], [v for _, v in mine], lw=0.8, alpha=0.7)
-    ax.axhline(CHUNK_PERIOD_MS, color="grey", ls="--")
-    ax.axvspan(0, result.ramp_up_s, color="grey", alpha=0.1, label="ramp-up (not measured)")
-    ax.axvspan(result.ramp_up_s + result.duration_s, max(result.wall_s, result.ramp_up_s + result.duration_s),
-               color="tab:orange", alpha=0.08, label="last files finishing (not measured)")
-    ax.set(xlabel="time (s)", ylabel="client chunk latency (ms)", title="Chunk latency over time, one line per stream")
-    ax.legend()
-    save(fig, "latency_over_time.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    per_stream = summarize(result)["per_stream"]
-    ax.bar([s["stream"] for s in per_stream], [s["rtf"] or 0 for s in per_stream])
-    ax.set(xlabel="stream", ylabel="RTF (compute share / audio)", title="Real-time factor per stream")
-    save(fig, "rtf_per_stream.png")
+    save(latency_over_time_figure(result), "latency_over_time.png")
+    save(rtf_per_stream_figure(result), "rtf_per_stream.png")
 
     if sweep:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -469,12 +507,13 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
     options = options_from(args)
     model = await model_name(address)
     progress = sys.stderr.isatty()
+    report_every = 0.0 if progress else PROGRESS_LINE_S
     if args.find_capacity:
         results: dict[int, LoadResult] = {}
 
         async def trial(n):
             results[n] = await run_load(address, audio, n, args.duration, args.ramp_up, options, server_pid,
-                                        progress=progress)
+                                        progress=progress, report_every=report_every)
             return results[n].summary()
 
         capacity, trials = await find_capacity(trial, args.threshold_ms, max_streams=args.max_streams,
@@ -486,7 +525,7 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
             out["plots"] = [str(p) for p in plot(best, args.plot, trials)]
         return out
     result = await run_load(address, audio, args.streams, args.duration, args.ramp_up, options, server_pid,
-                            progress=progress)
+                            progress=progress, report_every=report_every)
     out = {"model": model, **result.summary()}
     if args.plot:
         out["plots"] = [str(p) for p in plot(result, args.plot)]

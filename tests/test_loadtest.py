@@ -194,3 +194,51 @@ async def test_capacity_search_through_run_load_finds_where_a_fake_server_gets_t
     assert found == 2, [(t["streams"], t["chunk_latency_ms"]["p50"]) for t in trials]
     latency = {t["streams"]: t["chunk_latency_ms"]["p50"] for t in trials}
     assert latency[1] >= 80 and latency[4] > latency[2] > latency[1]  # measured client-side, it grows with N
+
+
+def _hand_made_result():
+    from client.loadtest import LoadResult, StreamRecord
+
+    records = []
+    for user in (0, 1):
+        for n, start in enumerate((1.0, 4.0)):  # two files per user, a pause between them
+            r = StreamRecord(user, f"f{n}.wav", 2.0, start, compute_share_ms=100.0 * (user + 1), completed=True)
+            r.latency_at = [start + 0.2 * i for i in range(8)]
+            r.client_latency_ms = [50.0 + 10 * i for i in range(8)]
+            r.server_latency_ms = [40.0 + 10 * i for i in range(8)]
+            r.queue_wait_ms = [1.0] * 8
+            r.batch_sizes = [2] * 8
+            records.append(r)
+    records.append(StreamRecord(2, "f0.wav", 2.0, 2.5, status="RESOURCE_EXHAUSTED"))
+    return LoadResult(3, 5.0, records, 7.0, 10.0, None, 1.0)
+
+
+def test_latency_over_time_plot_labels_its_lines_and_shows_refused_streams_without_joining_files():
+    from client.loadtest import latency_over_time_figure
+
+    fig = latency_over_time_figure(_hand_made_result())
+    ax = fig.axes[0]
+    data_lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 2]
+    assert len(data_lines) == 4, "one line per file: the pause between a user's files is not drawn"
+    labels = ax.get_legend_handles_labels()[1]
+    assert "160 ms (one chunk period)" in labels
+    assert {"stream 0", "stream 1"} <= set(labels)
+    assert any(label.startswith("refused / failed stream (RESOURCE_EXHAUSTED)") for label in labels)
+
+
+def test_rtf_plot_has_whole_stream_ids_and_the_real_time_line():
+    from client.loadtest import rtf_per_stream_figure
+
+    fig = rtf_per_stream_figure(_hand_made_result())
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert "RTF = 1 (real time)" in ax.get_legend_handles_labels()[1]
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())
+
+
+async def test_without_a_terminal_progress_is_a_line_every_few_seconds(small_server, capsys):
+    server, _ = small_server
+    await run_load(f"127.0.0.1:{server.port}", load_audio(SAMPLES), 2, 1.5, 0.0, progress=False, report_every=0.5)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asr-loadtest: ")]
+    assert len(lines) >= 2 and "streams" in lines[0] and "errors" in lines[0], lines
