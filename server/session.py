@@ -40,6 +40,8 @@ from server.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 
+INTERIMS_FOR_STABILITY = 2  # earlier interim results a word must have stood in to count as stable
+
 
 class SessionState(enum.Enum):
     OPEN = "open"
@@ -138,6 +140,8 @@ class Session:
         self._room = asyncio.Event()
         self._room.set()
         self._utterance_index = 0
+        # the words of this utterance's last interim results, for their stability (``_stability``)
+        self._recent_interims: collections.deque[list[str]] = collections.deque(maxlen=INTERIMS_FOR_STABILITY)
         self._last: tuple[ChunkResult, JobTiming] | None = None
         # chunks queued on the scheduler, oldest first: every window that is ready, up to
         # MAX_CHUNKS_PER_STREAM, so that a stream that is behind catches up in one step
@@ -352,12 +356,29 @@ class Session:
             return self._final(chunk, timing)
         if chunk.endpoint is Endpoint.RESTART or not self.config.interim_results:
             return None  # non-speech only: the utterance restarts quietly
+        if not chunk.alternatives or not chunk.alternatives[0].tokens:
+            return None  # nothing recognised yet: no empty interim
         return self._result(chunk, timing, is_final=False)
 
     def _final(self, chunk: ChunkResult, timing: JobTiming) -> Result:
         result = self._result(chunk, timing, is_final=True)
         self._utterance_index += 1
+        self._recent_interims.clear()
         return result
+
+    def _stability(self, text: str, agreement: float) -> float:
+        """How likely an interim result is to survive, in [0.1, 1]: the share of its words that the
+        ``INTERIMS_FOR_STABILITY`` interims before it already had in the same places (a word that
+        has stood for several chunks rarely changes again; the word being spoken does), times
+        ``agreement`` (beam search: the share of the best hypothesis every hypothesis agrees on; 1
+        for greedy), mapped to [0.1, 1]."""
+        words = text.split()
+        stable = 0
+        if len(self._recent_interims) == self._recent_interims.maxlen and words:
+            stable = min(next((i for i, (a, b) in enumerate(zip(words, earlier)) if a != b),
+                              min(len(words), len(earlier))) for earlier in self._recent_interims)
+        self._recent_interims.append(words)
+        return 0.1 + 0.9 * agreement * stable / max(1, len(words))
 
     def _result(self, chunk: ChunkResult, timing: JobTiming, is_final: bool) -> Result:
         cfg = self.config
@@ -371,7 +392,8 @@ class Session:
                          for w in self.tokens.words(list(alt.tokens), list(alt.frames))]
             alternatives.append(Alternative(self.tokens.text(list(alt.tokens)),
                                             alt.confidence if is_final else 0.0, words))
-        return Result(alternatives, is_final, 1.0 if is_final else chunk.stability,
+        stability = 1.0 if is_final else self._stability(alternatives[0].transcript, chunk.stability)
+        return Result(alternatives, is_final, stability,
                       chunk.utterance_start_frame * FRAME_SECONDS, self._audio_end_s(chunk.frames_done),
                       self._utterance_index, timing.ready_at, timing.queue_wait, timing.compute,
                       timing.batch_size)

@@ -125,6 +125,16 @@ def test_the_schema_catches_a_broken_panel():
         jsonschema.validate(broken, DASHBOARD_SCHEMA)
 
 
+def test_dashboard_shows_memory_cpu_gc_pauses_step_failures_and_refusals_by_reason():
+    """An operator's blind spots: each has a panel (tests/test_prometheus.py runs every panel's query
+    against a real Prometheus scraping a real server)."""
+    exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p.get("targets", []))
+    for metric in ("process_resident_memory_bytes", "process_cpu_seconds_total", "asr_gc_pause_seconds_bucket",
+                   "asr_engine_step_failures_total"):
+        assert metric in exprs, metric
+    assert re.search(r'asr_limit_hits_total\{reason=~"[^"]*max_streams[^"]*overload', exprs), "refusals by reason"
+
+
 def test_dashboard_layout_and_references_are_consistent():
     d = dashboard()
     panels = d["panels"]
