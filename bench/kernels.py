@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server import native  # noqa: E402
-from server.precision import (BlockedLinear, PackedLinear, RowwiseInt8Linear, fbgemm_rowwise_exact,  # noqa: E402
-                              hybrid_int8_available, onednn_rowwise_exact, torch_int8_weight_max)
+from server.precision import (BlockedLinear, PackedLinear, RowwiseInt8Linear, exact_torch_int8_gemms,  # noqa: E402
+                              torch_int8_weight_max)
 
 SHAPES = ((512, 2048), (2048, 512), (512, 1536), (1024, 4097))  # ff1, ff2, qkv, joiner
 
@@ -55,10 +55,7 @@ def candidates(linear: torch.nn.Linear) -> dict[str, dict[str, torch.nn.Module]]
     out: dict[str, dict[str, torch.nn.Module]] = {"fp32": {}, "int8": {}}
     out["fp32"]["mkl (nn.Linear)"] = linear
     out["fp32"]["onednn (PackedLinear)"] = PackedLinear(linear)
-    weight_max = torch_int8_weight_max()
-    torch_gemms = [g for g, ok in (("hybrid", hybrid_int8_available()), ("fbgemm", fbgemm_rowwise_exact(weight_max)),
-                                   ("onednn", onednn_rowwise_exact(weight_max))) if ok]
-    for gemm in torch_gemms:
+    for gemm in exact_torch_int8_gemms()[:-1]:  # int_mm repacks its weights at every call: not a contender
         out["int8"][f"{gemm} (torch)"] = RowwiseInt8Linear(linear, gemm)
     previous = native.active()
     for backend in native.runnable():

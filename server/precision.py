@@ -525,11 +525,17 @@ def hybrid_int8_available() -> bool:
     return agree
 
 
+def exact_torch_int8_gemms() -> list[str]:
+    """torch's GEMMs for ``RowwiseInt8Linear`` that are exact here at ``torch_int8_weight_max``,
+    preferred first (``int_mm`` always, last)."""
+    weight_max = torch_int8_weight_max()
+    return [g for g, ok in (("hybrid", hybrid_int8_available()), ("fbgemm", fbgemm_rowwise_exact(weight_max)),
+                            ("onednn", onednn_rowwise_exact(weight_max))) if ok] + ["int_mm"]
+
+
 def torch_int8_gemm() -> str:
     """The torch GEMM ``RowwiseInt8Linear`` runs where no native back end does."""
-    weight_max = torch_int8_weight_max()
-    return ("hybrid" if hybrid_int8_available() else "fbgemm" if fbgemm_rowwise_exact(weight_max)
-            else "onednn" if onednn_rowwise_exact(weight_max) else "int_mm")
+    return exact_torch_int8_gemms()[0]
 
 
 class RowwiseInt8Linear(torch.nn.Module):

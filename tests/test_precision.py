@@ -70,12 +70,9 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
 def _int8_gemms() -> list[str]:
     """The row-wise int8 GEMMs of the torch path this machine runs exactly (at
     ``torch_int8_weight_max``), then each native back end's (``native:<backend>``)."""
-    from server.precision import fbgemm_rowwise_exact, hybrid_int8_available, onednn_rowwise_exact, torch_int8_weight_max
+    from server.precision import exact_torch_int8_gemms
 
-    weight_max = torch_int8_weight_max()
-    torch_gemms = [g for g, ok in (("hybrid", hybrid_int8_available()), ("fbgemm", fbgemm_rowwise_exact(weight_max)),
-                                   ("onednn", onednn_rowwise_exact(weight_max))) if ok] + ["int_mm"]
-    return torch_gemms + [f"native:{b}" for b in native.BACKENDS]
+    return exact_torch_int8_gemms() + [f"native:{b}" for b in native.BACKENDS]
 
 
 def _rowwise(linear: torch.nn.Linear, gemm: str, weight_max: int | None = None) -> RowwiseInt8Linear:
