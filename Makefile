@@ -51,7 +51,7 @@ $(KERNELS): $(STAMP) setup.py $(wildcard server/native/*.cpp server/native/*.h)
 	@command -v g++ >/dev/null || ($(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends g++)
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
-	$(PY) -m server.native
+	$(PY) -m server.native --strict
 	touch $@
 
 demo: $(STAMP) $(KERNELS)

@@ -46,12 +46,8 @@ def extensions():
             for name, flags in BACKENDS.items() if x86 or name not in X86_ONLY]
 
     class OptionalBuild(BuildExtension.with_options(no_python_abi_suffix=True)):
-        """Each back end on its own: one that fails to build is left out, with the reason."""
-
-        def finalize_options(self):
-            super().finalize_options()
-            if self.parallel is None:  # the back ends compile side by side
-                self.parallel = os.cpu_count() or 1
+        """Each back end on its own, one after the other (they share the ninja build folder, so never
+        in parallel): one that fails to build is left out, with the reason."""
 
         def build_extensions(self):
             self.failed = []

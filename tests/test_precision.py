@@ -396,3 +396,11 @@ def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in
         assert fused._quantize_u8 is op
         with torch.inference_mode():
             assert torch.equal(fused(x), composed(x))
+
+
+def test_every_kernel_back_end_this_cpu_runs_was_built():
+    """A back end that failed to compile at install would silently leave its CPUs on a slower path."""
+    proc = subprocess.run([sys.executable, "-m", "server.native", "--strict"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "runs here" in proc.stdout
