@@ -25,7 +25,7 @@ RUN apt-get update -qq \
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
  && pip install --index-url "$TORCH_INDEX_URL" $(grep -E '^(torch|torchaudio)==' /tmp/requirements.txt) \
- && pip install -r /tmp/requirements.txt
+ && pip install -r /tmp/requirements.txt "setuptools>=77" wheel
 
 # The application (what .dockerignore leaves: server, client, generated stubs, the demo model).
 # Installed in place (editable) so the server finds models/ beside its package; setup.py builds the
