@@ -144,7 +144,6 @@ class Engine:
         check_precision(precision, device)
         backend = INT8_KERNELS[int8_kernel]
         self.kernels = native.select(kernels) if kernels is not None else native.active()
-        self.int8_kernel = int8_kernel
         self.model = model
         self.precision = precision
         self.device = torch.device(device)
