@@ -24,6 +24,7 @@ from server.errors import invalid
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
+MAX_REQUEST_ID_CHARS = 128  # a request id is echoed in every response and logged: bounded
 MAX_CHANNELS = 8
 
 
@@ -121,8 +122,9 @@ class ServerSettings(BaseSettings):
     # --- observability -------------------------------------------------------------------
     metrics_port: int = Field(9400, ge=-1, le=65535, description="port of the Prometheus /metrics "
                               "endpoint (0 picks a free port, -1 turns the endpoint off)")
-    metrics_host: str = Field("0.0.0.0", min_length=1, description="address the /metrics endpoint "
-                              "listens on (e.g. 127.0.0.1 or an internal interface)")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the /metrics endpoint "
+                              "listens on: this host only by default; 0.0.0.0 or an internal interface "
+                              "for a Prometheus elsewhere (the container image sets 0.0.0.0)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     gc_freeze: bool = Field(True, description="once loaded and warm, exempt the start-up heap (torch, "
                             "gRPC, the model) from Python's garbage collector, whose full collections "
@@ -243,8 +245,8 @@ class StreamConfig:
         if not 1 <= self.max_alternatives <= self.beam_width:
             raise invalid(f"config.max_alternatives must be between 1 and the beam width "
                           f"({self.beam_width}), got {self.max_alternatives}")
-        if len(self.request_id) > 128:
-            raise invalid("request_id must be at most 128 characters")
+        if len(self.request_id) > MAX_REQUEST_ID_CHARS:
+            raise invalid(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
         ep = self.endpointing
         if ep.enabled and not 80 <= ep.trailing_silence_ms <= 60_000:
             raise invalid("config.endpointing.trailing_silence_ms must be between 80 and 60000")

@@ -37,3 +37,15 @@ class ASRError(Exception):
 
 def invalid(message: str) -> ASRError:
     return ASRError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+SHOWN_CHARACTERS = 64  # of a client's string quoted in an error message or a log line
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """``repr`` of a client-supplied string for messages and logs, cut to about ``limit`` characters
+    (a megabyte model name must not become a megabyte status message or log line)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -5,6 +5,13 @@ tokens of ``--auth-token-file``; otherwise it ends with ``UNAUTHENTICATED`` befo
 servicer runs (no session, no model). ``grpc.health.v1.Health`` is exempt unless
 ``--no-auth-exempt-health`` (load-balancer probes rarely send tokens).
 
+A refused call costs the server no parsing and bounded memory: no servicer, no session, no
+protobuf parse of its messages (they are counted, as bytes, then dropped). A client still writing
+when its streaming call is refused gets UNAUTHENTICATED only if the server reads what it sends
+until it pauses (grpcio's asyncio client otherwise reports ``INTERNAL``, grpc/grpc#36066), so up to
+``MAX_DRAINING_REFUSALS`` refused calls at a time, and ``DRAINED_REFUSALS_PER_S`` a second, are read
+for up to ``REFUSAL_DRAIN_BYTES`` each; the others (a flood) are refused without reading a message.
+
 Tokens are compared in constant time: the server keeps only their SHA-256 digests and
 compares the presented token's digest with every one of them (``hmac.compare_digest``,
 no early exit), so neither content nor length leaks through timing. No token, accepted
@@ -16,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
@@ -25,6 +33,7 @@ from grpc_health.v1 import health_pb2
 from server.api.status import let_client_finish_writing
 from server.errors import ErrorCode
 from server.stats import LimitReason, Observer, StreamOutcome
+from server.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,12 @@ MIN_TOKEN_LENGTH = 16
 STREAM_APIS = {"asr.v1.SpeechRecognition": "asr.v1", "nvidia.riva.asr.RivaSpeechRecognition": "riva",
                "google.cloud.speech.v1.Speech": "google"}
 STREAM_METHODS = ("StreamingRecognize", "Recognize")
+# A refused streaming call is read (never parsed) for up to this many bytes before its status, so that
+# a client still writing sees UNAUTHENTICATED (grpc/grpc#36066), by at most this many calls at a time;
+# past that (a flood) calls are refused unread.
+REFUSAL_DRAIN_BYTES = 256 * 1024
+MAX_DRAINING_REFUSALS = 4
+DRAINED_REFUSALS_PER_S = 2.0
 
 
 def read_tokens(path: Path) -> list[str]:
@@ -73,6 +88,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("no token to accept")
         self.exempt = frozenset(exempt_services)
         self.observer = observer or Observer()
+        self._log = ThrottledLog(log)  # one line per method and reason every 10 s, not per call
+        self._drains = DrainBudget(MAX_DRAINING_REFUSALS, DRAINED_REFUSALS_PER_S)
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is one of the accepted ones (constant time over all of them)."""
@@ -97,8 +114,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self.observer.error_returned(ErrorCode.UNAUTHENTICATED)
         if service in STREAM_APIS and method in STREAM_METHODS:
             self.observer.stream_ended(STREAM_APIS[service], StreamOutcome.REJECTED, None)
-        log.info("refused %s: %s", handler_call_details.method, problem)
-        return _refusing(handler, problem)
+        self._log(f"{handler_call_details.method}: {problem}", "refused %s: %s", handler_call_details.method,
+                  problem)
+        return _refusing(handler, problem, self._drains)
 
     def _problem(self, metadata) -> str | None:
         """None when the call carries an accepted token, else what is wrong (no token in it)."""
@@ -116,12 +134,40 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind that ends the call with UNAUTHENTICATED at once."""
+class DrainBudget:
+    """Which refused streaming calls are read before their status: at most ``concurrent`` at a
+    time and ``per_second`` on average (a token bucket holding up to ``concurrent``)."""
+
+    def __init__(self, concurrent: int, per_second: float, clock: Callable[[], float] = time.monotonic):
+        self.concurrent, self.per_second, self.clock = concurrent, per_second, clock
+        self.active = 0
+        self._tokens = float(concurrent)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self._tokens = min(float(self.concurrent), self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self.active >= self.concurrent or self._tokens < 1:
+            return False
+        self._tokens -= 1
+        self.active += 1
+        return True
+
+    def give_back(self) -> None:
+        self.active -= 1
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str, drains: DrainBudget) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that ends the call with UNAUTHENTICATED, parsing nothing
+    (``drains``: whether a streaming call is read first; module docstring)."""
 
     async def refuse(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
-        if handler.request_streaming:
-            await let_client_finish_writing(context)  # unread, dropped: see its docstring
+        if handler.request_streaming and drains.take():
+            try:  # messages arrive as their length (the deserializer is ``len``)
+                await let_client_finish_writing(context, REFUSAL_DRAIN_BYTES, size=lambda n: n)
+            finally:
+                drains.give_back()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
@@ -129,5 +175,5 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
              (True, False): grpc.stream_unary_rpc_method_handler,
              (True, True): grpc.stream_stream_rpc_method_handler}
     make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return make(refuse, request_deserializer=handler.request_deserializer,
+    return make(refuse, request_deserializer=len,
                 response_serializer=handler.response_serializer)

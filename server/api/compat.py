@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable
 
 from server.api.asr_v1 import pump_requests, read_first
 from server.config import DecodingMethod, StreamConfig
-from server.errors import invalid
+from server.errors import invalid, shown
 from server.service import RecognitionService
 from server.session import Result, Session
 
@@ -30,7 +30,7 @@ def unsupported(field: str, what: str = "is not supported by this server") -> Ex
 def check_language(code: str, field: str) -> None:
     """Empty (the default) or any English tag; anything else is refused."""
     if code and code.replace("_", "-").split("-")[0].lower() != "en":
-        raise invalid(f"{field} {code!r} is not available: this server recognises English ({LANGUAGE})")
+        raise invalid(f"{field} {shown(code)} is not available: this server recognises English ({LANGUAGE})")
 
 
 def alternatives_decoding(service: RecognitionService, max_alternatives: int,

@@ -23,7 +23,7 @@ from server.api.compat import (AudioIntake, alternatives_decoding, check_languag
                                unsupported, whole_audio)
 from server.api.status import maps_errors
 from server.config import Encoding, StreamConfig
-from server.errors import invalid
+from server.errors import invalid, shown
 from server.service import RecognitionService
 from server.session import Alternative, Result, Session
 
@@ -57,7 +57,7 @@ def config_from_google(service: RecognitionService, config: RecognitionConfig,
                           "is not supported; send LINEAR16")
     check_language(config.language_code, "config.language_code")
     if config.model not in (*GENERAL_MODELS, service.description.model_name):
-        raise invalid(f"config.model {config.model!r} is not available; this server serves "
+        raise invalid(f"config.model {shown(config.model)} is not available; this server serves "
                       f"{', '.join(repr(m) for m in GENERAL_MODELS[1:])} (or an empty model) "
                       f"with its model {service.description.model_name!r}")
     _refuse_unsupported(config)

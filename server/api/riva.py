@@ -21,8 +21,8 @@ from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, che
                                stream_results, unsupported, whole_audio)
 from server.api.asr_v1 import check_message_size
 from server.api.status import maps_errors
-from server.config import Encoding, StreamConfig
-from server.errors import invalid
+from server.config import MAX_REQUEST_ID_CHARS, Encoding, StreamConfig
+from server.errors import invalid, shown
 from server.service import RecognitionService
 from server.session import Alternative, Result, Session
 
@@ -39,12 +39,14 @@ _REFUSED_ENDPOINTING = ("start_history", "start_threshold", "stop_threshold", "s
 def config_from_riva(service: RecognitionService, config: rasr.RecognitionConfig, interim_results: bool,
                      request_id: str) -> StreamConfig:
     """A ``StreamConfig`` from Riva's config; INVALID_ARGUMENT names what cannot be honoured."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:  # echoed in every response: bounded
+        raise invalid(f"id.value must be at most {MAX_REQUEST_ID_CHARS} characters")
     if config.encoding not in (raudio.ENCODING_UNSPECIFIED, raudio.LINEAR_PCM):
         raise unsupported(f"config.encoding {raudio.AudioEncoding.Name(config.encoding)}",
                           "is not supported; send LINEAR_PCM")
     check_language(config.language_code, "config.language_code")
     if config.model and config.model != service.description.model_name:
-        raise invalid(f"config.model {config.model!r} is not available; this server has "
+        raise invalid(f"config.model {shown(config.model)} is not available; this server has "
                       f"{service.description.model_name!r} (or leave it empty)")
     _refuse_unsupported(config)
     method, beam_width, max_alternatives = alternatives_decoding(
@@ -54,7 +56,7 @@ def config_from_riva(service: RecognitionService, config: rasr.RecognitionConfig
         channels=config.audio_channel_count, method=method, beam_width=beam_width,
         max_alternatives=max_alternatives, interim_results=interim_results,
         word_time_offsets=config.enable_word_time_offsets,
-        trailing_silence_ms=_trailing_silence_ms(config), request_id=request_id[:128])
+        trailing_silence_ms=_trailing_silence_ms(config), request_id=request_id)
 
 
 def _refuse_unsupported(config: rasr.RecognitionConfig) -> None:
@@ -69,7 +71,7 @@ def _refuse_unsupported(config: rasr.RecognitionConfig) -> None:
     if config.diarization_config.enable_speaker_diarization:
         raise unsupported("config.diarization_config.enable_speaker_diarization")
     if config.custom_configuration:
-        raise unsupported(f"config.custom_configuration key {sorted(config.custom_configuration)[0]!r}")
+        raise unsupported(f"config.custom_configuration key {shown(sorted(config.custom_configuration)[0])}")
 
 
 def _trailing_silence_ms(config: rasr.RecognitionConfig) -> int:
@@ -157,7 +159,7 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
 
 def check_runtime_config(request: rasr.StreamingRecognizeRequest) -> None:
     if request.runtime_config:
-        raise unsupported(f"runtime_config key {sorted(request.runtime_config)[0]!r}")
+        raise unsupported(f"runtime_config key {shown(sorted(request.runtime_config)[0])}")
 
 
 def handle(request: rasr.StreamingRecognizeRequest, intake: AudioIntake) -> None:

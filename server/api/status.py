@@ -6,11 +6,13 @@ import asyncio
 import functools
 import inspect
 import logging
+from typing import Callable
 
 import grpc
 
 from server.errors import ASRError, ErrorCode
 from server.stats import Observer
+from server.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -20,20 +22,28 @@ LET_FINISH_GAP_S = 0.03
 LET_FINISH_MAX_S = 1.0
 
 
-async def let_client_finish_writing(context) -> None:
+async def let_client_finish_writing(context, max_bytes: float = float("inf"),
+                                    size: Callable[[object], int] = lambda message: 0) -> None:
     """Read and drop the messages a client is still sending fast (a file upload) until it half-closes,
-    pauses for ``LET_FINISH_GAP_S`` or ``LET_FINISH_MAX_S`` have passed, so that the error status
-    comes after its last write. grpcio's asyncio client reports a write that fails because the call
-    has just ended as ``INTERNAL: Internal error from Core`` instead of the server's status
-    (grpc/grpc#36066); a paced client (a microphone) pauses at once and loses no time."""
+    pauses for ``LET_FINISH_GAP_S``, ``LET_FINISH_MAX_S`` have passed or ``max_bytes`` (as ``size``
+    measures each message) were read, so that the error status comes after its last write.
+    grpcio's asyncio client reports a write that fails because the call has just ended as
+    ``INTERNAL: Internal error from Core`` instead of the server's status (grpc/grpc#36066); a
+    paced client (a microphone) pauses at once and loses no time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LET_FINISH_MAX_S
+    read = 0
     try:
-        while loop.time() < deadline:
-            if await asyncio.wait_for(context.read(), LET_FINISH_GAP_S) is grpc.aio.EOF:
+        while loop.time() < deadline and read < max_bytes:
+            message = await asyncio.wait_for(context.read(), LET_FINISH_GAP_S)
+            if message is grpc.aio.EOF:
                 return
+            read += size(message)
     except Exception:  # a pause (TimeoutError), the client gone, or nothing left to read
         return
+
+
+_refusals = ThrottledLog(log)  # a flood of bad requests logs one line per method and code every 10 s
 
 
 def grpc_code(code: ErrorCode) -> grpc.StatusCode:
@@ -53,7 +63,8 @@ def maps_errors(handler):
     async def _abort(servicer, context, exc: Exception):
         _observer(servicer).error_returned(exc.code if isinstance(exc, ASRError) else ErrorCode.INTERNAL)
         if isinstance(exc, ASRError):
-            log.info("%s: %s %s", handler.__qualname__, exc.code.name, exc.message)
+            _refusals(f"{handler.__qualname__} {exc.code.name}", "%s: %s %s", handler.__qualname__,
+                      exc.code.name, exc.message)
             await context.abort(grpc_code(exc.code), exc.message)
         log.exception("%s failed", handler.__qualname__, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
