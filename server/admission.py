@@ -5,6 +5,8 @@ Recognize) gets a session; a refusal costs the server nothing beyond the answer.
 
 1. the server is draining (SIGTERM)                -> ``UNAVAILABLE`` (reason ``draining``);
 2. ``--max-streams`` streams are open               -> ``RESOURCE_EXHAUSTED`` (``max_streams``);
+   the client (its token, else its address) holds ``--max-streams-per-client``
+                                                    -> ``RESOURCE_EXHAUSTED`` (``max_streams_per_client``);
 3. load shedding (``--latency-budget-ms`` > 0): one more stream would make the admitted
    streams miss their chunk-latency budget          -> ``RESOURCE_EXHAUSTED`` (``overload``);
    a server with no stream open always admits one (refusing it would serve nobody).
@@ -24,6 +26,9 @@ waits for that step and rides the next, so its latency is up to two steps:
   sent faster than real time brings up to four per step while it catches up, and is
   gone when it has: its long steps say nothing about the load of real-time streams).
 
+``n`` is the load of the open streams in real-time streams (``server.pace``): each counts by
+the share of real time its audio arrives at over the last 5 s (a new one counts 1), so streams
+that hold a place without sending audio (trickling, paused) do not lock out streams that would.
 A new stream is admitted only if, with ``n + 1`` streams, ``rho < 1``, the expected batch
 ``(n+1)*T/P`` fits in ``--max-batch``, two steps (``T`` and ``T_recent``) fit in 80 % of
 ``P`` (a stream's next chunk can only join a step that starts after the step serving its
@@ -111,8 +116,10 @@ class Admission:
     """Decides whether a new stream may start; fed the engine's step times (``step_done``)."""
 
     def __init__(self, *, max_streams: int, latency_budget_s: float, max_batch: int,
-                 chunk_period_s: float = CHUNK_PERIOD_S, clock: Callable[[], float] = time.monotonic):
+                 chunk_period_s: float = CHUNK_PERIOD_S, clock: Callable[[], float] = time.monotonic,
+                 max_streams_per_client: int = 0):
         self.max_streams = max_streams
+        self.max_streams_per_client = max_streams_per_client
         self.latency_budget_s = latency_budget_s
         self.max_batch = max_batch
         self.chunk_period_s = chunk_period_s
@@ -182,9 +189,12 @@ class Admission:
         return n
 
     # --- the decision ----------------------------------------------------------------------
-    def check(self, active: int, *, draining: bool = False, queue_depth: int = 0) -> Refusal | None:
+    def check(self, active: int, *, draining: bool = False, queue_depth: int = 0, load: float | None = None,
+              client_streams: int = 0) -> Refusal | None:
         """None when a new stream may start beside ``active`` ones, else why not; ``queue_depth``:
-        the streams with chunks waiting for the engine."""
+        the streams with chunks waiting for the engine; ``load``: what the ``active`` streams bring,
+        in real-time streams (``server.pace``; default ``active``); ``client_streams``: the streams
+        the new stream's client holds."""
         if draining:
             return Refusal(LimitReason.DRAINING, ASRError(
                 ErrorCode.UNAVAILABLE, "the server is shutting down and accepts no new streams; "
@@ -193,9 +203,14 @@ class Admission:
             return Refusal(LimitReason.MAX_STREAMS, ASRError(
                 ErrorCode.RESOURCE_EXHAUSTED, f"the server is at its limit of {self.max_streams} "
                 f"concurrent streams (--max-streams); retry later"))
+        if self.max_streams_per_client and client_streams >= self.max_streams_per_client:
+            return Refusal(LimitReason.CLIENT_STREAMS, ASRError(
+                ErrorCode.RESOURCE_EXHAUSTED, f"this client already has {client_streams} streams open, "
+                f"the limit per client (--max-streams-per-client); end one first"))
         if self.latency_budget_s <= 0 or self.calibrated is None or active == 0:
             return None  # an idle server admits one stream whatever it predicts: refusing it serves nobody
-        why = self._overload(active + 1, queue_depth)
+        load = active if load is None else load
+        why = self._overload(math.ceil(load - 1e-9) + 1, queue_depth)
         if why is None:
             return None
         return Refusal(LimitReason.OVERLOAD, ASRError(

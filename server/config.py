@@ -92,6 +92,9 @@ class ServerSettings(BaseSettings):
     # --- limits --------------------------------------------------------------------------
     max_streams: int = Field(0, ge=0, description="concurrent streams admitted; further ones get "
                              "RESOURCE_EXHAUSTED (0: unlimited)")
+    max_streams_per_client: int = Field(0, ge=0, description="concurrent streams one client may hold: "
+                                        "one bearer token with --auth-token-file, else one peer address "
+                                        "(0: unlimited); further ones get RESOURCE_EXHAUSTED")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024,
                                    description="largest request message accepted")
     max_stream_seconds: float = Field(3600.0, gt=0, description="longest stream, in seconds of audio")
@@ -105,6 +108,11 @@ class ServerSettings(BaseSettings):
     idle_timeout_seconds: float = Field(30.0, gt=0.0, le=86_400.0, description="a stream that sends no "
                                         "audio (or no config) for this long gets its final result and ends "
                                         "with OUT_OF_RANGE")
+    min_audio_rate: float = Field(0.5, ge=0.0, le=1.0, description="slowest pace of audio, as a share "
+                                  "of real time, that keeps a stream open: each second of audio buys "
+                                  "1 / this many seconds of waiting, up to --idle-timeout-seconds, so a "
+                                  "stream trickling audio slower ends like an idle one (0: any audio "
+                                  "byte restarts the idle timer)")
     drain_timeout: float = Field(20.0, ge=0.0, le=86_400.0, description="on SIGTERM, seconds the open "
                                  "streams may run to their end; then each gets its final result and ends "
                                  "with UNAVAILABLE (new streams are refused at once)")

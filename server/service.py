@@ -129,16 +129,18 @@ class RecognitionService:
                                     max_utterance_ms or s.max_utterance_ms),
             request_id=request_id)
 
-    def open_session(self, api: str) -> Session:
-        return self.sessions.open(api)
+    def open_session(self, api: str, client: str = "") -> Session:
+        """A session for ``api`` charged to ``client`` (``server.api.status.client_of``)."""
+        return self.sessions.open(api, client)
 
     def close_session(self, session: Session, error: BaseException | None = None) -> None:
         """Free ``session`` (call from a ``finally`` block); ``error``: what ended it, when known."""
         self.sessions.close(session, error)
 
-    async def recognize(self, config: StreamConfig, audio: bytes, api: str) -> tuple[list[Result], float]:
+    async def recognize(self, config: StreamConfig, audio: bytes, api: str,
+                        client: str = "") -> tuple[list[Result], float]:
         """Unary recognition through a session: final results and the audio duration (s)."""
-        session = self.open_session(api)
+        session = self.open_session(api, client)
         try:
             session.start(config)
             session.feed(audio)

@@ -34,6 +34,7 @@ from server.config import ServerSettings, StreamConfig
 from server.engine import FRAME_SECONDS, MAX_CHUNKS_PER_STREAM, ChunkResult, ChunkWork, Endpoint, Engine, StreamState
 from server.errors import ASRError, ErrorCode
 from server.features import SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
+from server.pace import AudioPace
 from server.scheduler import JobTiming, Scheduler
 from server.stats import FinalTrigger, LimitReason, Observer, StreamOutcome, outcome_of
 from server.tokens import TokenTable
@@ -113,9 +114,10 @@ class Session:
     _ids = itertools.count(1)
 
     def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings, api: str = "asr.v1",
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, client: str = ""):
         self.id = next(self._ids)
         self.api = api
+        self.client = client  # whom --max-streams-per-client charges (``server.api.status.client_of``)
         self.observer = observer or Observer()
         self.engine = engine
         self.tokens: TokenTable = engine.tokens
@@ -148,7 +150,8 @@ class Session:
         self._in_flight: collections.deque[tuple[asyncio.Future, JobTiming]] = collections.deque()
         self._end_status: ASRError | None = None  # raised after the final result (``end_input``)
         self.ending = asyncio.Event()  # set by ``end_input``: stop waiting for the client
-        self.last_audio_at = self.stats.opened_at  # monotonic time of the last audio (idle timeout)
+        # idle deadline and engine share from the audio actually arriving (--min-audio-rate)
+        self.pace = AudioPace(self.stats.opened_at, settings.idle_timeout_seconds, settings.min_audio_rate)
 
     # --- input ---------------------------------------------------------------------------
     def start(self, config: StreamConfig) -> None:
@@ -178,8 +181,7 @@ class Session:
             raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
         samples = self._decoder.decode(data)
         now = time.monotonic()
-        if data:
-            self.last_audio_at = now
+        self.pace.audio(now, len(samples) / SAMPLE_RATE)
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
         allowed = max(0, round(self.settings.max_stream_seconds * SAMPLE_RATE) - self._samples_in)
@@ -422,22 +424,30 @@ class SessionManager:
         self.observer = observer or Observer()
         self.live: dict[int, Session] = {}
         self.draining = False  # set on SIGTERM: new streams get UNAVAILABLE
+        self._per_client: dict[str, int] = {}  # live sessions per client key (non-empty keys only)
         self.admission = Admission(max_streams=settings.max_streams, max_batch=settings.max_batch,
-                                   latency_budget_s=settings.latency_budget_ms / 1000)
+                                   latency_budget_s=settings.latency_budget_ms / 1000,
+                                   max_streams_per_client=settings.max_streams_per_client)
 
     @property
     def active(self) -> int:
         return len(self.live)
 
-    def open(self, api: str = "asr.v1") -> Session:
-        """A new session, or ``ASRError`` at once when admission refuses it (counted by reason)."""
+    def open(self, api: str = "asr.v1", client: str = "") -> Session:
+        """A new session for ``client`` (its quota key), or ``ASRError`` at once when admission
+        refuses it (counted by reason)."""
+        now = time.monotonic()
         refusal = self.admission.check(len(self.live), draining=self.draining,
-                                       queue_depth=self.scheduler.queued_streams)
+                                       queue_depth=self.scheduler.queued_streams,
+                                       load=sum(s.pace.load(now) for s in list(self.live.values())),
+                                       client_streams=self._per_client.get(client, 0) if client else 0)
         if refusal is not None:
             self.reject(api, refusal.reason)
             raise refusal.error
-        session = Session(self.engine, self.scheduler, self.settings, api, self.observer)
+        session = Session(self.engine, self.scheduler, self.settings, api, self.observer, client)
         self.live[session.id] = session
+        if client:
+            self._per_client[client] = self._per_client.get(client, 0) + 1
         return session
 
     def reject(self, api: str, reason: LimitReason) -> None:
@@ -459,6 +469,10 @@ class SessionManager:
         session.close()
         if self.live.pop(session.id, None) is None:
             return
+        if session.client:
+            left = self._per_client.pop(session.client) - 1
+            if left:
+                self._per_client[session.client] = left
         if error is None and not session.completed:
             error = session.error or sys.exc_info()[1] or asyncio.CancelledError()
         self.observer.stream_ended(session.api, outcome_of(error), session.stats)

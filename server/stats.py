@@ -78,6 +78,7 @@ class LimitReason(enum.Enum):
     """Why the server refused or slowed a request. Hooks: ``Observer.limit_hit``."""
 
     MAX_STREAMS = "max_streams"  # --max-streams reached at admission
+    CLIENT_STREAMS = "max_streams_per_client"  # --max-streams-per-client reached at admission
     OVERLOAD = "overload"  # admission refused because the engine cannot keep up
     MAX_MESSAGE_BYTES = "max_message_bytes"  # a message over --max-message-bytes
     MAX_STREAM_SECONDS = "max_stream_seconds"  # a stream over --max-stream-seconds of audio

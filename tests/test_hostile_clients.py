@@ -22,10 +22,13 @@ from riva.client.proto import riva_audio_pb2 as raudio
 from riva.client.proto import riva_common_pb2 as rcommon
 
 from asr.v1 import asr_pb2
-from client.stream import StreamOptions, pcm16, stream_audio
+from client.stream import StreamOptions, pcm16, stream_audio, stream_chunks
+from server.admission import StepCost
 from server.config import ServerSettings
+from server.pace import RATE_WINDOW_S, AudioPace
 from tests.conftest import running_server
 from tests.observability import scrape
+from tests.attacks import config as config_message
 from tests.test_security import TOKENS, bearer
 
 RSS_BOUND = 100 * 1024 * 1024  # what an attack may leave behind in the server's memory
@@ -150,3 +153,129 @@ async def test_refused_calls_log_one_line_per_reason_and_interval(tmp_path, capl
 
 def test_metrics_listen_on_this_host_only_by_default():
     assert ServerSettings().metrics_host == "127.0.0.1"
+
+
+# --- trickling streams: idle eviction and admission by the audio actually arriving -----------------
+def test_audio_pace_credit_and_load():
+    pace = AudioPace(opened_at=0.0, idle_timeout_s=30.0, min_rate=0.5)
+    assert pace.idle_deadline == 30.0 and pace.load(1.0) == 1.0  # new: a full real-time stream
+    for t in range(1, 61):  # real time: stays at the cap
+        pace.audio(float(t), 1.0)
+    assert pace.idle_deadline == 90.0 and pace.load(60.0) == 1.0
+    for t in (61, 81):  # a sample every 20 s: the credit runs out 30 s after the audio stopped
+        pace.audio(float(t), 1 / 16000)
+    assert 89.9 < pace.idle_deadline < 90.1
+    assert pace.load(86.0) < 0.001
+    slow = AudioPace(0.0, 30.0, 0.5)
+    for t in range(1, 301):  # 0.4 of real time, under the minimum: out of credit after about 150 s
+        if t > slow.idle_deadline:
+            break
+        slow.audio(float(t), 0.4)
+    assert 140 < t < 160 and 0.39 < slow.load(t) < 0.41
+    timer = AudioPace(0.0, 30.0, 0.0)  # --min-audio-rate 0: any audio restarts the idle timer
+    timer.audio(100.0, 1 / 16000)
+    assert timer.idle_deadline == 130.0
+    timer.refill(200.0)
+    assert timer.idle_deadline == 230.0
+
+
+def fixed_cost(server, c0: float = 0.002, c: float = 0.012) -> int:
+    """Make admission price a stream like a large model (its cost no longer follows the tiny test
+    model's steps); returns how many real-time streams it then admits."""
+    admission = server.service.sessions.admission
+    admission.calibrated = StepCost(c0, c)
+    admission.step_done = lambda *args, **kwargs: None
+    admission._ratios.clear()
+    admission._steps.clear()
+    return admission.capacity()
+
+
+async def test_trickling_streams_do_not_lock_out_streams_that_send_audio(speech):
+    clip = speech[0][1]
+    async with running_server(latency_budget_ms=160, idle_timeout_seconds=60) as (server, stub):
+        reference, _ = await victim(stub, clip)
+        capacity = fixed_cost(server)
+        assert 4 <= capacity <= 20, capacity
+        async with attack("trickle", server.port, "--clients", str(capacity + 4), "--bytes", "2",
+                          "--interval", "0.5", "--seconds", str(RATE_WINDOW_S + 4 + len(clip) / 16000)) as report:
+            await asyncio.sleep(1.5)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # while they are new, they count
+                await victim(stub, clip[:16000])
+            held = server.active_sessions
+            await asyncio.sleep(RATE_WINDOW_S)  # by now they have shown how little audio they bring
+            heard, latencies = await victim(stub, clip)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert held >= capacity - 1, (held, capacity)
+    assert heard == reference
+    assert report["outcomes"].get("RESOURCE_EXHAUSTED", 0) >= 3, report
+
+
+async def test_streams_trickling_audio_slower_than_the_minimum_rate_end_like_idle_ones(speech):
+    async with running_server(idle_timeout_seconds=2, min_audio_rate=0.5) as (server, stub):
+        async with attack("trickle", server.port, "--clients", "4", "--bytes", "2", "--interval", "0.3",
+                          "--seconds", "12") as report:
+            # beside them, a stream at 0.64 of real time (a poor uplink) stays open
+            audio = np.concatenate([speech[1][1], speech[2][1]])[:3 * 16000]
+            chunks = [pcm16(audio[i:i + 1280]) for i in range(0, len(audio), 1280)]  # 80 ms each
+
+            async def slow_uplink():
+                for chunk in chunks:
+                    await asyncio.sleep(0.125)
+                    yield chunk
+
+            options = StreamOptions(endpointing=False, interim_results=False)
+            finals = [r async for event in stream_chunks(stub, slow_uplink(), 16000, options)
+                      for r in event.response.results if r.is_final]
+    assert report["outcomes"] == {"OUT_OF_RANGE": 4}, report
+    assert report["seconds"] < 6, report  # evicted about 2 s after they began, not when they stopped
+    assert finals and finals[-1].alternatives[0].transcript
+
+
+async def test_streams_per_client_are_capped_by_token_and_by_address(tmp_path):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("\n".join(TOKENS) + "\n")
+
+    async def open_streams(stub, count, metadata=None):
+        calls = []
+        for _ in range(count):
+            call = stub.StreamingRecognize(metadata=metadata)
+            await call.write(config_message())
+            calls.append(call)
+        return calls
+
+    async def refused(stub, metadata=None):
+        call = stub.StreamingRecognize(metadata=metadata)
+        await call.write(config_message())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        return info.value
+
+    async def until_active(server, n):
+        for _ in range(100):
+            if server.active_sessions == n:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{server.active_sessions} sessions, expected {n}")
+
+    async with running_server(auth_token_file=token_file, max_streams_per_client=2) as (server, stub):
+        first = await open_streams(stub, 2, bearer(TOKENS[0]))
+        await until_active(server, 2)
+        by_token = await refused(stub, bearer(TOKENS[0]))
+        other = await open_streams(stub, 2, bearer(TOKENS[1]))  # another token: its own quota
+        await until_active(server, 4)
+        for call in first + other:
+            call.cancel()
+        metrics = scrape(server.metrics_port)
+    async with running_server(max_streams_per_client=1) as (server, stub):
+        held = await open_streams(stub, 1)
+        await until_active(server, 1)
+        by_address = await refused(stub)
+        held[0].cancel()
+        await until_active(server, 0)
+        again = await open_streams(stub, 1)  # a place freed is a place regained
+        await until_active(server, 1)
+        again[0].cancel()
+    for error in (by_token, by_address):
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-streams-per-client" in error.details()
+    assert metrics.value("asr_limit_hits_total", reason="max_streams_per_client") == 1

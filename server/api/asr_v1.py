@@ -9,7 +9,7 @@ import time
 from google.protobuf.duration_pb2 import Duration
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server.api.status import maps_errors
+from server.api.status import client_of, maps_errors
 from server.config import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, DecodingMethod, Encoding, StreamConfig
 from server.errors import ASRError, ErrorCode, invalid
 from server.service import RecognitionService
@@ -72,16 +72,15 @@ def check_message_size(request, session_or_service) -> None:
                        f"limit of {limit} bytes (--max-message-bytes); send audio in smaller pieces")
 
 
-async def next_request(requests, session: Session, reading_since: float = 0.0):
-    """The stream's next message, size-checked; None when the client half-closed, or when no
-    audio came for ``--idle-timeout-seconds`` since the later of the last audio and
-    ``reading_since`` (when the server resumed reading after backpressure); the session is then
-    ended gracefully: final result, then OUT_OF_RANGE. Waiting for the first message (the
-    config) also ends when the session is ended by the server (drain): its status is raised."""
+async def next_request(requests, session: Session):
+    """The stream's next message, size-checked; None when the client half-closed, or when the
+    stream went idle (no audio, or audio slower than ``--min-audio-rate``, for long enough:
+    ``server.pace``); the session is then ended gracefully: final result, then OUT_OF_RANGE.
+    Waiting for the first message (the config) also ends when the session is ended by the server
+    (drain): its status is raised."""
     settings = session.settings
     first = session.state is SessionState.OPEN
-    idle_from = max(session.last_audio_at, reading_since)
-    timeout = max(0.0, idle_from + settings.idle_timeout_seconds - time.monotonic())
+    timeout = max(0.0, session.pace.idle_deadline - time.monotonic())
     read = asyncio.ensure_future(anext(requests))
     waits = {read, asyncio.ensure_future(session.ending.wait())} if first else {read}
     try:
@@ -99,9 +98,11 @@ async def next_request(requests, session: Session, reading_since: float = 0.0):
     if not done:  # idle
         session.observer.limit_hit(LimitReason.IDLE_TIMEOUT)
         limit = f"{settings.idle_timeout_seconds:g} s (--idle-timeout-seconds)"
+        slow = settings.min_audio_rate > 0
         session.end_input(ASRError(ErrorCode.OUT_OF_RANGE, f"no streaming_config within {limit}" if first else
-                                   f"no audio for {limit}: the stream was ended after the final result "
-                                   f"of the audio received"))
+                                   f"no audio for {limit}" + (f", or audio slower than {settings.min_audio_rate:g} "
+                                   f"of real time (--min-audio-rate)" if slow else "") +
+                                   ": the stream was ended after the final result of the audio received"))
     if first:
         raise session.end_status
     return None
@@ -121,15 +122,14 @@ async def pump_requests(requests, session: Session, handle) -> None:
     reads audio, then half-close it; errors end the session's results with that error. Reading
     pauses while the session buffers more than ``--max-buffered-seconds`` (backpressure)."""
     try:
-        reading_since = 0.0
         while session.accepting_audio:
-            request = await next_request(requests, session, reading_since)
+            request = await next_request(requests, session)
             if request is None:
                 break
             handle(request)
             if not session.has_room:
                 await session.wait_for_room()
-                reading_since = time.monotonic()  # a client held back by us is not idle
+                session.pace.refill(time.monotonic())  # a client held back by us is not idle
         session.finish_input()
     except ASRError as exc:
         session.fail(exc)
@@ -146,7 +146,7 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
 
     @maps_errors
     async def StreamingRecognize(self, request_iterator, context):
-        session = self.service.open_session(API)
+        session = self.service.open_session(API, client_of(context, self.service.settings))
         reader = None
         try:
             requests = aiter(request_iterator)
@@ -179,7 +179,8 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
     async def Recognize(self, request, context):
         check_message_size(request, self.service)
         config = config_from_pb(self.service, request.config, False, request.request_id)
-        finals, audio_seconds = await self.service.recognize(config, request.audio_content, API)
+        finals, audio_seconds = await self.service.recognize(config, request.audio_content, API,
+                                                             client_of(context, self.service.settings))
         return asr_pb2.RecognizeResponse(
             results=[asr_pb2.SpeechRecognitionResult(
                 alternatives=[alternative_to_pb(a) for a in r.alternatives],

@@ -136,14 +136,15 @@ def whole_audio(data: bytes, config: StreamConfig, encoding_field: str, wav_requ
 
 # --- streams ---------------------------------------------------------------------------------
 async def stream_results(service: RecognitionService, api: str, requests,
-                         start: Callable[[Any, Session], Callable[[Any], None]]
+                         start: Callable[[Any, Session], Callable[[Any], None]],
+                         client: str = ""
                          ) -> AsyncIterator[tuple[Any, Result]]:
     """One stream of a compatibility protocol through the service's one recognition path:
-    open a session (counted under ``api``), let ``start(first_request, session)`` configure it and
+    open a session (counted under ``api``, charged to ``client``), let ``start(first_request, session)`` configure it and
     return the handler of each later request, feed those (``pump_requests``), and yield
     ``(first_request, result)`` pairs. The session is freed on every exit path; use with
     ``contextlib.aclosing``."""
-    session = service.open_session(api)
+    session = service.open_session(api, client)
     reader = None
     try:
         requests = aiter(requests)

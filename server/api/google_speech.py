@@ -21,7 +21,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from server.api.asr_v1 import check_message_size, duration
 from server.api.compat import (AudioIntake, alternatives_decoding, check_language, stream_results,
                                unsupported, whole_audio)
-from server.api.status import maps_errors
+from server.api.status import client_of, maps_errors
 from server.config import Encoding, StreamConfig
 from server.errors import invalid, shown
 from server.service import RecognitionService
@@ -119,7 +119,8 @@ class GoogleSpeechServicer:
 
     @maps_errors
     async def StreamingRecognize(self, request_iterator, context):
-        async with aclosing(stream_results(self.service, API, request_iterator, self._start)) as results:
+        async with aclosing(stream_results(self.service, API, request_iterator, self._start,
+                                           client_of(context, self.service.settings))) as results:
             async for first, result in results:
                 single_utterance = result.is_final and first.streaming_config.single_utterance
                 if single_utterance:
@@ -153,7 +154,7 @@ class GoogleSpeechServicer:
         if source is None:
             raise invalid("audio.content must be set")
         audio = whole_audio(request.audio.content, config, ENCODING_FIELD, wav_rule(request.config))
-        finals, _ = await self.service.recognize(config, audio, API)
+        finals, _ = await self.service.recognize(config, audio, API, client_of(context, self.service.settings))
         return RecognizeResponse(results=[
             SpeechRecognitionResult(alternatives=[alternative_to_google(a) for a in r.alternatives],
                                     result_end_time=duration(r.end_s), language_code=language(request.config))

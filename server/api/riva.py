@@ -20,7 +20,7 @@ from riva.client.proto import riva_audio_pb2 as raudio
 from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, check_language,
                                stream_results, unsupported, whole_audio)
 from server.api.asr_v1 import check_message_size
-from server.api.status import maps_errors
+from server.api.status import client_of, maps_errors
 from server.config import MAX_REQUEST_ID_CHARS, Encoding, StreamConfig
 from server.errors import invalid, shown
 from server.service import RecognitionService
@@ -113,7 +113,8 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
 
     @maps_errors
     async def StreamingRecognize(self, request_iterator, context):
-        async with aclosing(stream_results(self.service, API, request_iterator, self._start)) as results:
+        async with aclosing(stream_results(self.service, API, request_iterator, self._start,
+                                           client_of(context, self.service.settings))) as results:
             async for first, result in results:
                 yield rasr.StreamingRecognizeResponse(results=[streaming_result_to_riva(result)], id=first.id)
 
@@ -134,7 +135,7 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
         config = config_from_riva(self.service, request.config, False, request.id.value)
         config = config.validate(self.service.settings)
         audio = whole_audio(request.audio, config, ENCODING_FIELD, wav_rule(request.config))
-        finals, _ = await self.service.recognize(config, audio, API)
+        finals, _ = await self.service.recognize(config, audio, API, client_of(context, self.service.settings))
         return rasr.RecognizeResponse(
             results=[rasr.SpeechRecognitionResult(alternatives=[alternative_to_riva(a, True) for a in r.alternatives],
                                                   audio_processed=r.end_s) for r in finals],

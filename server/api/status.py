@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import logging
 from typing import Callable
@@ -44,6 +45,17 @@ async def let_client_finish_writing(context, max_bytes: float = float("inf"),
 
 
 _refusals = ThrottledLog(log)  # a flood of bad requests logs one line per method and code every 10 s
+
+
+def client_of(context, settings) -> str:
+    """Whom ``--max-streams-per-client`` charges a call to: with ``--auth-token-file``, its bearer
+    token (a digest; the interceptor has accepted it), else its peer address without the port."""
+    if settings.auth_token_file is not None:
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                value = value if isinstance(value, str) else value.decode("latin-1")
+                return "token:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return context.peer().rpartition(":")[0]
 
 
 def grpc_code(code: ErrorCode) -> grpc.StatusCode:
