@@ -1,9 +1,10 @@
 """Audio intake: request bytes -> 16 kHz mono float32 samples, chunk by chunk.
 
-``AudioDecoder`` turns each audio message (LINEAR16 or FLOAT32, interleaved
-channels, any sample rate from 8 to 48 kHz) into model-rate mono samples. The
-resampler (libsoxr, streaming) keeps its filter state between messages, so the
-output does not depend on how the client split its audio.
+``AudioDecoder`` turns audio (LINEAR16 or FLOAT32, interleaved channels, any sample rate
+from 8 to 48 kHz) into model-rate mono samples. Each message is checked whole (``frames``),
+then decoded in pieces as the session needs them (``decode``), so a large message never
+becomes a large float array. The resampler (libsoxr, streaming) keeps its filter state
+between pieces and messages, so the output does not depend on how the audio was split.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import soxr
 from server.config import Encoding, StreamConfig
 from server.errors import invalid
 from server.features import SAMPLE_RATE
+
+CHECK_PIECE_BYTES = 1 << 20
 
 
 class AudioDecoder:
@@ -29,18 +32,26 @@ class AudioDecoder:
                                                dtype="float32", quality="HQ"))
         self.input_frames = 0  # sample frames received, at the client's rate
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def frames(self, data: bytes | memoryview) -> int:
+        """Sample frames in one message, checked whole before any of it is decoded: ``ASRError``
+        for a partial sample or (FLOAT32) a NaN or infinite one."""
         if len(data) % self.frame_bytes:
             raise invalid(
                 f"audio_content has {len(data)} bytes, not a multiple of {self.frame_bytes} "
                 f"({self.encoding.name}, {self.channels} channel{'s' if self.channels > 1 else ''}): "
                 "send whole samples in every message")
+        if self.encoding is Encoding.FLOAT32:
+            for start in range(0, len(data), CHECK_PIECE_BYTES):  # bounded temporaries
+                if not np.isfinite(np.frombuffer(data[start:start + CHECK_PIECE_BYTES], dtype="<f4")).all():
+                    raise invalid("audio_content holds NaN or infinite FLOAT32 samples")
+        return len(data) // self.frame_bytes
+
+    def decode(self, data: bytes | memoryview) -> np.ndarray:
+        """Whole frames (checked by ``frames``) -> 16 kHz mono float32 samples."""
         if self.encoding is Encoding.LINEAR16:
             samples = np.frombuffer(data, dtype="<i2").astype(np.float32) * (1.0 / 32768.0)
         else:
             samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
-            if not np.isfinite(samples).all():
-                raise invalid("audio_content holds NaN or infinite FLOAT32 samples")
             np.clip(samples, -1.0, 1.0, out=samples)
         if self.channels > 1:
             samples = samples.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)

@@ -41,6 +41,7 @@ from server.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 
+DECODE_PIECE_SECONDS = 1.0  # of a message's audio decoded at a time: a large message never becomes a large array
 INTERIMS_FOR_STABILITY = 2  # earlier interim results a word must have stood in to count as stable
 
 
@@ -133,7 +134,13 @@ class Session:
         self._decoder: AudioDecoder | None = None
         self._stream: StreamState | None = None
         self._buffer = np.zeros(0, dtype=np.float32)
-        self._samples_in = 0  # 16 kHz samples received
+        self._samples_in = 0  # 16 kHz samples decoded
+        self._frames_in = 0  # sample frames received, at the client's rate
+        # audio received but not decoded yet, oldest first: (whole frames, arrival time); decoded
+        # piece by piece while less than --max-buffered-seconds waits for recognition
+        self._pending: collections.deque[tuple[memoryview, float]] = collections.deque()
+        self._finishing = False  # input is complete; the windows are cut once ``_pending`` is decoded
+        self._decoding = False  # ``_decode_pending`` is running (it re-enters through ``_top_up``)
         # windows not yet handed to the scheduler (in order), waiting for room in ``_in_flight``
         self._windows: collections.deque[_Window] = collections.deque()
         self._input_done = False  # every window is cut (the client half-closed, or the stream ended)
@@ -166,7 +173,7 @@ class Session:
 
     @property
     def buffered_seconds(self) -> float:
-        """Audio received but not yet recognised."""
+        """Decoded audio not yet recognised (audio still waiting to be decoded not included)."""
         windows = len(self._windows) + len(self._in_flight)
         return (windows * SEGMENT_SAMPLES + len(self._buffer)) / SAMPLE_RATE
 
@@ -179,23 +186,48 @@ class Session:
             return  # the server ended the stream (drain, a limit): it ends with that status, not this audio's
         if self.state is not SessionState.ACTIVE:
             raise ASRError(ErrorCode.FAILED_PRECONDITION, "audio after the end of input")
-        samples = self._decoder.decode(data)
+        frames = self._decoder.frames(data)
+        rate = self.config.sample_rate_hertz
         now = time.monotonic()
-        self.pace.audio(now, len(samples) / SAMPLE_RATE)
+        self.pace.audio(now, frames / rate)
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
-        allowed = max(0, round(self.settings.max_stream_seconds * SAMPLE_RATE) - self._samples_in)
-        self._append(samples[:allowed], now)
-        if len(samples) > allowed:  # recognise up to the limit, deliver the final, then OUT_OF_RANGE
+        allowed = max(0, round(self.settings.max_stream_seconds * rate) - self._frames_in)
+        if min(frames, allowed):
+            self._pending.append((memoryview(data)[:min(frames, allowed) * self._decoder.frame_bytes], now))
+            self._frames_in += min(frames, allowed)
+            self._decode_pending()
+        if frames > allowed:  # recognise up to the limit, deliver the final, then OUT_OF_RANGE
             self.observer.limit_hit(LimitReason.MAX_STREAM_SECONDS)
             self.end_input(ASRError(ErrorCode.OUT_OF_RANGE, f"the stream exceeds the maximum duration of "
                                     f"{self.settings.max_stream_seconds:g} s of audio (--max-stream-seconds); "
                                     f"it was ended after the final result of its first "
                                     f"{self.settings.max_stream_seconds:g} s"))
             return
-        if self.buffered_seconds > self.settings.max_buffered_seconds and self._room.is_set():
+        if (self._pending or self.buffered_seconds > self.settings.max_buffered_seconds) and self._room.is_set():
             self.observer.limit_hit(LimitReason.MAX_BUFFERED_SECONDS)
             self._room.clear()
+
+    def _decode_pending(self) -> None:
+        """Decode received audio, a piece at a time, while less than ``--max-buffered-seconds``
+        waits for recognition; once all is decoded after the end of input, cut the last windows."""
+        if self._decoding or self._decoder is None:
+            return
+        self._decoding = True
+        try:
+            piece_bytes = max(1, round(DECODE_PIECE_SECONDS * self.config.sample_rate_hertz)) * self._decoder.frame_bytes
+            while self._pending and self.buffered_seconds <= self.settings.max_buffered_seconds:
+                data, arrived = self._pending[0]
+                if len(data) > piece_bytes:
+                    self._pending[0] = (data[piece_bytes:], arrived)
+                    data = data[:piece_bytes]
+                else:
+                    self._pending.popleft()
+                self._append(self._decoder.decode(data), arrived)
+            if self._finishing and not self._pending and not self._input_done:
+                self._cut_last_windows()
+        finally:
+            self._decoding = False
 
     @property
     def has_room(self) -> bool:
@@ -210,16 +242,21 @@ class Session:
         if len(samples):
             self._buffer = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples
             self._samples_in += len(samples)
-        while len(self._buffer) >= WINDOW_SAMPLES:
-            self._add_window(_Window(self._buffer[:WINDOW_SAMPLES], now))
+        while len(self._buffer) >= WINDOW_SAMPLES:  # a copy: no window keeps a large decoded piece alive
+            self._add_window(_Window(self._buffer[:WINDOW_SAMPLES].copy(), now))
             self._buffer = self._buffer[SEGMENT_SAMPLES:]
 
     def finish_input(self) -> None:
-        """The client half-closed: recognise what is left, zero-padded."""
+        """The client half-closed: recognise what is left (decoding what is pending), zero-padded."""
         if self.state is not SessionState.ACTIVE:
             return
+        self.stats.input_finished_at = time.monotonic()
+        self.state = SessionState.DRAINING
+        self._finishing = True
+        self._decode_pending()  # cuts the last windows now, or once the audio still pending is decoded
+
+    def _cut_last_windows(self) -> None:
         now = time.monotonic()
-        self.stats.input_finished_at = now
         self._append(self._decoder.flush(), now)
         # Windows start every 2560 samples; the last ones are zero-padded (torchaudio's rule).
         windows_total = -(-self._samples_in // SEGMENT_SAMPLES)
@@ -232,7 +269,6 @@ class Session:
         self._buffer = np.zeros(0, dtype=np.float32)
         self._input_done = True
         self._changed.set()
-        self.state = SessionState.DRAINING
 
     def end_input(self, status: ASRError) -> bool:
         """End the stream early, gracefully: recognise the audio received so far (``finish_input``),
@@ -300,7 +336,9 @@ class Session:
         flight: the engine runs a stream's consecutive chunks in one step."""
         while self._windows and len(self._in_flight) < MAX_CHUNKS_PER_STREAM and self._stream is not None:
             self._in_flight.append(self._submit(self._windows.popleft()))
-        if self.buffered_seconds <= self.settings.max_buffered_seconds:
+        if self._pending:
+            self._decode_pending()
+        if not self._pending and self.buffered_seconds <= self.settings.max_buffered_seconds:
             self._room.set()
 
     async def _recognise(self) -> AsyncIterator[Result]:
@@ -408,6 +446,8 @@ class Session:
         self.state = SessionState.CLOSED
         self._withdraw_in_flight()  # a queued chunk must not run after the stream's state is freed
         self._windows.clear()
+        self._pending.clear()
+        self._buffer = np.zeros(0, dtype=np.float32)
         if self._stream is not None:
             stream, self._stream = self._stream, None
             self.scheduler.call_soon_on_engine_thread(self.engine.release, stream)

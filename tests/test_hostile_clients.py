@@ -279,3 +279,26 @@ async def test_streams_per_client_are_capped_by_token_and_by_address(tmp_path):
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-streams-per-client" in error.details()
     assert metrics.value("asr_limit_hits_total", reason="max_streams_per_client") == 1
+
+
+# --- large messages: decoded in pieces, nothing outlives its session --------------------------------
+async def test_large_messages_are_decoded_in_pieces_and_leave_no_memory_behind(speech):
+    clip = speech[0][1]
+    async with running_server(max_message_bytes=4_200_000) as (server, stub):
+        reference, _ = await victim(stub, clip)
+        baseline = rss()
+        peaks = []
+        for _ in range(2):  # bursts of 4 streams, each one 4 MiB message of 8 kHz audio (262 s)
+            async with attack("big", server.port, "--clients", "4", "--messages", "1",
+                              "--message-bytes", str(4 << 20), "--rate", "8000") as report:
+                heard, latencies = await victim(stub, clip)
+                peaks.append(rss() - baseline)
+            assert report["outcomes"] == {"OK": 4}, report
+            assert heard == reference
+        grown = await settled_rss(baseline)
+        assert server.active_sessions == 0
+    print(f"peaks during the bursts +{[round(p / 2**20) for p in peaks]} MiB, after +{grown / 2**20:.0f} MiB")
+    # 4 messages of 4 MiB held as bytes, at most --max-buffered-seconds of each decoded (decoded whole,
+    # as 16 kHz float32, each would be 17 MiB, with temporaries of twice that)
+    assert max(peaks) < RSS_BOUND, peaks
+    assert grown < RSS_BOUND, f"RSS grew by {grown / 2**20:.0f} MiB"
