@@ -1,17 +1,71 @@
 // The page: microphone -> AudioWorklet (16 kHz LINEAR16) -> WebSocket bridge -> asr.v1 server,
 // and results back: interim text on one line, finals in a list, each with the server's latency.
-// document.body.dataset.state: idle -> starting -> streaming -> finishing -> done | error.
+// document.body.dataset.state: idle -> starting -> streaming -> finishing -> done | error;
+// document.body.dataset.backend: up | down, from /api/status on load (and the bridge's 'ready').
+// Warnings (#warning): audio dropped because the WebSocket backs up by over 1 s of audio, and
+// results that lag the audio by over 1 s. Every message shown is one line.
 
 const $ = (id) => document.getElementById(id);
 const RATE = 16000;
+const MAX_BUFFERED_BYTES = RATE * 2;  // 1 s of audio not yet sent: new audio is dropped, not queued
+const MAX_LAG_S = 1;
+const RIGHT_CONTEXT_S = 0.04;  // look-ahead the model needs beyond a result's end
 let session = null;
 let latencies = [];
 
+function oneLine(text, limit = 200) {
+  const line = String(text).replace(/\s+/g, ' ').trim();
+  return line.length <= limit ? line : `${line.slice(0, limit - 1)}…`;
+}
+
 function setState(state, status) {
   document.body.dataset.state = state;
-  $('status').textContent = status;
+  $('status').textContent = oneLine(status);
+  $('status').title = $('status').textContent;
   $('toggle').textContent = state === 'streaming' ? 'Stop' : 'Start';
   $('toggle').disabled = state === 'starting' || state === 'finishing';
+}
+
+function showBackend(up, text) {
+  document.body.dataset.backend = up ? 'up' : 'down';
+  $('backend').textContent = oneLine(text);
+  $('backend').title = $('backend').textContent;
+}
+
+async function checkBackend() {
+  try {
+    const response = await fetch('/api/status');
+    if (!response.ok) throw new Error(await response.text());
+    const s = await response.json();
+    if (s.reachable) showBackend(true, `Server: ${s.model} (${s.precision}, ${s.device}), reachable.`);
+    else showBackend(false, `Server unreachable: ${s.error}`);
+  } catch (err) {
+    showBackend(false, `Bridge unreachable: ${err.message}`);
+  }
+}
+
+function showLevel(db) {
+  $('level').value = Math.max(-60, Math.min(0, db));
+  $('level').title = `microphone level: ${Number.isFinite(db) ? db.toFixed(0) : '-∞'} dBFS`;
+}
+
+function showWarnings(s) {
+  const parts = [];
+  const dropped = (s.dropped / RATE).toFixed(1);
+  if (s.dropped) parts.push(`${dropped} s of audio dropped: the connection to the bridge is too slow`);
+  if (s.lag > MAX_LAG_S) parts.push(`results lag the audio by ${s.lag.toFixed(1)} s`);
+  $('warning').textContent = oneLine(parts.join(' · '), 300);
+}
+
+// How long ago the page sent the audio that result ``r`` needed: network, bridge and server
+// together. ``s.marks`` holds [samples sent so far, performance.now()] after each message.
+function resultLag(s, r) {
+  const needed = Math.min((r.end_s + RIGHT_CONTEXT_S) * RATE, s.sent);
+  let i = s.marks.findIndex(([samples]) => samples >= needed - 0.5);
+  if (i < 0) i = s.marks.length - 1;
+  if (i < 0) return 0;
+  s.marks.splice(0, i);
+  return (performance.now() - s.marks[0][1]) / 1000;
 }
 
 function percentile(values, q) {
@@ -31,6 +85,8 @@ function showTiming(r) {
 
 function onResult(r) {
   showTiming(r);
+  session.lag = resultLag(session, r);
+  showWarnings(session);
   if (!r.is_final) {
     $('interim').textContent = r.transcript;
     return;
@@ -50,9 +106,14 @@ function onResult(r) {
 }
 
 function onMessage(event) {
-  const msg = JSON.parse(event.data);
+  let msg;
+  try {
+    msg = JSON.parse(event.data);
+  } catch (err) {
+    msg = {type: 'error', code: 'INTERNAL', message: 'the bridge sent a message that is not JSON'};
+  }
   if (msg.type === 'ready') {
-    $('model').textContent = `Model: ${msg.model}.`;
+    if (document.body.dataset.backend !== 'up') showBackend(true, `Server: ${msg.model}, reachable.`);
     setState('streaming', 'listening…');
   } else if (msg.type === 'result') {
     onResult(msg);
@@ -62,12 +123,14 @@ function onMessage(event) {
   } else if (msg.type === 'error') {
     session.ended = true;
     setState('error', `error: ${msg.code}: ${msg.message}`);
+    if (msg.code === 'UNAVAILABLE') checkBackend();
   }
 }
 
 function releaseAudio(s) {
   s.media.getTracks().forEach((t) => t.stop());
   s.context.close();
+  showLevel(-Infinity);
 }
 
 async function openAudio() {
@@ -96,32 +159,45 @@ async function start() {
   $('finals').textContent = '';
   $('interim').textContent = '';
   $('stats').textContent = '';
+  $('warning').textContent = '';
   let audio;
   try {
     audio = await openAudio();
   } catch (err) {
-    setState('error', `no microphone: ${err.message}`);
+    setState('error', `no microphone: ${err.name}: ${err.message}`);
     return;
   }
   const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`);
-  session = {...audio, ws, sent: 0, ended: false};
+  session = {...audio, ws, sent: 0, dropped: 0, lag: 0, marks: [], ended: false};
   const s = session;
   ws.onopen = () => {
     ws.send(JSON.stringify({sample_rate: RATE, beam: Number($('decoding').value)}));
     s.node.port.onmessage = (event) => {
       if (event.data === 'flushed') {
-        ws.send('end');
-      } else if (ws.readyState === WebSocket.OPEN) {
-        ws.send(event.data);
-        s.sent += event.data.byteLength / 2;
+        if (ws.readyState === WebSocket.OPEN) ws.send('end');
+        return;
       }
+      showLevel(event.data.level);
+      if (ws.readyState !== WebSocket.OPEN) return;
+      const samples = event.data.pcm.byteLength / 2;
+      if (ws.bufferedAmount > MAX_BUFFERED_BYTES) {
+        s.dropped += samples;
+        showWarnings(s);
+        return;
+      }
+      ws.send(event.data.pcm);
+      s.sent += samples;
+      s.marks.push([s.sent, performance.now()]);
     };
     s.source.connect(s.node);
   };
   ws.onmessage = onMessage;
-  ws.onclose = () => {
+  ws.onclose = (event) => {
     releaseAudio(s);
-    if (!s.ended) setState('error', 'the connection to the bridge closed');
+    if (s.ended) return;
+    setState('error', event.code === 1009 ? 'the bridge refused a message that was too big'
+      : `the connection to the bridge closed (code ${event.code}${event.reason ? `: ${event.reason}` : ''})`);
+    checkBackend();  // says why when the bridge refused the page or the server is down
   };
 }
 
@@ -133,3 +209,4 @@ function stop() {
 }
 
 $('toggle').onclick = () => (document.body.dataset.state === 'streaming' ? stop() : start());
+checkBackend();

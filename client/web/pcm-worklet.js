@@ -1,4 +1,5 @@
-// AudioWorklet: microphone samples -> 16 kHz mono LINEAR16, posted in 160 ms buffers.
+// AudioWorklet: microphone samples -> 16 kHz mono LINEAR16, posted in 160 ms buffers as
+// {pcm: ArrayBuffer, level: RMS level of the buffer in dBFS (-Infinity for digital silence)}.
 //
 // The page asks for a 16 kHz AudioContext, so the browser's own resampler usually does
 // the work and this is a plain float -> int16 conversion. Where a browser runs the context
@@ -34,7 +35,10 @@ class Pcm16Processor extends AudioWorkletProcessor {
   post() {
     if (!this.filled) return;
     const out = this.buffer.slice(0, this.filled);
-    this.port.postMessage(out.buffer, [out.buffer]);
+    let energy = 0;
+    for (const v of out) energy += v * v;
+    const level = 10 * Math.log10(energy / out.length / (32768 * 32768));
+    this.port.postMessage({pcm: out.buffer, level}, [out.buffer]);
     this.filled = 0;
   }
 
