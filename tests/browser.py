@@ -4,6 +4,7 @@ microphone plays a WAV. Used by tests/test_web.py and scripts/web_screenshot.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +39,30 @@ class PageRun:
     saw_interim: bool  # the interim line showed text while streaming
     stats: str  # the timing line under the transcript
     sent_bytes: int  # audio the page sent over its WebSocket
+    backend: str  # the backend status line
+    levels: list[float]  # the input level meter's values (dBFS), polled while streaming
+    warnings: set[str]  # every text the warning line showed while streaming
 
 
-async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screenshot: Path | None = None,
-                                timeout_s: float = 90) -> PageRun:
-    """Open the page, press Start, press Stop once ``stop_after_s`` seconds of audio were sent, wait
-    for the last result; return what the page shows."""
+@contextlib.asynccontextmanager
+async def chromium_page(wav: Path):
+    """A new page of a headless Chromium whose fake microphone plays ``wav``."""
     from playwright.async_api import async_playwright
 
     if not CHROMIUM.exists():
         raise RuntimeError(f"{CHROMIUM} not found: 'make test-apt' installs Debian's chromium")
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav))
+        try:
+            yield await browser.new_page(viewport={"width": 900, "height": 560})
+        finally:
+            await browser.close()
+
+
+async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screenshot: Path | None = None,
+                                timeout_s: float = 90) -> PageRun:
+    """Open the page, wait for its backend check, press Start, press Stop once ``stop_after_s``
+    seconds of audio were sent, wait for the last result; return what the page shows."""
     sent = 0
 
     def on_websocket(ws):
@@ -58,32 +73,32 @@ async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screen
 
         ws.on("framesent", on_frame)
 
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav))
-        try:
-            page = await browser.new_page(viewport={"width": 900, "height": 520})
-            page.on("websocket", on_websocket)
-            await page.goto(url)
-            await page.click("#toggle")
-            await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
-            saw_interim = False
-            deadline = time.monotonic() + timeout_s
-            while sent < stop_after_s * 32000:
-                assert time.monotonic() < deadline, f"the page sent only {sent} bytes of audio in time"
-                state = await page.evaluate("document.body.dataset.state")
-                assert state == "streaming", await page.text_content("#status")
-                saw_interim = saw_interim or bool((await page.text_content("#interim")).strip())
-                await asyncio.sleep(0.05)
-            await page.click("#toggle")
-            await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)",
-                                         timeout=timeout_s * 1000)
-            assert await page.evaluate("document.body.dataset.state") == "done", await page.text_content("#status")
-            run = PageRun(finals=await page.locator("#finals li .text").all_text_contents(),
-                          final_latencies=await page.locator("#finals li .latency").all_text_contents(),
-                          saw_interim=saw_interim, stats=await page.text_content("#stats"), sent_bytes=sent)
-            if screenshot:
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                await page.screenshot(path=str(screenshot), full_page=True)
-            return run
-        finally:
-            await browser.close()
+    async with chromium_page(wav) as page:
+        page.on("websocket", on_websocket)
+        await page.goto(url)
+        await page.wait_for_function("document.body.dataset.backend", timeout=timeout_s * 1000)
+        backend = await page.text_content("#backend")
+        await page.click("#toggle")
+        await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
+        saw_interim, levels, warnings = False, [], set()
+        deadline = time.monotonic() + timeout_s
+        while sent < stop_after_s * 32000:
+            assert time.monotonic() < deadline, f"the page sent only {sent} bytes of audio in time"
+            state = await page.evaluate("document.body.dataset.state")
+            assert state == "streaming", await page.text_content("#status")
+            saw_interim = saw_interim or bool((await page.text_content("#interim")).strip())
+            levels.append(await page.evaluate("document.getElementById('level').value"))
+            warnings.add(await page.text_content("#warning"))
+            await asyncio.sleep(0.05)
+        await page.click("#toggle")
+        await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)",
+                                     timeout=timeout_s * 1000)
+        assert await page.evaluate("document.body.dataset.state") == "done", await page.text_content("#status")
+        run = PageRun(finals=await page.locator("#finals li .text").all_text_contents(),
+                      final_latencies=await page.locator("#finals li .latency").all_text_contents(),
+                      saw_interim=saw_interim, stats=await page.text_content("#stats"), sent_bytes=sent,
+                      backend=backend, levels=levels, warnings=warnings - {""})
+        if screenshot:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(screenshot), full_page=True)
+        return run
