@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
@@ -15,6 +15,7 @@ from server import __version__
 from server.api import google_speech, riva
 from server.api.asr_v1 import AsrServicer
 from server.api.auth import HEALTH_SERVICE, TokenAuthInterceptor, read_tokens
+from server.api.health import BoundedHealthServicer
 from server.api.tls import server_credentials
 from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
@@ -39,7 +40,7 @@ class AsrServer:
         self.model = model
         self.service: RecognitionService | None = None
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = BoundedHealthServicer(settings.max_health_watchers)  # Watch streams capped
         self.port = 0
         self.metrics: Metrics | None = None  # None when --metrics-port is -1
         self.metrics_port = 0  # the bound /metrics port once started (0: no endpoint)
@@ -82,6 +83,18 @@ class AsrServer:
             # window auto-tuning (BDP probing) would let megabytes pile up instead.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+            # HTTP/2 abuse (docs/operations.md, "HTTP/2 abuse and connection limits"). gRPC core's
+            # default is no limit on concurrent streams per connection; with one, a HEADERS beyond
+            # it gets RST_STREAM(REFUSED_STREAM) in the transport, before any handler runs
+            # (chttp2 parsing.cc, init_header_frame_parser). Without it, a rapid-reset flood on one
+            # connection (HEADERS + RST_STREAM pairs) made other clients' new streams fail at once
+            # (CANCELLED / INTERNAL); with it they complete (tests/test_http2_abuse.py).
+            ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+            # ... and a stream the client has reset keeps counting against that limit until the
+            # server has freed it ("overload protection", chttp2_transport.cc; on by default in
+            # this gRPC but marked experimental, so stated here): resets cannot free slots faster
+            # than the server releases the calls.
+            ("grpc.http.overload_protection", 1),
         ])
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
         try:

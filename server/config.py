@@ -95,6 +95,15 @@ class ServerSettings(BaseSettings):
     max_streams_per_client: int = Field(0, ge=0, description="concurrent streams one client may hold: "
                                         "one bearer token with --auth-token-file, else one peer address "
                                         "(0: unlimited); further ones get RESOURCE_EXHAUSTED")
+    max_streams_per_connection: int = Field(1000, ge=1, le=2**31 - 1, description="concurrent HTTP/2 "
+                                            "streams one connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); "
+                                            "further ones, and a rapid-reset flood's cancelled streams still "
+                                            "being freed, are refused with RST_STREAM(REFUSED_STREAM) before "
+                                            "any handler runs. At least the streams one client multiplexes on "
+                                            "one channel (asr-loadtest, asr-web: all theirs)")
+    max_health_watchers: int = Field(1000, ge=0, description="concurrent grpc.health.v1 Watch streams "
+                                     "(10-20 KB each, token-less by default); further ones get "
+                                     "RESOURCE_EXHAUSTED (0: unlimited; Health.Check is never limited)")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024,
                                    description="largest request message accepted")
     max_stream_seconds: float = Field(3600.0, gt=0, description="longest stream, in seconds of audio")
