@@ -40,9 +40,12 @@ serialisation, jitter), and the scheduler's backlog is below one full batch (few
 chunks waiting: more means the engine is already behind).
 
 ``c0`` and ``c`` come from timing engine steps of two batch sizes at start-up
-(``calibrate``); afterwards every step's measured time is compared with ``s(B)`` and the
-median ratio of the last 32 steps scales both (a machine that slows down, beam search,
-another process on the cores: admission tightens within a second). Transport-free and
+(``calibrate``, each the fastest of several steps: a busy neighbour during start-up only ever
+adds time, and must not make the server refuse streams for as long as it runs); afterwards
+every step's measured time is compared with ``s(B)`` and the median ratio of the last 32
+steps of the last 10 s scales both (a machine that slows down, beam search, another process on
+the cores: admission tightens within a second, and relaxes again once the steps are fast or,
+on an idle server, after 10 s). Transport-free and
 torch-free: tested with hand-fed step times.
 """
 
@@ -60,6 +63,7 @@ from server.stats import LimitReason
 
 CHUNK_PERIOD_S = 0.16  # one stream's chunk every 160 ms at real-time pace
 RECENT_STEPS = 32  # steps whose median time / predicted time scales the calibrated cost
+SCALE_WINDOW_S = 10.0  # ... if they ran within this long: an idle server forgets a past stall
 RECENT_WINDOW_S = 2.0  # steps older than this say nothing about the load now
 HEADROOM = 0.8  # the predicted worst chunk latency may use this share of the budget
 
@@ -125,7 +129,7 @@ class Admission:
         self.chunk_period_s = chunk_period_s
         self.clock = clock
         self.calibrated: StepCost | None = None
-        self._ratios: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)  # (time, ratio)
         self._steps: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)
 
     # --- the engine's measured cost --------------------------------------------------------
@@ -146,15 +150,17 @@ class Admission:
             return
         one_chunk_each = seconds
         if self.calibrated is not None:
-            self._ratios.append(seconds / self.calibrated(batch_size))
+            self._ratios.append((self.clock(), seconds / self.calibrated(batch_size)))
             if streams and streams < batch_size:
                 one_chunk_each = seconds * self.calibrated(streams) / self.calibrated(batch_size)
         self._steps.append((self.clock(), one_chunk_each))
 
     @property
     def scale(self) -> float:
-        """Median of measured / calibrated step time over the recent steps (1 before any)."""
-        return statistics.median(self._ratios) if self._ratios else 1.0
+        """Median of measured / calibrated step time over the recent steps (1 without any)."""
+        since = self.clock() - SCALE_WINDOW_S
+        recent = [ratio for t, ratio in self._ratios if t >= since]
+        return statistics.median(recent) if recent else 1.0
 
     def cost(self) -> StepCost | None:
         """The step cost now: the calibrated line scaled by ``scale``; None before calibration."""
@@ -177,6 +183,15 @@ class Admission:
         step = cost.c0 / (1 - rho)
         latency = max(2 * step, 2 * cost.c0 + cost.c * streams, 2 * (self.recent_step_s() + cost.c))
         return Prediction(streams, rho, step, streams * step / self.chunk_period_s, latency)
+
+    def fair_batch(self) -> int:
+        """Most chunks a step may hold when chunks ahead of real time fill it up (the scheduler's
+        fairness): a step of this size still lets two steps fit in ``HEADROOM`` of the chunk
+        period, so the real-time streams keep up; at least 1, at most ``max_batch``."""
+        cost = self.cost()
+        if cost is None or cost.c <= 0:
+            return self.max_batch
+        return max(1, min(self.max_batch, int((HEADROOM * self.chunk_period_s / 2 - cost.c0) / cost.c)))
 
     def capacity(self, limit: int = 4096) -> int:
         """Streams load shedding would admit at the current cost with an idle scheduler (for logs

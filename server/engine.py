@@ -149,6 +149,7 @@ class Engine:
         self.device = torch.device(device)
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()  # intra-op threads now (``set_threads``)
         if device == "cpu":
             features = detect_cpu_features()
             log.info("CPU matrix features: %s; torch %s kernels, %d threads", features.describe(),
@@ -184,6 +185,12 @@ class Engine:
                      and self.encoder.dtype == torch.float32 else "gather + scaled_dot_product_attention")
         layers = "one native call per step" if self.encoder.fused_layers is not None else "Python layer loop"
         return f"products {', '.join(kinds) or 'quantize_dynamic'}; attention {attention}; layers {layers}"
+
+    def set_threads(self, threads: int) -> None:
+        """Intra-op threads for the steps from now on (call on the inference thread); results do
+        not depend on it (``server.threads``)."""
+        torch.set_num_threads(threads)
+        self.threads = threads
 
     def check_batching(self, streams: int = 3, chunks: int = 3, seed: int = 1) -> bool:
         """Whether batching is bit-exact in this engine: ``streams`` streams of seeded random

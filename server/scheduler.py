@@ -2,11 +2,19 @@
 
 Sessions ``submit`` a chunk when its audio is complete and await the result.
 Whenever the engine is free, the scheduler takes up to ``max_batch`` queued
-chunks, oldest-ready first (so no stream starves), at most
+chunks, in the order of their rank (so no stream starves), at most
 ``max_chunks_per_stream`` consecutive ones of a stream (in the stream's order: a
 stream that is behind catches up in one step), optionally waiting up to
 ``max_wait`` seconds for a fuller batch, and runs them as one ``runner.run_batch``
 call on its single inference thread, so the asyncio loop never blocks on the model.
+
+Fairness: a chunk's rank is when it was ready, or, for a stream sent ahead of real time, when
+it would have been had the audio come in real time (``due_at``; a file sent as fast as possible
+has all its chunks ready at once). Chunks due later than now are *ahead*: they rank behind every
+fresh chunk and join a step only while it holds fewer than ``ahead_batch()`` chunks (the batch
+whose step still leaves real-time streams their latency), so one client's backlog never
+delays anyone's fresh chunks; it runs on the engine's spare capacity. With no real-time chunk
+queued for ``REALTIME_GONE_S``, ahead chunks fill whole batches.
 
 A batch that raises fails only its own chunks' futures, with an ``INTERNAL``
 ``ASRError``; the loop goes on serving everyone else. The scheduler moves
@@ -30,6 +38,7 @@ from server.errors import ASRError, ErrorCode
 log = logging.getLogger(__name__)
 
 YIELDS_AFTER_BATCH = 3  # event-loop turns between a batch's results and the next batch
+REALTIME_GONE_S = 0.5  # no chunk due at real-time pace for this long: no stream needs fairness
 
 
 class BatchRunner(Protocol):
@@ -70,7 +79,7 @@ class BatchRecord:
 
 @dataclass(order=True)
 class _Job:
-    ready_at: float
+    rank: float  # max(ready_at, due_at): the order chunks are taken in
     seq: int
     key: Hashable = field(compare=False)
     item: Any = field(compare=False)
@@ -89,13 +98,16 @@ def engine_thread() -> ThreadPoolExecutor:
 class Scheduler:
     def __init__(self, runner: BatchRunner, max_batch: int = 32, max_wait: float = 0.0,
                  on_batch: Callable[[BatchRecord], None] | None = None,
-                 executor: ThreadPoolExecutor | None = None, max_chunks_per_stream: int = 1):
+                 executor: ThreadPoolExecutor | None = None, max_chunks_per_stream: int = 1,
+                 ahead_batch: Callable[[], int] | None = None):
         if max_batch < 1 or max_chunks_per_stream < 1:
             raise ValueError("max_batch and max_chunks_per_stream must be >= 1")
         self.runner = runner
         self.max_batch = max_batch
         self.max_chunks_per_stream = max_chunks_per_stream
         self.max_wait = max_wait
+        self.ahead_batch = ahead_batch or (lambda: max_batch)  # see the module docstring: fairness
+        self._due_enqueued_at = -1e9  # when a chunk not ahead of real time was last queued
         self.on_batch = on_batch
         self._queue: list[_Job] = []
         self._seq = itertools.count()
@@ -134,8 +146,9 @@ class Scheduler:
 
     @property
     def queued_streams(self) -> int:
-        """Streams with a chunk waiting (a stream that is behind may have several)."""
-        return len({job.key for job in self._queue if not job.future.done()})
+        """Streams with a chunk due and waiting (chunks ahead of real time are not a backlog)."""
+        now = time.monotonic()
+        return len({job.key for job in self._queue if not job.future.done() and job.rank <= now})
 
     @property
     def busy(self) -> bool:
@@ -150,14 +163,20 @@ class Scheduler:
         future, timing = self.enqueue(key, item, ready_at)
         return await future, timing
 
-    def enqueue(self, key: Hashable, item: Any, ready_at: float | None = None) -> tuple[asyncio.Future, JobTiming]:
+    def enqueue(self, key: Hashable, item: Any, ready_at: float | None = None,
+                due_at: float = 0.0) -> tuple[asyncio.Future, JobTiming]:
         """``submit`` without waiting: the item is queued now; the future resolves to the runner's
-        result (cancel it to withdraw a queued item)."""
+        result (cancel it to withdraw a queued item). ``due_at``: when the item would have been
+        ready at real-time pace (later than ``ready_at`` for a stream sent ahead of it)."""
         if self._task is None:
             raise ASRError(ErrorCode.UNAVAILABLE, "scheduler is not running")
         timing = JobTiming(ready_at if ready_at is not None else time.monotonic())
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, _Job(timing.ready_at, next(self._seq), key, item, future, timing))
+        rank = max(timing.ready_at, due_at)
+        now = time.monotonic()
+        if rank <= now:
+            self._due_enqueued_at = now
+        heapq.heappush(self._queue, _Job(rank, next(self._seq), key, item, future, timing))
         self._wakeup.set()
         return future, timing
 
@@ -185,10 +204,17 @@ class Scheduler:
         taken: dict = {}  # key -> chunks of that stream in the batch
         blocked: set = set()  # streams with a chunk deferred: their later chunks wait too
         deferred: list[_Job] = []
+        now = time.monotonic()
+        ahead_limit = None
         while self._queue and len(batch) < self.max_batch:
             job = heapq.heappop(self._queue)
             if job.future.done():  # withdrawn by its session
                 continue
+            if job.rank > now and now - self._due_enqueued_at < REALTIME_GONE_S:  # ahead, as is what follows
+                ahead_limit = self.ahead_batch() if ahead_limit is None else ahead_limit
+                if len(batch) >= ahead_limit:
+                    deferred.append(job)
+                    break
             if job.key in blocked or taken.get(job.key, 0) >= self.max_chunks_per_stream:
                 blocked.add(job.key)  # the stream's next chunks wait for the next step
                 deferred.append(job)

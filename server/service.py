@@ -24,6 +24,7 @@ from server.models import LoadedModel
 from server.scheduler import BatchRecord, Scheduler, engine_thread
 from server.session import Result, Session, SessionManager
 from server.stats import Observer, first_step_stats
+from server.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,14 @@ class RecognitionService:
                              max_symbols_per_frame=settings.max_symbols_per_frame,
                              beam_search=settings.beam_search, kernels=settings.kernels)
         self.engine.check_batching()
+        # --threads 0: one per core, or 1 while another process slows every step (server.threads)
+        self.threads = (ThreadGovernor(self.engine.threads, self._set_threads)
+                        if settings.threads == 0 and settings.device == "cpu" and self.engine.threads > 1 else None)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000,
                                    on_batch=self._batch_done, executor=self.executor,
-                                   max_chunks_per_stream=MAX_CHUNKS_PER_STREAM)
+                                   max_chunks_per_stream=MAX_CHUNKS_PER_STREAM,
+                                   ahead_batch=lambda: self.sessions.admission.fair_batch())
         self.sessions = SessionManager(self.engine, self.scheduler, settings, self.observer)
         self.description = ModelDescription(
             model_name=model.name, precision=settings.precision, device=settings.device,
@@ -86,14 +91,21 @@ class RecognitionService:
         await self.scheduler.stop()
 
     def _batch_done(self, record: BatchRecord) -> None:
+        admission = self.sessions.admission
         if not record.failed:
-            self.sessions.admission.step_done(record.size, record.seconds, record.streams or record.size)
+            admission.step_done(record.size, record.seconds, record.streams or record.size)
+            if self.threads is not None and admission.calibrated is not None:
+                self.threads.step_done(record.seconds / admission.calibrated(record.size))
         self.observer.batch_done(record, first_step_stats(record.outputs))
 
-    def _time_step(self, batch: int, warm_steps: int = 10, timed_steps: int = 5) -> float:
-        """Median seconds of an engine step of ``batch`` greedy streams on silence, once their left
-        context is full (the first chunks of a stream cost more): admission control's
-        calibration, run before the scheduler starts."""
+    def _set_threads(self, threads: int) -> None:
+        self.scheduler.call_soon_on_engine_thread(self.engine.set_threads, threads)
+
+    def _time_step(self, batch: int, warm_steps: int = 10, timed_steps: int = 9) -> float:
+        """Seconds of an engine step of ``batch`` greedy streams on silence, once their left
+        context is full (the first chunks of a stream cost more), the fastest of ``timed_steps``
+        (another process on the cores only ever adds time): admission control's calibration,
+        run before the scheduler starts."""
         streams = [self.engine.new_stream(DecodingMethod.GREEDY, 1) for _ in range(batch)]
         window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         times = []
@@ -103,7 +115,7 @@ class RecognitionService:
                 self.engine.run_batch([ChunkWork(s, window) for s in streams])
                 if step >= warm_steps:
                     times.append(time.perf_counter() - start)
-            return float(np.median(times))
+            return float(np.min(times))
         finally:
             for stream in streams:
                 self.engine.release(stream)

@@ -42,6 +42,7 @@ from server.tokens import TokenTable
 log = logging.getLogger(__name__)
 
 DECODE_PIECE_SECONDS = 1.0  # of a message's audio decoded at a time: a large message never becomes a large array
+AHEAD_SLACK_S = 0.5  # a client may run this far ahead of real time (e.g. in 0.5 s messages) and still rank as real time
 INTERIMS_FOR_STABILITY = 2  # earlier interim results a word must have stood in to count as stable
 
 
@@ -106,7 +107,8 @@ class StreamStats:
 @dataclass
 class _Window:
     samples: np.ndarray
-    ready_at: float
+    ready_at: float  # when its last sample arrived
+    due_at: float = 0.0  # when it would have, at real-time pace (less AHEAD_SLACK_S): scheduler fairness
 
 
 
@@ -243,8 +245,13 @@ class Session:
             self._buffer = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples
             self._samples_in += len(samples)
         while len(self._buffer) >= WINDOW_SAMPLES:  # a copy: no window keeps a large decoded piece alive
-            self._add_window(_Window(self._buffer[:WINDOW_SAMPLES].copy(), now))
+            self._add_window(_Window(self._buffer[:WINDOW_SAMPLES].copy(), now, self._due_at()))
             self._buffer = self._buffer[SEGMENT_SAMPLES:]
+
+    def _due_at(self) -> float:
+        """When the window now being cut would have been complete had the audio come in real time."""
+        start = self._samples_in - len(self._buffer)  # the window's first sample
+        return (self.stats.first_audio_at or 0.0) + (start + WINDOW_SAMPLES) / SAMPLE_RATE - AHEAD_SLACK_S
 
     def finish_input(self) -> None:
         """The client half-closed: recognise what is left (decoding what is pending), zero-padded."""
@@ -264,7 +271,7 @@ class Session:
         for _ in range(windows_total - windows_queued):
             window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
             window[:min(len(self._buffer), WINDOW_SAMPLES)] = self._buffer[:WINDOW_SAMPLES]
-            self._add_window(_Window(window, now))
+            self._add_window(_Window(window, now, self._due_at()))
             self._buffer = self._buffer[SEGMENT_SAMPLES:]
         self._buffer = np.zeros(0, dtype=np.float32)
         self._input_done = True
@@ -385,7 +392,8 @@ class Session:
     def _submit(self, window: "_Window") -> tuple[asyncio.Future, JobTiming]:
         """Queue ``window`` on the scheduler now (in this stream's order): the future resolves to
         the chunk's result (cancel it to withdraw the chunk), the timing fills in as it runs."""
-        return self.scheduler.enqueue(self.id, ChunkWork(self._stream, window.samples), ready_at=window.ready_at)
+        return self.scheduler.enqueue(self.id, ChunkWork(self._stream, window.samples), ready_at=window.ready_at,
+                                      due_at=window.due_at)
 
     def _audio_end_s(self, frames_done: int) -> float:
         return min(frames_done * FRAME_SECONDS, self._samples_in / SAMPLE_RATE)

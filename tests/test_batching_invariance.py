@@ -159,3 +159,32 @@ def test_consecutive_chunks_of_a_stream_in_one_step_equal_one_chunk_per_step(wav
     one_by_one, grouped = run(False), run(True)
     assert grouped == one_by_one
     assert sum(r[3] is not None for rs in one_by_one for r in rs) >= 3, "expected endpoints in between"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_switching_intra_op_threads_mid_stream_changes_no_result(waves, precision, kernels):
+    """The thread governor (``server.threads``) may switch between one thread per core and 1 at any
+    step: every chunk's alternatives, confidences and timings equal a run that never switched."""
+    from server.config import DecodingMethod
+    from server.engine import ChunkWork, Engine
+    from server.models import load_model
+
+    engine = Engine(load_model("random-base", 0), precision=precision, threads=2)
+    windows = [utterance_windows(torch.from_numpy(w)).numpy()[:12] for w in waves[:3]]
+
+    def run(switch: bool) -> list:
+        streams = [engine.new_stream(DecodingMethod.BEAM_SEARCH, 3) for _ in windows]
+        out = []
+        for step in range(12):
+            if switch:
+                engine.set_threads(1 if step % 4 < 2 else 2)
+            works = [ChunkWork(s, w[step]) for s, w in zip(streams, windows)]
+            out += [[(a.tokens, a.frames, a.confidence) for a in r.alternatives] for r in engine.run_batch(works)]
+        engine.set_threads(2)
+        for s in streams:
+            engine.release(s)
+        return out
+
+    steady, switched = run(False), run(True)
+    assert switched == steady
+    assert any(alts[0][0] for alts in steady), "expected some tokens"
