@@ -65,7 +65,7 @@ class ServerSettings(BaseSettings):
         "to start")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
     threads: int = Field(0, ge=0, description="torch intra-op threads of the inference thread "
-                         "(0: one per core)")
+                         "(0: one per core, or 1 while another process on the cores slows every step)")
     # --- decoding ------------------------------------------------------------------------
     decoding_method: Literal["greedy", "beam"] = Field(
         "greedy", description="decoding used when a request does not choose one")
