@@ -65,6 +65,7 @@ class AsrServer:
                                    precision=s.precision, device=s.device)
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         observer = self.metrics.observer if self.metrics else Observer()
+        self.health.observer = observer
         interceptors = []
         if tokens is not None:
             exempt = (HEALTH_SERVICE,) if s.auth_exempt_health else ()

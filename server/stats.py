@@ -86,6 +86,7 @@ class LimitReason(enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"  # a stream sent nothing for too long
     DRAINING = "draining"  # refused because the server is shutting down
     AUTH = "auth"  # refused by authentication / authorisation
+    HEALTH_WATCHERS = "max_health_watchers"  # a Health.Watch stream over --max-health-watchers
 
 
 class FinalTrigger(enum.Enum):

@@ -38,7 +38,7 @@ from server.config import ServerSettings
 from server.models import load_demo
 from tests.conftest import ROOT, running_server
 from tests.helpers import transcript
-from tests.observability import free_port
+from tests.observability import free_port, scrape
 
 FLOOD = ROOT / "tests" / "h2_flood.py"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -150,6 +150,8 @@ async def test_health_watch_flood_is_capped_and_memory_is_bounded(tmp_path):
         at_ready = json.loads(ready.read_text())
         report = await attack
         await wait_for(lambda: health.watchers == 0)
+        refusals = scrape(server.metrics_port).value("asr_limit_hits_total", reason="max_health_watchers")
+        assert refusals == health.refused > 0  # every refusal is counted
     attempted = WATCH_CONNECTIONS * WATCH_STREAMS
     print(f"Watch flood: {at_ready}; {held} held, RSS +{rss_growth / 2**20:.1f} MiB")
     assert held == WATCH_CAP

@@ -13,20 +13,24 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health
 
+from server.stats import LimitReason, Observer
+
 
 class BoundedHealthServicer(health.aio.HealthServicer):
     """``health.aio.HealthServicer`` with at most ``max_watchers`` concurrent ``Watch`` streams
     (0: unlimited)."""
 
-    def __init__(self, max_watchers: int):
+    def __init__(self, max_watchers: int, observer: Observer | None = None):
         super().__init__()
         self.max_watchers = max_watchers
+        self.observer = observer or Observer()  # counts refusals (``max_health_watchers``)
         self.watchers = 0  # Watch streams open now
         self.refused = 0  # Watch streams refused over the cap, since start
 
     async def Watch(self, request, context) -> None:
         if self.max_watchers and self.watchers >= self.max_watchers:
             self.refused += 1
+            self.observer.limit_hit(LimitReason.HEALTH_WATCHERS)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.watchers} Health.Watch streams are open, the server's limit "
                                 f"(--max-health-watchers); use Health.Check, or retry later")
