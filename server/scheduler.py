@@ -1,6 +1,6 @@
 """Continuous batching of ready chunks from all streams onto one inference thread.
 
-Sessions ``submit`` a chunk when its audio is complete and await the result.
+Sessions ``enqueue`` a chunk when its audio is complete and await its future.
 Whenever the engine is free, the scheduler takes up to ``max_batch`` queued
 chunks, in the order of their rank (so no stream starves), at most
 ``max_chunks_per_stream`` consecutive ones of a stream (in the stream's order: a
@@ -114,7 +114,6 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = executor  # owned: shut down by stop()
         self._task: asyncio.Task | None = None
-        self._running_batch = 0
         self.batches_run = 0
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -150,23 +149,11 @@ class Scheduler:
         now = time.monotonic()
         return len({job.key for job in self._queue if not job.future.done() and job.rank <= now})
 
-    @property
-    def busy(self) -> bool:
-        return self._running_batch > 0
-
-    async def submit(self, key: Hashable, item: Any, ready_at: float | None = None) -> tuple[Any, JobTiming]:
-        """Queue ``item`` of stream ``key``; return the runner's result and the job's timing.
-
-        Cancelling the awaiting task withdraws a queued item; an item already in a
-        running batch completes and its result is dropped.
-        """
-        future, timing = self.enqueue(key, item, ready_at)
-        return await future, timing
-
     def enqueue(self, key: Hashable, item: Any, ready_at: float | None = None,
                 due_at: float = 0.0) -> tuple[asyncio.Future, JobTiming]:
-        """``submit`` without waiting: the item is queued now; the future resolves to the runner's
-        result (cancel it to withdraw a queued item). ``due_at``: when the item would have been
+        """Queue ``item`` of stream ``key`` now; the future resolves to the runner's result (cancel
+        it to withdraw a queued item; an item already in a running batch completes and its result
+        is dropped), the timing fills in as it runs. ``due_at``: when the item would have been
         ready at real-time pace (later than ``ready_at`` for a stream sent ahead of it)."""
         if self._task is None:
             raise ASRError(ErrorCode.UNAVAILABLE, "scheduler is not running")
@@ -240,7 +227,6 @@ class Scheduler:
             for job in batch:
                 job.timing.started_at = started
                 job.timing.batch_size = len(batch)
-            self._running_batch = len(batch)
             failed = False
             try:
                 results = await loop.run_in_executor(self._executor, self.runner.run_batch,
@@ -257,8 +243,6 @@ class Scheduler:
                 log.exception("engine step failed for a batch of %d", len(batch))
                 error = ASRError(ErrorCode.INTERNAL, f"recognition failed: {type(exc).__name__}: {exc}")
                 results = [error] * len(batch)
-            finally:
-                self._running_batch = 0
             finished = time.monotonic()
             self.batches_run += 1
             for job, result in zip(batch, results):
@@ -272,7 +256,7 @@ class Scheduler:
             # Let the streams just served queue their next chunk before the next batch forms:
             # a stream that is behind real time has it ready, and it would otherwise miss the
             # next step and wait a whole one more (resolving a future only schedules the
-            # awaiting task; it runs, and submits, on the loop's next iterations).
+            # awaiting task; it runs, and queues, on the loop's next iterations).
             for _ in range(YIELDS_AFTER_BATCH):
                 await asyncio.sleep(0)
             if self.on_batch:
