@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,8 +103,6 @@ class ChunkResult:
     alternatives: list[Alternative]
     stability: float
     frames_done: int  # encoder frames of the stream decoded so far
-    batch_size: int  # chunks in the step
-    compute_seconds: float
     step_stats: "StepStats"
     utterance_start_frame: int = 0  # encoder frame where this chunk's utterance began
     endpoint: Endpoint | None = None  # the utterance ended with this chunk
@@ -118,14 +116,10 @@ class ChunkResult:
 class StepStats:
     """Timing of one batched step, for metrics (seconds)."""
 
-    batch_size: int = 0
     features: float = 0.0
     encoder: float = 0.0
     decoder: float = 0.0
     total: float = 0.0
-    greedy_streams: int = 0
-    beam_streams: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -284,7 +278,7 @@ class Engine:
         """Advance every stream in ``works`` by its chunks there, in order (a stream may bring up
         to ``MAX_CHUNKS_PER_STREAM`` consecutive chunks); one result per work, in order."""
         t0 = time.perf_counter()
-        stats = StepStats(batch_size=len(works))
+        stats = StepStats()
         depth, previous = self._chunk_depths(works)
         with torch.inference_mode():
             for w in works:
@@ -303,14 +297,13 @@ class Engine:
             decoded: list = [None] * len(works)
             for level in range(max(depth) + 1):
                 members = [i for i, d in enumerate(depth) if d == level]
-                self._decode(encoded, works, members, stats)
+                self._decode(encoded, works, members)
                 for i in members:
                     decoded[i] = self._advance(works[i].stream)
             t3 = time.perf_counter()
         stats.features, stats.encoder, stats.decoder = t1 - t0, t2 - t1, t3 - t2
         stats.total = time.perf_counter() - t0
-        return [ChunkResult(alternatives, stability, frames_done, stats.batch_size, stats.total, stats,
-                            utterance_start, ending)
+        return [ChunkResult(alternatives, stability, frames_done, stats, utterance_start, ending)
                 for alternatives, stability, frames_done, utterance_start, ending in decoded]
 
     def _chunk_depths(self, works: list[ChunkWork]) -> tuple[list[int], torch.Tensor | None]:
@@ -332,7 +325,7 @@ class Engine:
                 table[i][:k] = members[:k]
         return depth, torch.tensor(table, device=self.device)
 
-    def _decode(self, encoded: torch.Tensor, works: list[ChunkWork], members: list[int], stats: StepStats) -> None:
+    def _decode(self, encoded: torch.Tensor, works: list[ChunkWork], members: list[int]) -> None:
         greedy = [i for i in members if works[i].stream.method is DecodingMethod.GREEDY]
         beam = [i for i in members if works[i].stream.method is not DecodingMethod.GREEDY]
         if greedy:
@@ -342,8 +335,6 @@ class Engine:
             self.beam.step(encoded[beam], [works[i].stream.decoder for i in beam],
                            [works[i].stream.frames_done for i in beam],
                            [works[i].stream.beam_width for i in beam])
-        stats.greedy_streams += len(greedy)
-        stats.beam_streams += len(beam)
 
     def _advance(self, stream: StreamState) -> tuple:
         """After a chunk is decoded: its result, and the endpointing rule (a new utterance, with

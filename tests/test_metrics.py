@@ -103,7 +103,7 @@ def test_engine_load_is_busy_time_over_audio_in_a_sliding_window():
 def test_observer_maps_a_batch_and_a_stream_onto_metrics():
     metrics = Metrics(version="v", model="m", precision="fp32", device="cpu")
     obs = metrics.observer
-    step = StepStats(batch_size=3, features=0.001, encoder=0.02, decoder=0.005, total=0.026)
+    step = StepStats(features=0.001, encoder=0.02, decoder=0.005, total=0.026)
     obs.batch_done(BatchRecord(3, 0.03, 0, False, outputs=()), step)
     obs.batch_done(BatchRecord(2, 0.5, 0, True, outputs=()), None)
     get = metrics.registry.get_sample_value
@@ -129,7 +129,7 @@ def test_step_stats_are_found_among_the_runner_outputs():
     class Out:
         def __init__(self, s):
             self.step_stats = s
-    stats = StepStats(batch_size=2)
+    stats = StepStats()
     assert first_step_stats([ASRError(ErrorCode.INTERNAL, "x"), Out(stats)]) is stats
     assert first_step_stats(()) is None
 
