@@ -17,6 +17,7 @@ from server.api.asr_v1 import AsrServicer
 from server.api.auth import HEALTH_SERVICE, TokenAuthInterceptor, read_tokens
 from server.api.health import BoundedHealthServicer
 from server.api.tls import server_credentials
+from server.api.websocket import WebSocketListener
 from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
 from server.metrics import Metrics
@@ -44,6 +45,8 @@ class AsrServer:
         self.port = 0
         self.metrics: Metrics | None = None  # None when --metrics-port is -1
         self.metrics_port = 0  # the bound /metrics port once started (0: no endpoint)
+        self.ws: WebSocketListener | None = None  # None when --ws-port is -1
+        self.ws_port = 0  # the bound WebSocket port once started (0: none)
 
     async def start(self) -> int:
         """Check every option that can fail without the model (TLS files, bearer tokens, both
@@ -105,6 +108,9 @@ class AsrServer:
             raise OSError(f"cannot listen on {address} (--host / --port): {exc}") from None
         if port == 0:
             raise OSError(f"cannot listen on {address} (--host / --port)")
+        if s.ws_port >= 0:  # bound now (a taken port is reported before loading); 503 until ready
+            self.ws = WebSocketListener(s, tokens, observer)
+            self.ws_port = await self.ws.start()
         loop = asyncio.get_running_loop()
         # Every torch operation of the server runs on this one thread (see engine_thread).
         executor = engine_thread()
@@ -123,11 +129,16 @@ class AsrServer:
              reflection.SERVICE_NAME], self.server)
         await self.server.start()
         self.port = port
+        if self.ws is not None:
+            self.ws.service = self.service  # the WebSocket port now admits streams
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (%s, %.1f M parameters, %s) on %s:%d (%s%s)", self.model.name, s.precision,
                  self.model.num_parameters / 1e6, s.device, s.host, self.port,
                  "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
                  ", bearer tokens" if s.auth_token_file else "")
+        if self.ws is not None:
+            log.info("WebSocket API on %s:%d: OpenAI Realtime at /v1/realtime, Deepgram at /v1/listen",
+                     s.host, self.ws_port)
         return self.port
 
     async def _set_health(self, status) -> None:
@@ -160,6 +171,10 @@ class AsrServer:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(grace)
             self.server = None
+        if self.ws is not None:
+            await self.ws.stop()  # closes its connections (1001); their sessions end with them
+            self.ws = None
+            self.ws_port = 0
         if self.service is not None:
             await self.service.stop()
         if self.metrics is not None:

@@ -38,6 +38,9 @@ class ServerSettings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address the gRPC server listens on")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
+    ws_port: int = Field(-1, ge=-1, le=65535, description="WebSocket port on --host, with the gRPC port's "
+                         "TLS, tokens and limits: OpenAI Realtime transcription at /v1/realtime and Deepgram "
+                         "live streaming at /v1/listen (0 picks a free port, -1 turns it off)")
     # --- model ---------------------------------------------------------------------------
     model: str = Field("demo", description="model source: demo (the embedded trained model), "
                        "random-base (full-size Emformer with seeded random weights, for benchmarks), "

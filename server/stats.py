@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # plain records only; no import cycle at run time
 
 # Protocols that open sessions (``RecognitionService.open_session(api)``); anything
 # else is reported as "other".
-KNOWN_APIS = ("asr.v1", "riva", "google")
+KNOWN_APIS = ("asr.v1", "riva", "google", "openai", "deepgram")
 OTHER_API = "other"
 
 

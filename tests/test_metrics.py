@@ -87,7 +87,7 @@ def test_outcomes_are_classified_from_what_ended_the_stream():
 def test_api_labels_are_bounded():
     assert [api_label(a) for a in KNOWN_APIS] == list(KNOWN_APIS)
     assert api_label("some-new-protocol") == "other"
-    assert set(API_LABELS) == {"asr.v1", "riva", "google", "other"}
+    assert set(API_LABELS) == {"asr.v1", "riva", "google", "openai", "deepgram", "other"}
 
 
 def test_engine_load_is_busy_time_over_audio_in_a_sliding_window():
