@@ -30,7 +30,6 @@ class AudioDecoder:
         self._resampler = (None if config.sample_rate_hertz == SAMPLE_RATE else
                            soxr.ResampleStream(config.sample_rate_hertz, SAMPLE_RATE, 1,
                                                dtype="float32", quality="HQ"))
-        self.input_frames = 0  # sample frames received, at the client's rate
 
     def frames(self, data: bytes | memoryview) -> int:
         """Sample frames in one message, checked whole before any of it is decoded: ``ASRError``
@@ -55,7 +54,6 @@ class AudioDecoder:
             np.clip(samples, -1.0, 1.0, out=samples)
         if self.channels > 1:
             samples = samples.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)
-        self.input_frames += len(samples)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples)
         return samples

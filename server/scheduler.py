@@ -71,7 +71,6 @@ class BatchRecord:
 
     size: int  # chunks in the batch
     seconds: float
-    queue_depth_after: int
     failed: bool
     outputs: Sequence[Any] = ()  # the runner's results for the batch (or its errors)
     streams: int = 0  # distinct streams among the chunks (0: as many as chunks)
@@ -260,5 +259,5 @@ class Scheduler:
             for _ in range(YIELDS_AFTER_BATCH):
                 await asyncio.sleep(0)
             if self.on_batch:
-                self.on_batch(BatchRecord(len(batch), finished - started, len(self._queue), failed,
+                self.on_batch(BatchRecord(len(batch), finished - started, failed,
                                           results, len({job.key for job in batch})))

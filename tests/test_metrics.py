@@ -104,8 +104,8 @@ def test_observer_maps_a_batch_and_a_stream_onto_metrics():
     metrics = Metrics(version="v", model="m", precision="fp32", device="cpu")
     obs = metrics.observer
     step = StepStats(features=0.001, encoder=0.02, decoder=0.005, total=0.026)
-    obs.batch_done(BatchRecord(3, 0.03, 0, False, outputs=()), step)
-    obs.batch_done(BatchRecord(2, 0.5, 0, True, outputs=()), None)
+    obs.batch_done(BatchRecord(3, 0.03, False, outputs=()), step)
+    obs.batch_done(BatchRecord(2, 0.5, True, outputs=()), None)
     get = metrics.registry.get_sample_value
     assert get("asr_batch_size_sum") == 5 and get("asr_batch_size_count") == 2
     assert get("asr_engine_step_seconds_count") == 2
