@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 KERNELS := $(VENV)/.kernels-stamp
+# checkov in its own venv (pyproject.toml's k8s-lint extra says why)
+CHECKOV := .venv-checkov/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
 	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k festvox-rablpc16k festvox-don sox
@@ -23,7 +25,7 @@ VOICE_FILES := /usr/share/festival/voices/italian/pc_diphone /usr/share/festival
 	/usr/share/festival/voices/english/rab_diphone /usr/share/festival/voices/english/don_diphone \
 	/usr/share/mbrola/en1/en1
 
-.PHONY: help venv demo test test-apt apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
+.PHONY: help venv demo test test-apt checkov apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
@@ -54,10 +56,17 @@ $(KERNELS): $(STAMP) setup.py $(wildcard server/native/*.cpp server/native/*.h)
 	$(PY) -m server.native --strict
 	touch $@
 
+checkov: $(CHECKOV)
+
+$(CHECKOV): pyproject.toml
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q $$(grep -oE '"checkov==[^"]+"' pyproject.toml | tr -d '"')
+	touch $@
+
 demo: $(STAMP) $(KERNELS)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) $(KERNELS) test-apt
+test: $(STAMP) $(KERNELS) $(CHECKOV) test-apt
 	$(PY) -m pytest
 
 test-apt:
@@ -66,7 +75,7 @@ test-apt:
 	if [ $$missing = 1 ]; then $(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
 
-test-fast: $(STAMP) $(KERNELS) test-apt
+test-fast: $(STAMP) $(KERNELS) $(CHECKOV) test-apt
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP) $(KERNELS)

@@ -56,11 +56,14 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def prometheus_scraping(target: str, directory: Path):
+def prometheus_scraping(target: str, directory: Path, job: dict | None = None):
+    """``job``: a whole scrape job of its own, instead of the repository's job aimed at ``target``."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [target]}]
+    if job is None:
+        (job,) = config["scrape_configs"]
+        job["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = [job]
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     for rules in config["rule_files"]:
         shutil.copy(DEPLOY / "prometheus" / rules, directory / rules)
