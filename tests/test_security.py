@@ -181,7 +181,7 @@ async def test_tokens_accepted_and_refused_without_touching_the_model(token_file
     async with running_server(auth_token_file=token_file, log_level="debug") as (server, stub):
         opened = []
         real_open = server.service.sessions.open
-        server.service.sessions.open = lambda api="asr.v1": opened.append(api) or real_open(api)
+        server.service.sessions.open = lambda api="asr.v1", client="": opened.append(api) or real_open(api, client)
         steps = server.service.scheduler.batches_run
         refusals = {}
         for label, metadata in (("none", None), ("wrong", bearer(WRONG)), ("scheme", (("authorization", TOKENS[0]),)),
