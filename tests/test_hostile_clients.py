@@ -309,10 +309,10 @@ async def test_large_messages_are_decoded_in_pieces_and_leave_no_memory_behind(s
 # --- fairness: a backlog waits behind fresh chunks -------------------------------------------------
 async def test_streams_sent_ahead_of_real_time_do_not_delay_real_time_streams(speech, monkeypatch):
     """An engine step costs 5 ms + 6 ms per chunk here (a sleep added to the tiny model's step): eight
-    streams sent as fast as possible would fill every step with 32 chunks (197 ms, and real-time
-    chunks would wait for one: p99 about 400 ms); their chunks rank behind the real-time streams'
-    fresh ones and fill steps only up to the size that leaves two steps within the chunk period
-    (9 chunks), so the real-time streams keep their latency while the backlog runs on what is left."""
+    streams sent as fast as possible would fill every step with 16 chunks (two each, 101 ms), ahead
+    of the real-time streams' fresh chunks; instead they rank behind those and fill steps only up to
+    the size that leaves two steps within the chunk period (9 chunks), so the real-time streams
+    keep their latency while the backlog runs on what is left."""
     c0, c = 0.005, 0.006
     real_run_batch = Engine.run_batch
 
