@@ -33,6 +33,22 @@ FINALS_GRACE_S = 5.0  # after --drain-timeout, time for the ended streams' final
 RECEIVE_WINDOW_BYTES = 64 * 1024  # per stream, unread by the server (see the channel options)
 
 
+def connection_options(s: ServerSettings) -> list[tuple[str, int]]:
+    """Keepalive and maximum connection age (docs/scaling.md, "Connections"). An aged connection
+    gets GOAWAY: its open streams run on, for up to the grace period (none given: gRPC's default,
+    no limit), and the client opens a new connection for its next streams."""
+    ms = lambda seconds: min(int(seconds * 1000), 2**31 - 1)  # noqa: E731
+    out = [("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_seconds)),
+           ("grpc.keepalive_permit_without_calls", int(s.keepalive_permit_without_calls))]
+    # 0: off (gRPC's own default would ping after 2 hours)
+    out.append(("grpc.keepalive_time_ms", ms(s.keepalive_time_seconds) if s.keepalive_time_seconds else 2**31 - 1))
+    if s.max_connection_age_seconds > 0:
+        out.append(("grpc.max_connection_age_ms", ms(s.max_connection_age_seconds)))
+        if s.max_connection_age_grace_seconds > 0:
+            out.append(("grpc.max_connection_age_grace_ms", ms(s.max_connection_age_grace_seconds)))
+    return out
+
+
 class AsrServer:
     """A running recognition server (used by ``asr-server`` and by the tests)."""
 
@@ -99,6 +115,7 @@ class AsrServer:
             # this gRPC but marked experimental, so stated here): resets cannot free slots faster
             # than the server releases the calls.
             ("grpc.http.overload_protection", 1),
+            *connection_options(s),
         ])
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
         try:

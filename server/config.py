@@ -128,6 +128,22 @@ class ServerSettings(BaseSettings):
     drain_timeout: float = Field(20.0, ge=0.0, le=86_400.0, description="on SIGTERM, seconds the open "
                                  "streams may run to their end; then each gets its final result and ends "
                                  "with UNAVAILABLE (new streams are refused at once)")
+    # --- connections in a fleet ------------------------------------------------------------
+    keepalive_time_seconds: float = Field(60.0, ge=0.0, le=86_400.0, description="HTTP/2 PING to a client "
+                                          "after this long without activity on its connection, to find "
+                                          "connections whose peer is gone (0: off)")
+    keepalive_timeout_seconds: float = Field(20.0, gt=0.0, le=3600.0, description="a keepalive PING "
+                                             "unanswered for this long closes the connection")
+    keepalive_permit_without_calls: bool = Field(False, description="keepalive PINGs on connections with "
+                                                 "no call open too, both ways: the server sends them, and "
+                                                 "clients' PINGs on such connections are not counted as abuse")
+    max_connection_age_seconds: float = Field(0.0, ge=0.0, le=86_400.0, description="a connection older than "
+                                              "this (plus or minus 10 %) gets GOAWAY: its open streams go on, its "
+                                              "client opens a new connection for new ones, which a balancer may "
+                                              "send to another (or a new) server (0: off)")
+    max_connection_age_grace_seconds: float = Field(0.0, ge=0.0, le=86_400.0, description="after GOAWAY, how "
+                                                    "long the streams open on the aged connection may still run "
+                                                    "before it is closed under them (0: as long as they last)")
     # --- security ------------------------------------------------------------------------
     tls_cert: Optional[Path] = Field(None, description="PEM certificate chain of the server; with "
                                      "--tls-key the gRPC port speaks TLS only")
