@@ -11,6 +11,13 @@ Every client takes the same options (``add_connection_args``):
   ``authorization: Bearer <token>`` with every call; the token is the file's first
   line that is neither blank nor a ``#`` comment (the server's token file format).
 
+Several servers without a proxy (client-side balancing): ``--server`` takes any gRPC target,
+``dns:///asr-headless.asr.svc:50051`` (every address the name resolves to, re-resolved as
+servers come and go) or ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (a fixed list); ``--lb``
+picks the policy: ``round_robin`` (one connection to each address, successive calls spread
+across them; the default for ``dns:``, ``ipv4:`` and ``ipv6:`` targets) or ``pick_first``
+(one connection, to the first address that answers; the default for HOST:PORT).
+
 ``Connection.channel()`` opens an aio channel that adds the token to every call;
 ``Connection.sync_channel()`` a blocking one, whose calls pass ``metadata=connection.metadata``.
 """
@@ -26,6 +33,16 @@ from pathlib import Path
 import grpc
 
 TOKEN_ENV = "ASR_TOKEN"
+LB_POLICIES = ("auto", "round_robin", "pick_first")
+MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def lb_policy(address: str, lb: str = "auto") -> str:
+    """The load-balancing policy for ``address``: ``lb``, or with "auto" round_robin for the
+    target schemes that name several servers (dns:, ipv4:, ipv6:), pick_first otherwise."""
+    if lb != "auto":
+        return lb
+    return "round_robin" if address.startswith(MULTI_ADDRESS_SCHEMES) else "pick_first"
 
 
 class ConnectionOptionError(ValueError):
@@ -50,9 +67,10 @@ class Connection:
     key: bytes | None = None
     server_name: str | None = None
     token: str | None = None
+    lb: str = "auto"  # see lb_policy
 
     def _options(self, options: list | None) -> list:
-        out = list(options or [])
+        out = [("grpc.lb_policy_name", lb_policy(self.address, self.lb)), *(options or [])]
         if self.server_name:
             out.append(("grpc.ssl_target_name_override", self.server_name))
         return out
@@ -116,6 +134,10 @@ def add_connection_args(parser: argparse.ArgumentParser, prefix: str = "") -> No
     g.add_argument(f"{o}tls-key", type=Path, metavar="FILE", help=f"PEM private key of {o}tls-cert")
     g.add_argument(f"{o}tls-server-name", metavar="NAME", help="name to verify in the server's certificate "
                    "when it differs from the address's host")
+    g.add_argument(f"{o}lb", choices=LB_POLICIES, default="auto", help="balancing across the servers "
+                   "a target names (dns:///NAME:PORT, ipv4:ADDR:PORT,ADDR:PORT): round_robin spreads calls "
+                   "over all of them, pick_first uses one (default auto: round_robin for dns:, ipv4: and ipv6: "
+                   "targets)")
     g.add_argument(f"{o}token-file", type=Path, metavar="FILE", help=f"send 'authorization: Bearer <token>' "
                    f"with the token in FILE (default: ${TOKEN_ENV} when set)")
 
@@ -123,8 +145,8 @@ def add_connection_args(parser: argparse.ArgumentParser, prefix: str = "") -> No
 def connection_from_args(args: argparse.Namespace, address: str | None = None, prefix: str = "") -> Connection:
     """A ``Connection`` from parsed ``add_connection_args`` options; raises ``ConnectionOptionError``."""
     address = address or args.server
-    opt = {name: getattr(args, (prefix + name).replace("-", "_"))
-           for name in ("tls", "tls-ca", "tls-cert", "tls-key", "tls-server-name", "token-file")}
+    opt = {name: getattr(args, (prefix + name).replace("-", "_"), None)
+           for name in ("tls", "tls-ca", "tls-cert", "tls-key", "tls-server-name", "token-file", "lb")}
     o = f"--{prefix}"
     if (opt["tls-cert"] is None) != (opt["tls-key"] is None):
         raise ConnectionOptionError(f"{o}tls-cert and {o}tls-key go together (mutual TLS needs both)")
@@ -146,10 +168,15 @@ def connection_from_args(args: argparse.Namespace, address: str | None = None, p
                       ca=_read(opt["tls-ca"], f"{o}tls-ca") if opt["tls-ca"] else None,
                       cert=_read(opt["tls-cert"], f"{o}tls-cert") if opt["tls-cert"] else None,
                       key=_read(opt["tls-key"], f"{o}tls-key") if opt["tls-key"] else None,
-                      server_name=opt["tls-server-name"], token=token)
+                      server_name=opt["tls-server-name"], token=token, lb=opt["lb"] or "auto")
 
 
 def _is_loopback(address: str) -> bool:
+    """Whether every address a target names is this host's (a dns: name is not known to be)."""
+    if address.startswith(MULTI_ADDRESS_SCHEMES):
+        if not address.startswith(("ipv4:", "ipv6:")):
+            return False
+        return all(_is_loopback(a) for a in address.split(":", 1)[1].split(","))
     host = address.rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 

@@ -4,17 +4,24 @@ client-side round robin (``ipv4:`` and ``dns:///`` targets) spreads streams acro
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import socket
+import struct
 import time
 
 import grpc
 import pytest
 
 from asr.v1 import asr_pb2_grpc
+from client.connection import _is_loopback, add_connection_args, lb_policy, parse_args
 from client.stream import StreamOptions, channel, pcm16, stream_audio
-from server.app import connection_options
+from server.app import AsrServer, connection_options
 from server.config import ServerSettings
-from tests.conftest import running_server
+from tests.conftest import running_server, small_model
 from tests.helpers import transcript
+from tests.observability import scrape
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,3 +73,107 @@ async def test_a_grace_shorter_than_the_stream_cuts_it(speech):
         async with channel(f"127.0.0.1:{server.port}") as ch:
             finals, code, took = await paced(asr_pb2_grpc.SpeechRecognitionStub(ch), clip)
     assert code == grpc.StatusCode.UNAVAILABLE and took < 4.0, (code, took)
+
+
+# --- client-side balancing ------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def servers_on(hosts: list[str], same_port: bool = False):
+    """Real servers on each of ``hosts`` (loopback addresses), on free ports, or all on the first
+    one's port (``same_port``); yields them."""
+    started = []
+    try:
+        for host in hosts:
+            port = started[0].port if same_port and started else 0
+            settings = ServerSettings(host=host, port=port, model="random-small", metrics_host="127.0.0.1",
+                                      metrics_port=0, latency_budget_ms=0)
+            server = AsrServer(settings, model=small_model())
+            await server.start()
+            started.append(server)
+        yield started
+    finally:
+        for server in started:
+            await server.stop(grace=0.5)
+
+
+def streams_served(server) -> float:
+    return sum(scrape(server.metrics_port).series("asr_streams_total").values())
+
+
+async def spread(target: str, lb: str, audio, streams: int = 6) -> list:
+    """``streams`` fast streams, one after another, through one channel as asr-client and
+    asr-loadtest open it (``--server TARGET --lb LB``); returns their transcripts."""
+    args = argparse.ArgumentParser()
+    args.add_argument("--server")
+    add_connection_args(args)
+    connection = parse_args(args, ["--server", target, "--lb", lb]).connection
+    async with channel(connection) as ch:
+        await asyncio.wait_for(ch.channel_ready(), 20)
+        stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+        await asyncio.sleep(0.5)  # round_robin: let the other addresses' connections come up too
+        return [await transcript(stub, audio) for _ in range(streams)]
+
+
+def test_multi_address_targets_default_to_round_robin():
+    assert lb_policy("ipv4:127.0.0.1:1,127.0.0.2:1") == lb_policy("dns:///asr-headless:50051") == "round_robin"
+    assert lb_policy("localhost:50051") == "pick_first" and lb_policy("dns:///a:1", "pick_first") == "pick_first"
+    assert _is_loopback("ipv4:127.0.0.1:1,127.0.0.2:1") and not _is_loopback("ipv4:127.0.0.1:1,10.0.0.2:1")
+    assert not _is_loopback("dns:///localhost:1")  # whatever a name resolves to is not known here
+
+
+async def test_ipv4_target_spreads_streams_across_two_servers(speech):
+    _, audio, _ = speech[1]
+    clip = audio[:16000]
+    async with servers_on(["127.0.0.1", "127.0.0.1"]) as (a, b):
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        texts = await spread(target, "auto", clip)
+        assert len(set(texts)) == 1  # the same model on both: the same transcript
+        counts = [streams_served(a), streams_served(b)]
+        assert sorted(counts) == [3, 3], counts  # round robin: even
+        # the counter-case: pick_first sends every stream to one server
+        await spread(target, "pick_first", clip)
+        more = sorted([streams_served(a) - counts[0], streams_served(b) - counts[1]])
+        assert more == [0, 6], more
+
+
+class HostsDNS(asyncio.DatagramProtocol):
+    """A DNS server for the test: every A query is answered with ``addresses``, anything else
+    with no records."""
+
+    def __init__(self, addresses: list[str]):
+        self.addresses = addresses
+        self.queries = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, peer):
+        self.queries += 1
+        end = 12
+        while data[end]:
+            end += data[end] + 1
+        question = data[12:end + 5]
+        qtype = struct.unpack(">H", data[end + 1:end + 3])[0]
+        answers = [b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 5, 4) + socket.inet_aton(a)
+                   for a in self.addresses] if qtype == 1 else []
+        header = data[:2] + struct.pack(">HHHHH", 0x8180, 1, len(answers), 0, 0)
+        self.transport.sendto(header + question + b"".join(answers), peer)
+
+
+async def test_dns_target_spreads_streams_across_every_address_of_a_name(speech):
+    """dns:/// as against a headless Service: a name with two addresses (127.0.0.1 and
+    127.0.0.2, one server each on the same port), resolved by a real DNS server on loopback."""
+    _, audio, _ = speech[1]
+    clip = audio[:16000]
+    loop = asyncio.get_running_loop()
+    transport, dns = await loop.create_datagram_endpoint(lambda: HostsDNS(["127.0.0.1", "127.0.0.2"]),
+                                                         local_addr=("127.0.0.1", 0))
+    try:
+        dns_port = transport.get_extra_info("sockname")[1]
+        async with servers_on(["127.0.0.1", "127.0.0.2"], same_port=True) as (a, b):
+            assert a.port == b.port
+            texts = await spread(f"dns://127.0.0.1:{dns_port}/asr-headless.test:{a.port}", "auto", clip)
+            assert len(set(texts)) == 1 and dns.queries > 0
+            counts = [streams_served(a), streams_served(b)]
+            assert sorted(counts) == [3, 3], counts
+    finally:
+        transport.close()
