@@ -34,7 +34,7 @@ RECEIVE_WINDOW_BYTES = 64 * 1024  # per stream, unread by the server (see the ch
 
 
 def connection_options(s: ServerSettings) -> list[tuple[str, int]]:
-    """Keepalive and maximum connection age (docs/scaling.md, "Connections"). An aged connection
+    """Keepalive and maximum connection age (docs/scaling.md, "Balancing"). An aged connection
     gets GOAWAY: its open streams run on, for up to the grace period (none given: gRPC's default,
     no limit), and the client opens a new connection for its next streams."""
     ms = lambda seconds: min(int(seconds * 1000), 2**31 - 1)  # noqa: E731
