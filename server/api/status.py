@@ -47,14 +47,23 @@ async def let_client_finish_writing(context, max_bytes: float = float("inf"),
 _refusals = ThrottledLog(log)  # a flood of bad requests logs one line per method and code every 10 s
 
 
+def token_client(authorization: str) -> str:
+    """The ``--max-streams-per-client`` key of an accepted ``authorization`` value ("<scheme> <token>"):
+    a digest of the token alone, so that one token is one client whatever the scheme ("Bearer",
+    Deepgram's "Token") or the port (gRPC, WebSocket) that carries it."""
+    token = authorization.strip().partition(" ")[2].strip()
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def client_of(context, settings) -> str:
     """Whom ``--max-streams-per-client`` charges a call to: with ``--auth-token-file``, its bearer
-    token (a digest; the interceptor has accepted it), else its peer address without the port."""
+    token (``token_client``; the interceptor has accepted it), else its peer address without the
+    port as gRPC names it ("ipv4:10.0.0.7", "ipv6:%5B::1%5D"; the WebSocket port uses the same
+    names: ``server.api.websocket.address_client``)."""
     if settings.auth_token_file is not None:
         for key, value in context.invocation_metadata() or ():
             if key.lower() == "authorization":
-                value = value if isinstance(value, str) else value.decode("latin-1")
-                return "token:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+                return token_client(value if isinstance(value, str) else value.decode("latin-1"))
     return context.peer().rpartition(":")[0]
 
 

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import ssl
@@ -36,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from server.api.compat import AudioIntake
+from server.api.status import token_client
 from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
 from server.service import RecognitionService
@@ -90,6 +92,19 @@ def json_response(connection: ServerConnection, status: int, body: dict, headers
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def address_client(host: str) -> str:
+    """The ``--max-streams-per-client`` key of a peer address, named as gRPC names its peers
+    (``server.api.status.client_of``: "ipv4:10.0.0.7", "ipv6:%5B::1%5D", an IPv4-mapped IPv6
+    address as IPv4), so that a client's streams on both ports count against one quota."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"ipv4:{ip}" if ip.version == 4 else f"ipv6:%5B{host}%5D"
 
 
 def server_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
@@ -174,7 +189,7 @@ class WebSocketListener:
             ok |= hmac.compare_digest(presented, digest)
         if not ok:
             raise ASRError(ErrorCode.UNAUTHENTICATED, "invalid bearer token")
-        return "token:" + hashlib.sha256(values[0].encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return token_client(values[0])
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
@@ -193,7 +208,7 @@ class WebSocketListener:
                 self.observer.stream_ended(protocol.API, StreamOutcome.REJECTED, None)
                 raise
             if not client:
-                client = str((connection.remote_address or ("",))[0])
+                client = address_client(str((connection.remote_address or ("",))[0]))
             session = self.service.open_session(protocol.API, client)  # admission (counted)
             options = protocol.prepare(self.service, urllib.parse.parse_qs(query, keep_blank_values=True))
         except ASRError as exc:
