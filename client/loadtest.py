@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import shlex
@@ -46,6 +47,7 @@ from client.connection import Connection, add_connection_args, parse_args
 from client.cli import read_wav
 from client.spawn import spawned_server
 from client.stream import SendLog, StreamOptions, channel, decoding_method, stream_audio
+from client.ws_stream import PROTOCOLS, WsStreamError, ws_model_name, ws_stream_audio
 
 CHUNK_PERIOD_MS = 160.0
 RETRY_PAUSE_S = 0.5
@@ -72,6 +74,7 @@ class StreamRecord:
     final_latency_ms: float | None = None
     status: str = "OK"
     completed: bool = False
+    server_timed: bool = True  # the server's timing came with each result (gRPC; not the WebSocket protocols)
 
     @property
     def rtf(self) -> float:
@@ -112,9 +115,10 @@ def summarize(result: LoadResult) -> dict:
     for r in recs:
         for i in result.window(r):
             client.append(r.client_latency_ms[i])
-            server.append(r.server_latency_ms[i])
-            queue.append(r.queue_wait_ms[i])
-            sizes.append(r.batch_sizes[i])
+            if r.server_timed:
+                server.append(r.server_latency_ms[i])
+                queue.append(r.queue_wait_ms[i])
+                sizes.append(r.batch_sizes[i])
     first = [r.first_result_ms for r in recs if r.first_result_ms is not None]
     final = [r.final_latency_ms for r in recs if r.final_latency_ms is not None]
     errors: dict[str, int] = {}
@@ -128,16 +132,18 @@ def summarize(result: LoadResult) -> dict:
         audio = sum(r.audio_seconds for r in done)
         lat = [r.client_latency_ms[i] for r in mine for i in result.window(r)]
         per_stream.append({"stream": user, "files_completed": len(done), "errors": len(mine) - len(done),
-                           "rtf": round(sum(r.compute_share_ms for r in done) / 1000 / audio, 4) if audio else None,
+                           "rtf": round(sum(r.compute_share_ms for r in done) / 1000 / audio, 4)
+                           if audio and all(r.server_timed for r in mine) else None,
                            "chunk_latency_p99_ms": _pct(lat, 99)})
     return {
         "streams": result.streams, "duration_s": result.duration_s, "ramp_up_s": result.ramp_up_s,
         "wall_s": round(result.wall_s, 2),
         "chunk_latency_ms": _dist(client), "server_chunk_latency_ms": _dist(server),
         "server_queue_wait_ms": _dist(queue),
-        "network_ms": _dist([c - s for c, s in zip(client, server)]),
+        "network_ms": _dist([r.client_latency_ms[i] - r.server_latency_ms[i] for r in recs if r.server_timed
+                             for i in result.window(r)]),
         "time_to_first_result_ms": _dist(first), "final_result_latency_ms": _dist(final),
-        "stream_rtf": _dist([r.rtf for r in recs if r.completed]),
+        "stream_rtf": _dist([r.rtf for r in recs if r.completed and r.server_timed]),
         "batch_size": {"mean": float(np.mean(sizes)) if sizes else None,
                        "histogram": {str(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))}
                        if sizes else {}},
@@ -202,9 +208,37 @@ async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float,
     return record
 
 
+async def _one_ws_stream(connection: Connection, protocol: str, user: int, audio, options: StreamOptions,
+                         t0: float, live: _Live) -> StreamRecord:
+    """``_one_stream`` over the WebSocket port (``client.ws_stream``): client-side timing only."""
+    name, pcm, rate, channels = audio
+    record = StreamRecord(user, name, len(pcm) / (2 * channels * rate), time.monotonic() - t0, server_timed=False)
+    log = SendLog()
+    live.active += 1
+    try:
+        async for event in ws_stream_audio(connection, protocol, pcm, rate, options, channels, send_log=log):
+            if record.first_result_ms is None and log.sent_at:
+                record.first_result_ms = (event.received_at - log.sent_at[0]) * 1000
+            if event.client_latency_s is not None:
+                record.latency_at.append(event.received_at - t0)
+                record.client_latency_ms.append(event.client_latency_s * 1000)
+                live.recent_ms.append(event.client_latency_s * 1000)
+            if event.is_final and log.finished_at is not None:
+                record.final_latency_ms = (event.received_at - log.finished_at) * 1000
+        record.completed = True
+        live.files += 1
+    except (WsStreamError, OSError, TimeoutError) as exc:
+        record.status = exc.code if isinstance(exc, WsStreamError) else type(exc).__name__
+        live.errors += 1
+    finally:
+        live.active -= 1
+    return record
+
+
 async def run_load(address: str | Connection, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
                    options: StreamOptions | None = None, server_pid: int | None = None,
-                   progress: bool = True, seed: int = 0, report_every: float = 0.0) -> LoadResult:
+                   progress: bool = True, seed: int = 0, report_every: float = 0.0,
+                   protocol: str = "grpc") -> LoadResult:
     """Run ``streams`` simulated users for ``duration`` seconds after a ``ramp_up``; all records.
 
     ``audio``: ``load_audio(directory)``. User i starts at ``ramp_up * i / streams`` (plus a
@@ -212,7 +246,11 @@ async def run_load(address: str | Connection, audio: list, streams: int, duratio
     until the end; the file in flight then finishes. ``server_pid``: also measure the
     server's CPU use (same machine only). ``progress``: a progress bar on stderr; else, with
     ``report_every`` seconds, one summary line on stderr that often (for logs and pipes).
+    ``protocol``: ``grpc`` (asr.v1), or ``ws-openai`` / ``ws-deepgram`` with ``address`` the
+    server's WebSocket port (one connection per file; no server timing in the results).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     options = options or StreamOptions(realtime=True, interim_results=True)
     rng = random.Random(seed)
     me = psutil.Process()
@@ -222,14 +260,17 @@ async def run_load(address: str | Connection, audio: list, streams: int, duratio
     live = _Live()
     t0 = time.monotonic()
     end = t0 + ramp_up + duration
-    async with channel(address, options=[("grpc.max_receive_message_length", 16 << 20)]) as ch:
-        stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+    ws = None if protocol == "grpc" else address if isinstance(address, Connection) else Connection(address)
+    async with (channel(address, options=[("grpc.max_receive_message_length", 16 << 20)]) if ws is None
+                else contextlib.nullcontext()) as ch:
+        stub = asr_pb2_grpc.SpeechRecognitionStub(ch) if ws is None else None
 
         async def user(i: int) -> None:
             await asyncio.sleep(ramp_up * i / max(1, streams) + rng.random() * CHUNK_PERIOD_MS / 1000)
             k = rng.randrange(len(audio))
             while time.monotonic() < end:
-                record = await _one_stream(stub, i, audio[k % len(audio)], options, t0, live)
+                record = (await _one_stream(stub, i, audio[k % len(audio)], options, t0, live) if ws is None
+                          else await _one_ws_stream(ws, protocol, i, audio[k % len(audio)], options, t0, live))
                 records.append(record)
                 k += 1
                 if not record.completed:
@@ -456,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
     where.add_argument("--spawn", metavar="ARGS", help="start 'asr-server ARGS' locally for the test")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc",
+                   help="grpc (asr.v1), or the WebSocket port's OpenAI Realtime (ws-openai) or Deepgram "
+                        "(ws-deepgram) protocol, --server then naming the WebSocket port; client-side "
+                        "timing only for those (default: %(default)s)")
     p.add_argument("--streams", type=_positive(int), default=4, help="concurrent streams (default: %(default)s)")
     p.add_argument("--duration", type=_positive(float), default=20.0,
                    help="seconds measured after the ramp-up (default: %(default)s)")
@@ -505,7 +550,15 @@ async def model_name(address: str | Connection, timeout: float = 10.0) -> str:
 async def _main(args, address: str | Connection, server_pid: int | None) -> dict:
     audio = load_audio(args.audio)
     options = options_from(args)
-    model = await model_name(address)
+    if args.protocol == "grpc":
+        model = await model_name(address)
+    else:
+        connection = address if isinstance(address, Connection) else Connection(address)
+        try:
+            model = await ws_model_name(connection, args.protocol)
+        except Exception as exc:  # refused, unreachable, not this protocol
+            raise SystemExit(f"asr-loadtest: cannot reach the {args.protocol} WebSocket API at "
+                             f"{connection.address}: {exc}") from None
     progress = sys.stderr.isatty()
     report_every = 0.0 if progress else PROGRESS_LINE_S
     if args.find_capacity:
@@ -513,7 +566,7 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
 
         async def trial(n):
             results[n] = await run_load(address, audio, n, args.duration, args.ramp_up, options, server_pid,
-                                        progress=progress, report_every=report_every)
+                                        progress=progress, report_every=report_every, protocol=args.protocol)
             return results[n].summary()
 
         capacity, trials = await find_capacity(trial, args.threshold_ms, max_streams=args.max_streams,
@@ -525,8 +578,8 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
             out["plots"] = [str(p) for p in plot(best, args.plot, trials)]
         return out
     result = await run_load(address, audio, args.streams, args.duration, args.ramp_up, options, server_pid,
-                            progress=progress, report_every=report_every)
-    out = {"model": model, **result.summary()}
+                            progress=progress, report_every=report_every, protocol=args.protocol)
+    out = {"model": model, "protocol": args.protocol, **result.summary()}
     if args.plot:
         out["plots"] = [str(p) for p in plot(result, args.plot)]
     return out
@@ -534,6 +587,10 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    if args.spawn is not None and args.protocol != "grpc":
+        print("asr-loadtest: --spawn serves gRPC only; start asr-server with --ws-port and pass --server "
+              "HOST:WS_PORT for --protocol " + args.protocol, file=sys.stderr)
+        return 2
     if args.spawn is not None:
         with spawned_server(*shlex.split(args.spawn)) as (address, proc):
             out = asyncio.run(_main(args, address, proc.pid))

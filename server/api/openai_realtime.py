@@ -13,7 +13,8 @@ The client sets ``websocket_base_url="ws://host:ws-port/v1"``; the ``openai`` li
   ``silence_duration_ms`` of trailing non-speech, with ``speech_stopped``, ``committed`` and
   ``completed``; ``null`` turns endpointing off (the client commits).
 - ``conversation.item.input_audio_transcription.delta`` carries interim text as it grows (append
-  only: when the model revises earlier words, deltas pause and ``completed`` has the final text).
+  only: when the model revises earlier words, deltas pause and ``completed`` has the final text),
+  and, an extension, ``audio_end_ms``: the end of the audio that text covers.
 - An event the server cannot honour gets an ``error`` event naming the field (``param``); the
   connection stays open. A stream limit, the idle timeout or a drain sends an ``error`` event after
   the final transcript and closes the connection.
@@ -320,8 +321,10 @@ class Connection:
                              "item_id": item})
         text, sent = r.transcript, state.get("sent", "")
         if len(text) > len(sent) and text.startswith(sent):
+            # audio_end_ms: an extension (the protocol's delta has no timing; clients ignore it), the
+            # end of the audio the text covers, for a client's chunk latency (asr-loadtest)
             await self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
-                             "content_index": 0, "delta": text[len(sent):]})
+                             "content_index": 0, "delta": text[len(sent):], "audio_end_ms": ms(r.end_s)})
             state["sent"] = text
         if not r.is_final:
             return
