@@ -9,8 +9,10 @@ is open, so it must pay for it with audio. ``AudioPace`` keeps, per stream:
   stops sending ends ``idle_timeout_s`` after its audio stopped; one that trickles audio slower
   than ``min_rate`` of real time (a byte every few seconds) runs out as surely as a silent one.
   ``min_rate`` 0: any audio fills the credit (a pure idle timer).
-- its **load**: audio seconds received over the last ``RATE_WINDOW_S`` per second, capped at 1
-  (a stream younger than the window counts as a full real-time stream: it is about to send).
+- its **load**: audio seconds received over the last ``RATE_WINDOW_S`` (or since it opened, if
+  younger) per second, capped at 1; a stream younger than ``START_GRACE_S`` counts as a full
+  real-time stream (it is about to send), so hundreds of streams opened at once that then send
+  nothing stop counting half a second later.
   Admission adds these up instead of counting streams, so streams that hold a slot without
   sending audio do not make the server refuse streams that would.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import collections
 
 RATE_WINDOW_S = 5.0  # audio arrivals the load is measured over
+START_GRACE_S = 0.5  # a stream this young counts as a full real-time stream, audio or not
 
 
 class AudioPace:
@@ -58,10 +61,10 @@ class AudioPace:
     def load(self, now: float) -> float:
         """Share of a real-time stream's audio this stream brings, in [0, 1]."""
         age = now - self.opened_at
-        if age < RATE_WINDOW_S:
+        if age < START_GRACE_S:
             return 1.0
         self._forget(now)
-        return min(1.0, self._recent_s / RATE_WINDOW_S)
+        return min(1.0, self._recent_s / min(RATE_WINDOW_S, age))
 
     def _forget(self, now: float) -> None:
         while self._arrivals and self._arrivals[0][0] < now - RATE_WINDOW_S:

@@ -8,9 +8,11 @@ faster. Neither count is right all the time, so with ``--threads 0`` (the defaul
 ``ThreadGovernor`` chooses between ``N`` (one per core) and 1 from the steps themselves:
 
 - it watches each step's *slowdown*: measured time / the calibrated cost of its batch size
-  (admission's, measured at ``N`` threads on start-up);
-- on ``N`` threads, when the median slowdown of the last ``WINDOW`` steps exceeds ``SLOW``, it
-  switches to 1 thread and remembers that median;
+  (admission's, measured at ``N`` threads on start-up on silence: speech costs more, so a quiet
+  server's slowdown is not 1 but whatever its traffic makes it);
+- on ``N`` threads it keeps the median slowdown of each window of ``WINDOW`` steps; when a
+  window's median exceeds ``SLOW`` times the lowest of the last ``BASELINE_WINDOWS`` (what this
+  traffic costs on a quiet machine) and ``SLOW`` itself, it switches to 1 thread;
 - on 1 thread it probes ``N`` threads again every ``PROBE_EVERY_S`` for ``WINDOW`` steps and
   keeps whichever count had the lower median slowdown.
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 WINDOW = 16  # steps whose median slowdown judges a thread count
 SLOW = 2.0  # median slowdown on N threads that makes the governor try 1 thread
 PROBE_EVERY_S = 10.0  # on 1 thread, how often N threads are tried again
+BASELINE_WINDOWS = 8  # windows on N threads whose lowest median is the quiet machine's slowdown
 
 
 class ThreadGovernor:
@@ -47,6 +50,7 @@ class ThreadGovernor:
         self._one_thread_median = 0.0  # median slowdown of the last window on 1 thread
         self._probing = False  # on N threads to compare with 1
         self._next_probe = 0.0
+        self._full_medians: collections.deque[float] = collections.deque(maxlen=BASELINE_WINDOWS)
 
     def step_done(self, slowdown: float) -> None:
         """A step took ``slowdown`` times its calibrated cost (call after every step)."""
@@ -63,10 +67,17 @@ class ThreadGovernor:
                     return
                 log.info("intra-op threads: back to %d (%.1fx the calibrated step time, 1 thread %.1fx)",
                          self.full, median, self._one_thread_median)
+                self._full_medians.append(median)
                 self._slowdowns.clear()
-            elif median > SLOW:
-                self._set(1, f"steps take {median:.1f}x their calibrated time on {self.full} threads "
-                             f"(another process on the cores?): trying 1 thread")
+            else:
+                baseline = min(self._full_medians, default=1.0)
+                self._full_medians.append(median)
+                if median > SLOW * baseline and median > SLOW:
+                    self._set(1, f"steps take {median:.1f}x their calibrated time on {self.full} threads, "
+                                 f"{median / baseline:.1f}x the recent best (another process on the cores?): "
+                                 f"trying 1 thread")
+                else:
+                    self._slowdowns.clear()
         elif self.clock() >= self._next_probe:  # on 1 thread: time to try N again
             self._one_thread_median = median
             self._probing = True

@@ -27,7 +27,7 @@ from client.stream import StreamOptions, pcm16, stream_audio, stream_chunks
 from server.admission import StepCost
 from server.config import ServerSettings
 from server.engine import Engine
-from server.pace import RATE_WINDOW_S, AudioPace
+from server.pace import AudioPace
 from tests.conftest import running_server
 from tests.observability import scrape
 from tests.attacks import config as config_message
@@ -160,7 +160,8 @@ def test_metrics_listen_on_this_host_only_by_default():
 # --- trickling streams: idle eviction and admission by the audio actually arriving -----------------
 def test_audio_pace_credit_and_load():
     pace = AudioPace(opened_at=0.0, idle_timeout_s=30.0, min_rate=0.5)
-    assert pace.idle_deadline == 30.0 and pace.load(1.0) == 1.0  # new: a full real-time stream
+    assert pace.idle_deadline == 30.0 and pace.load(0.2) == 1.0  # new: a full real-time stream
+    assert pace.load(1.0) == 0.0  # ... until it has had time to send and has sent nothing
     for t in range(1, 61):  # real time: stays at the cap
         pace.audio(float(t), 1.0)
     assert pace.idle_deadline == 90.0 and pace.load(60.0) == 1.0
@@ -198,15 +199,12 @@ async def test_trickling_streams_do_not_lock_out_streams_that_send_audio(speech)
         reference, _ = await victim(stub, clip)
         capacity = fixed_cost(server)
         assert 4 <= capacity <= 20, capacity
+        # opened at once, they all count while new: the ones past the capacity are refused
         async with attack("trickle", server.port, "--clients", str(capacity + 4), "--bytes", "2",
-                          "--interval", "0.5", "--seconds", str(RATE_WINDOW_S + 4 + len(clip) / 16000)) as report:
-            await asyncio.sleep(1.5)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:  # while they are new, they count
-                await victim(stub, clip[:16000])
+                          "--interval", "0.5", "--seconds", str(4 + len(clip) / 16000)) as report:
+            await asyncio.sleep(1.5)  # past START_GRACE_S they have shown how little audio they bring
             held = server.active_sessions
-            await asyncio.sleep(RATE_WINDOW_S)  # by now they have shown how little audio they bring
             heard, latencies = await victim(stub, clip)
-    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
     assert held >= capacity - 1, (held, capacity)
     assert heard == reference
     assert report["outcomes"].get("RESOURCE_EXHAUSTED", 0) >= 3, report

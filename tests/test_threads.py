@@ -59,3 +59,21 @@ def test_one_slow_window_under_the_threshold_changes_nothing():
 def test_a_governor_needs_threads_to_choose_from():
     with pytest.raises(ValueError):
         ThreadGovernor(1, print)
+
+
+def test_traffic_dearer_than_the_calibration_costs_at_most_one_probe():
+    """Speech costs more than the silence the calibration timed: on a quiet machine the steps run
+    at 3x their calibrated time on N threads (and 5x on 1). One probe learns that N threads are
+    better, and that 3x is what this traffic costs: no further switch."""
+    clock, applied = Clock(), []
+    governor = ThreadGovernor(2, applied.append, clock)
+    feed(governor, clock, 3.0)
+    assert governor.threads == 1
+    clock.now += PROBE_EVERY_S
+    feed(governor, clock, 5.0)  # 1 thread
+    feed(governor, clock, 3.0)  # the probe on 2 threads wins
+    assert governor.threads == 2 and applied == [1, 2]
+    feed(governor, clock, 3.3, 20 * WINDOW)
+    assert applied == [1, 2]
+    feed(governor, clock, 7.0)  # then a neighbour: 2x what this traffic cost
+    assert governor.threads == 1 and applied == [1, 2, 1]
