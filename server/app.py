@@ -20,6 +20,7 @@ from server.api.tls import server_credentials
 from server.api.websocket import WebSocketListener
 from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
+from server.memory import return_large_blocks
 from server.metrics import Metrics
 from server.models import LoadedModel, load_model
 from server.scheduler import engine_thread
@@ -77,6 +78,7 @@ class AsrServer:
 
     async def _start(self) -> int:
         s = self.settings
+        return_large_blocks()  # megabyte messages go back to the OS when freed (server.memory)
         credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         tokens = read_tokens(s.auth_token_file) if s.auth_token_file is not None else None
         if s.metrics_port >= 0:
