@@ -217,7 +217,8 @@ class Session:
             return
         self._decoding = True
         try:
-            piece_bytes = max(1, round(DECODE_PIECE_SECONDS * self.config.sample_rate_hertz)) * self._decoder.frame_bytes
+            piece_frames = max(1, round(DECODE_PIECE_SECONDS * self.config.sample_rate_hertz))
+            piece_bytes = piece_frames * self._decoder.frame_bytes
             while self._pending and self.buffered_seconds <= self.settings.max_buffered_seconds:
                 data, arrived = self._pending[0]
                 if len(data) > piece_bytes:

@@ -140,9 +140,9 @@ async def stream_results(service: RecognitionService, api: str, requests,
                          client: str = ""
                          ) -> AsyncIterator[tuple[Any, Result]]:
     """One stream of a compatibility protocol through the service's one recognition path:
-    open a session (counted under ``api``, charged to ``client``), let ``start(first_request, session)`` configure it and
-    return the handler of each later request, feed those (``pump_requests``), and yield
-    ``(first_request, result)`` pairs. The session is freed on every exit path; use with
+    open a session (counted under ``api``, charged to ``client``), let
+    ``start(first_request, session)`` configure it and return the handler of each later request,
+    feed those (``pump_requests``), and yield ``(first_request, result)`` pairs. The session is freed on every exit path; use with
     ``contextlib.aclosing``."""
     session = service.open_session(api, client)
     reader = None
