@@ -25,47 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x61sr/v1/asr.proto\x12\x06\x61sr.v1\x1a\x1egoogle/protobuf/duration.proto\"\\\n\x11\x45ndpointingConfig\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x1b\n\x13trailing_silence_ms\x18\x02 \x01(\r\x12\x18\n\x10max_utterance_ms\x18\x03 \x01(\r\"\xa5\x02\n\x11RecognitionConfig\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x15.asr.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12/\n\x0f\x64\x65\x63oding_method\x18\x04 \x01(\x0e\x32\x16.asr.v1.DecodingMethod\x12\x12\n\nbeam_width\x18\x05 \x01(\x05\x12\x18\n\x10max_alternatives\x18\x06 \x01(\x05\x12 \n\x18\x65nable_word_time_offsets\x18\x07 \x01(\x08\x12.\n\x0b\x65ndpointing\x18\x08 \x01(\x0b\x32\x19.asr.v1.EndpointingConfig\"t\n\x1aStreamingRecognitionConfig\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x89\x01\n\x19StreamingRecognizeRequest\x12>\n\x10streaming_config\x18\x01 \x01(\x0b\x32\".asr.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"t\n\x08WordInfo\x12-\n\nstart_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04word\x18\x03 \x01(\t\"g\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x1f\n\x05words\x18\x03 \x03(\x0b\x32\x10.asr.v1.WordInfo\"g\n\x0cServerTiming\x12\x18\n\x10\x63hunk_latency_ms\x18\x01 \x01(\x02\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x02\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\xa6\x02\n\x1aStreamingRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x34\n\x11result_start_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fresult_end_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0futterance_index\x18\x06 \x01(\r\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.asr.v1.ServerTiming\"e\n\x1aStreamingRecognizeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".asr.v1.StreamingRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"h\n\x10RecognizeRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x15\n\raudio_content\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xd8\x01\n\x17SpeechRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x34\n\x11result_start_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fresult_end_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0futterance_index\x18\x04 \x01(\r\"\x8c\x01\n\x11RecognizeResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.asr.v1.SpeechRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x0e\x61udio_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x15\n\x13GetModelInfoRequest\"\x89\x01\n\x06Limits\x12\x13\n\x0bmax_streams\x18\x01 \x01(\r\x12\x1d\n\x15max_stream_duration_s\x18\x02 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x16\n\x0emax_beam_width\x18\x04 \x01(\r\x12\x18\n\x10max_alternatives\x18\x05 \x01(\r\"\xdb\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1d\n\x15min_sample_rate_hertz\x18\x03 \x01(\x05\x12\x1d\n\x15max_sample_rate_hertz\x18\x04 \x01(\x05\x12\x32\n\x13supported_encodings\x18\x05 \x03(\x0e\x32\x15.asr.v1.AudioEncoding\x12\x10\n\x08\x63hunk_ms\x18\x06 \x01(\x02\x12\x18\n\x10right_context_ms\x18\x07 \x01(\x02\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x17\n\x0fvocabulary_size\x18\n \x01(\x05\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x03\x12\x37\n\x17\x64\x65\x66\x61ult_decoding_method\x18\x0c \x01(\x0e\x32\x16.asr.v1.DecodingMethod\x12\x1a\n\x12\x64\x65\x66\x61ult_beam_width\x18\r \x01(\x05\x12\x1e\n\x06limits\x18\x0e \x01(\x0b\x32\x0e.asr.v1.Limits\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x0f\n\x07kernels\x18\x10 \x01(\t\x12\x16\n\x0e\x62\x61tching_exact\x18\x11 \x01(\x08*D\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*N\n\x0e\x44\x65\x63odingMethod\x12\x1f\n\x1b\x44\x45\x43ODING_METHOD_UNSPECIFIED\x10\x00\x12\n\n\x06GREEDY\x10\x01\x12\x0f\n\x0b\x42\x45\x41M_SEARCH\x10\x02\x32\xf6\x01\n\x11SpeechRecognition\x12_\n\x12StreamingRecognize\x12!.asr.v1.StreamingRecognizeRequest\x1a\".asr.v1.StreamingRecognizeResponse(\x01\x30\x01\x12@\n\tRecognize\x12\x18.asr.v1.RecognizeRequest\x1a\x19.asr.v1.RecognizeResponse\x12>\n\x0cGetModelInfo\x12\x1b.asr.v1.GetModelInfoRequest\x1a\x11.asr.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x61sr/v1/asr.proto\x12\x06\x61sr.v1\x1a\x1egoogle/protobuf/duration.proto\"\\\n\x11\x45ndpointingConfig\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x1b\n\x13trailing_silence_ms\x18\x02 \x01(\r\x12\x18\n\x10max_utterance_ms\x18\x03 \x01(\r\"\xd5\x02\n\x11RecognitionConfig\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x15.asr.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12/\n\x0f\x64\x65\x63oding_method\x18\x04 \x01(\x0e\x32\x16.asr.v1.DecodingMethod\x12\x12\n\nbeam_width\x18\x05 \x01(\x05\x12\x18\n\x10max_alternatives\x18\x06 \x01(\x05\x12 \n\x18\x65nable_word_time_offsets\x18\x07 \x01(\x08\x12.\n\x0b\x65ndpointing\x18\x08 \x01(\x0b\x32\x19.asr.v1.EndpointingConfig\x12.\n\x0fspeech_contexts\x18\t \x03(\x0b\x32\x15.asr.v1.SpeechContext\"/\n\rSpeechContext\x12\x0f\n\x07phrases\x18\x01 \x03(\t\x12\r\n\x05\x62oost\x18\x02 \x01(\x02\"t\n\x1aStreamingRecognitionConfig\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x89\x01\n\x19StreamingRecognizeRequest\x12>\n\x10streaming_config\x18\x01 \x01(\x0b\x32\".asr.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"t\n\x08WordInfo\x12-\n\nstart_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04word\x18\x03 \x01(\t\"g\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x1f\n\x05words\x18\x03 \x03(\x0b\x32\x10.asr.v1.WordInfo\"g\n\x0cServerTiming\x12\x18\n\x10\x63hunk_latency_ms\x18\x01 \x01(\x02\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x02\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\xa6\x02\n\x1aStreamingRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x34\n\x11result_start_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fresult_end_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0futterance_index\x18\x06 \x01(\r\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.asr.v1.ServerTiming\"e\n\x1aStreamingRecognizeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".asr.v1.StreamingRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"h\n\x10RecognizeRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x15\n\raudio_content\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xd8\x01\n\x17SpeechRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x34\n\x11result_start_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fresult_end_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0futterance_index\x18\x04 \x01(\r\"\x8c\x01\n\x11RecognizeResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.asr.v1.SpeechRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x0e\x61udio_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x15\n\x13GetModelInfoRequest\"\xf5\x01\n\x06Limits\x12\x13\n\x0bmax_streams\x18\x01 \x01(\r\x12\x1d\n\x15max_stream_duration_s\x18\x02 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x16\n\x0emax_beam_width\x18\x04 \x01(\r\x12\x18\n\x10max_alternatives\x18\x05 \x01(\r\x12\x13\n\x0bmax_phrases\x18\x06 \x01(\r\x12\x18\n\x10max_phrase_chars\x18\x07 \x01(\r\x12\x11\n\tmin_boost\x18\x08 \x01(\x02\x12\x11\n\tmax_boost\x18\t \x01(\x02\x12\x15\n\rdefault_boost\x18\n \x01(\x02\"\xdb\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1d\n\x15min_sample_rate_hertz\x18\x03 \x01(\x05\x12\x1d\n\x15max_sample_rate_hertz\x18\x04 \x01(\x05\x12\x32\n\x13supported_encodings\x18\x05 \x03(\x0e\x32\x15.asr.v1.AudioEncoding\x12\x10\n\x08\x63hunk_ms\x18\x06 \x01(\x02\x12\x18\n\x10right_context_ms\x18\x07 \x01(\x02\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x17\n\x0fvocabulary_size\x18\n \x01(\x05\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x03\x12\x37\n\x17\x64\x65\x66\x61ult_decoding_method\x18\x0c \x01(\x0e\x32\x16.asr.v1.DecodingMethod\x12\x1a\n\x12\x64\x65\x66\x61ult_beam_width\x18\r \x01(\x05\x12\x1e\n\x06limits\x18\x0e \x01(\x0b\x32\x0e.asr.v1.Limits\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x0f\n\x07kernels\x18\x10 \x01(\t\x12\x16\n\x0e\x62\x61tching_exact\x18\x11 \x01(\x08*D\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*N\n\x0e\x44\x65\x63odingMethod\x12\x1f\n\x1b\x44\x45\x43ODING_METHOD_UNSPECIFIED\x10\x00\x12\n\n\x06GREEDY\x10\x01\x12\x0f\n\x0b\x42\x45\x41M_SEARCH\x10\x02\x32\xf6\x01\n\x11SpeechRecognition\x12_\n\x12StreamingRecognize\x12!.asr.v1.StreamingRecognizeRequest\x1a\".asr.v1.StreamingRecognizeResponse(\x01\x30\x01\x12@\n\tRecognize\x12\x18.asr.v1.RecognizeRequest\x1a\x19.asr.v1.RecognizeResponse\x12>\n\x0cGetModelInfo\x12\x1b.asr.v1.GetModelInfoRequest\x1a\x11.asr.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asr.v1.asr_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=2545
-  _globals['_AUDIOENCODING']._serialized_end=2613
-  _globals['_DECODINGMETHOD']._serialized_start=2615
-  _globals['_DECODINGMETHOD']._serialized_end=2693
+  _globals['_AUDIOENCODING']._serialized_start=2750
+  _globals['_AUDIOENCODING']._serialized_end=2818
+  _globals['_DECODINGMETHOD']._serialized_start=2820
+  _globals['_DECODINGMETHOD']._serialized_end=2898
   _globals['_ENDPOINTINGCONFIG']._serialized_start=60
   _globals['_ENDPOINTINGCONFIG']._serialized_end=152
   _globals['_RECOGNITIONCONFIG']._serialized_start=155
-  _globals['_RECOGNITIONCONFIG']._serialized_end=448
-  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_start=450
-  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=566
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=569
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=706
-  _globals['_WORDINFO']._serialized_start=708
-  _globals['_WORDINFO']._serialized_end=824
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=826
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=929
-  _globals['_SERVERTIMING']._serialized_start=931
-  _globals['_SERVERTIMING']._serialized_end=1034
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1037
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1331
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1333
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1434
-  _globals['_RECOGNIZEREQUEST']._serialized_start=1436
-  _globals['_RECOGNIZEREQUEST']._serialized_end=1540
-  _globals['_SPEECHRECOGNITIONRESULT']._serialized_start=1543
-  _globals['_SPEECHRECOGNITIONRESULT']._serialized_end=1759
-  _globals['_RECOGNIZERESPONSE']._serialized_start=1762
-  _globals['_RECOGNIZERESPONSE']._serialized_end=1902
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1904
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1925
-  _globals['_LIMITS']._serialized_start=1928
-  _globals['_LIMITS']._serialized_end=2065
-  _globals['_MODELINFO']._serialized_start=2068
-  _globals['_MODELINFO']._serialized_end=2543
-  _globals['_SPEECHRECOGNITION']._serialized_start=2696
-  _globals['_SPEECHRECOGNITION']._serialized_end=2942
+  _globals['_RECOGNITIONCONFIG']._serialized_end=496
+  _globals['_SPEECHCONTEXT']._serialized_start=498
+  _globals['_SPEECHCONTEXT']._serialized_end=545
+  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_start=547
+  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=663
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=666
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=803
+  _globals['_WORDINFO']._serialized_start=805
+  _globals['_WORDINFO']._serialized_end=921
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=923
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=1026
+  _globals['_SERVERTIMING']._serialized_start=1028
+  _globals['_SERVERTIMING']._serialized_end=1131
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1134
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1428
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1430
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1531
+  _globals['_RECOGNIZEREQUEST']._serialized_start=1533
+  _globals['_RECOGNIZEREQUEST']._serialized_end=1637
+  _globals['_SPEECHRECOGNITIONRESULT']._serialized_start=1640
+  _globals['_SPEECHRECOGNITIONRESULT']._serialized_end=1856
+  _globals['_RECOGNIZERESPONSE']._serialized_start=1859
+  _globals['_RECOGNIZERESPONSE']._serialized_end=1999
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2001
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2022
+  _globals['_LIMITS']._serialized_start=2025
+  _globals['_LIMITS']._serialized_end=2270
+  _globals['_MODELINFO']._serialized_start=2273
+  _globals['_MODELINFO']._serialized_end=2748
+  _globals['_SPEECHRECOGNITION']._serialized_start=2901
+  _globals['_SPEECHRECOGNITION']._serialized_end=3147
 # @@protoc_insertion_point(module_scope)

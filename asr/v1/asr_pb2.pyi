@@ -39,7 +39,7 @@ class EndpointingConfig(_message.Message):
     def __init__(self, disabled: _Optional[bool] = ..., trailing_silence_ms: _Optional[int] = ..., max_utterance_ms: _Optional[int] = ...) -> None: ...
 
 class RecognitionConfig(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "decoding_method", "beam_width", "max_alternatives", "enable_word_time_offsets", "endpointing")
+    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "decoding_method", "beam_width", "max_alternatives", "enable_word_time_offsets", "endpointing", "speech_contexts")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
     AUDIO_CHANNEL_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class RecognitionConfig(_message.Message):
     MAX_ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     ENABLE_WORD_TIME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTING_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     encoding: AudioEncoding
     sample_rate_hertz: int
     audio_channel_count: int
@@ -56,7 +57,16 @@ class RecognitionConfig(_message.Message):
     max_alternatives: int
     enable_word_time_offsets: bool
     endpointing: EndpointingConfig
-    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., decoding_method: _Optional[_Union[DecodingMethod, str]] = ..., beam_width: _Optional[int] = ..., max_alternatives: _Optional[int] = ..., enable_word_time_offsets: _Optional[bool] = ..., endpointing: _Optional[_Union[EndpointingConfig, _Mapping]] = ...) -> None: ...
+    speech_contexts: _containers.RepeatedCompositeFieldContainer[SpeechContext]
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., decoding_method: _Optional[_Union[DecodingMethod, str]] = ..., beam_width: _Optional[int] = ..., max_alternatives: _Optional[int] = ..., enable_word_time_offsets: _Optional[bool] = ..., endpointing: _Optional[_Union[EndpointingConfig, _Mapping]] = ..., speech_contexts: _Optional[_Iterable[_Union[SpeechContext, _Mapping]]] = ...) -> None: ...
+
+class SpeechContext(_message.Message):
+    __slots__ = ("phrases", "boost")
+    PHRASES_FIELD_NUMBER: _ClassVar[int]
+    BOOST_FIELD_NUMBER: _ClassVar[int]
+    phrases: _containers.RepeatedScalarFieldContainer[str]
+    boost: float
+    def __init__(self, phrases: _Optional[_Iterable[str]] = ..., boost: _Optional[float] = ...) -> None: ...
 
 class StreamingRecognitionConfig(_message.Message):
     __slots__ = ("config", "interim_results", "request_id")
@@ -171,18 +181,28 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_streams", "max_stream_duration_s", "max_message_bytes", "max_beam_width", "max_alternatives")
+    __slots__ = ("max_streams", "max_stream_duration_s", "max_message_bytes", "max_beam_width", "max_alternatives", "max_phrases", "max_phrase_chars", "min_boost", "max_boost", "default_boost")
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_DURATION_S_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     MAX_ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PHRASES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PHRASE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BOOST_FIELD_NUMBER: _ClassVar[int]
+    MAX_BOOST_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BOOST_FIELD_NUMBER: _ClassVar[int]
     max_streams: int
     max_stream_duration_s: float
     max_message_bytes: int
     max_beam_width: int
     max_alternatives: int
-    def __init__(self, max_streams: _Optional[int] = ..., max_stream_duration_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., max_alternatives: _Optional[int] = ...) -> None: ...
+    max_phrases: int
+    max_phrase_chars: int
+    min_boost: float
+    max_boost: float
+    default_boost: float
+    def __init__(self, max_streams: _Optional[int] = ..., max_stream_duration_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., max_alternatives: _Optional[int] = ..., max_phrases: _Optional[int] = ..., max_phrase_chars: _Optional[int] = ..., min_boost: _Optional[float] = ..., max_boost: _Optional[float] = ..., default_boost: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_name", "sample_rate_hertz", "min_sample_rate_hertz", "max_sample_rate_hertz", "supported_encodings", "chunk_ms", "right_context_ms", "precision", "device", "vocabulary_size", "num_parameters", "default_decoding_method", "default_beam_width", "limits", "version", "kernels", "batching_exact")
