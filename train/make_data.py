@@ -1,6 +1,6 @@
 """Synthetic-speech corpus for the demo model (``make demo-data``).
 
-Three synthesizers from Debian packages (espeak-ng, flite, festival), many
+Synthesizers from Debian packages (espeak-ng, flite, festival, and the extra sources below), many
 voices, each utterance with a random speaking rate and pitch, then sox for
 resampling to 16 kHz mono, a random tempo/pitch perturbation and loudness
 normalisation. Noise, gain and SpecAugment are applied later, at training time.
@@ -47,9 +47,8 @@ without resale, which a model anyone may deploy commercially should not depend o
 non-commercial OALD lexicon (``foreign_diphones.py``). ``--warped-voices N`` adds N by training voices
 (festival ``kal``, ``rab``, ``don``; flite ``kal16``, ``awb``, ``slt``) made into new speakers: each
 utterance's LPC vocal-tract filters get their formants moved by a random, smooth, non-uniform warp and
-their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default: stop 24's
-fine-tuning on all 3000 did not beat the shipped model; ``--warped-synthesizers flite`` keeps flite's, which
-the stop-25 model trained on 3000 of, the stop-26 model on 6000). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
+their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default;
+``--warped-synthesizers flite`` keeps flite's, on which the shipped model trained). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
 espeak-ng). Each has a random stream and a file-number range of its own (from
 100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
@@ -497,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warped-voices", type=int, default=0,
                    help="training utterances by training voices (festival kal, rab, don; flite kal16, awb, slt) "
                         "made into random new speakers: LPC resynthesis with warped formants (voice_warp.py); "
-                        "off by default; the shipped model (stops 26-28) trained on the flite ones of 6000 "
-                        "(--warped-synthesizers flite; model card)")
+                        "off by default; the shipped model trained on the flite ones of 6000 "
+                        "(--warped-synthesizers flite; models/demo/README.md)")
     p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
                    help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
                         "utterances as in the full plan, numbered as there)")
@@ -510,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude-sentences", type=Path, metavar="FILE",
                    help="drop the dev and test utterances whose sentence occurs in FILE (a manifest such as "
                    "data/demo/train.jsonl, or one sentence per line): with another --seed, a second held-out set "
-                   "that a model trained on the default seed has never heard (model card, 'Training', step 9)")
+                   "that a model trained on the default seed has never heard (models/demo/README.md, 'Results')")
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                    help="synthesize only these splits (the plan, and so every split's content, stays the same)")
