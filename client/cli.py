@@ -4,6 +4,8 @@ Interim results update one line (on a terminal), final results get their own
 lines; ``--json`` prints one JSON object per response instead. The audio is
 sent as it is in the file (any sample rate, mono or multi-channel): the server
 resamples and downmixes. Exits non-zero with the server's status on errors.
+``--phrase TEXT`` (repeatable), ``--phrases-file FILE`` and ``--boost X`` name
+phrases the server favours in decoding (contextual biasing, docs/biasing.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from google.protobuf import json_format
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import add_connection_args, connection_from_args, parse_args
+from client.phrases import PhraseError, add_phrase_args, check_with_server, phrases_from_args
 from client.stream import StreamOptions, channel, decoding_method, pcm16, stream_audio
 
 
@@ -83,11 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
     p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
     p.add_argument("--chunk-ms", type=int, default=160, help="audio per message (default: %(default)s)")
+    add_phrase_args(p)
     add_connection_args(p)
     return p
 
 
 async def run(args: argparse.Namespace) -> int:
+    try:
+        phrases = phrases_from_args(args)
+    except PhraseError as exc:
+        print(f"asr-client: {exc}", file=sys.stderr)
+        return 2
     try:
         pcm, rate, channels = read_wav(args.file)
     except FileNotFoundError as exc:
@@ -99,10 +108,16 @@ async def run(args: argparse.Namespace) -> int:
     method = decoding_method(args.greedy, args.beam)
     options = StreamOptions(interim_results=not args.no_interim, decoding_method=method, beam_width=args.beam,
                             word_time_offsets=args.words, endpointing=not args.no_endpointing,
-                            request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms)
+                            request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms,
+                            phrases=phrases.phrases, boost=phrases.boost)
     printer = Printer(show_timing=args.timing)
     async with channel(getattr(args, "connection", None) or connection_from_args(args)) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+        try:
+            await check_with_server(ch, phrases)
+        except PhraseError as exc:
+            print(f"asr-client: {exc}", file=sys.stderr)
+            return 2
         try:
             async for event in stream_audio(stub, pcm, rate, options, channels=channels):
                 if args.json:

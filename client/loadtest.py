@@ -45,6 +45,7 @@ from tqdm import tqdm
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import Connection, add_connection_args, parse_args
 from client.cli import read_wav
+from client.phrases import PhraseError, Phrases, add_phrase_args, check_with_server, phrases_from_args
 from client.spawn import spawned_server
 from client.stream import SendLog, StreamOptions, channel, decoding_method, stream_audio
 from client.ws_stream import PROTOCOLS, WsStreamError, ws_model_name, ws_stream_audio
@@ -525,13 +526,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 even when streams end with errors (by default a run with any stream error "
                         "exits 1; a --find-capacity search expects them above capacity and exits 0 once it "
                         "has a figure)")
+    add_phrase_args(p)
     add_connection_args(p)
     return p
 
 
 def options_from(args) -> StreamOptions:
+    """The streams' options; ``PhraseError`` if the phrase options are wrong (client.phrases)."""
     method = decoding_method(args.greedy, args.beam)
-    return StreamOptions(realtime=True, interim_results=True, decoding_method=method, beam_width=args.beam)
+    phrases = phrases_from_args(args)
+    return StreamOptions(realtime=True, interim_results=True, decoding_method=method, beam_width=args.beam,
+                         phrases=phrases.phrases, boost=phrases.boost)
+
+
+async def check_phrases(address: str | Connection, options: StreamOptions) -> None:
+    """``SystemExit`` naming the limit if the streams' phrases exceed the server's (``GetModelInfo``)."""
+    if options.phrases:
+        async with channel(address) as ch:
+            try:
+                await check_with_server(ch, Phrases(options.phrases, options.boost))
+            except PhraseError as exc:
+                raise SystemExit(f"asr-loadtest: {exc}") from None
 
 
 async def model_name(address: str | Connection, timeout: float = 10.0) -> str:
@@ -552,6 +567,7 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
     options = options_from(args)
     if args.protocol == "grpc":
         model = await model_name(address)
+        await check_phrases(address, options)
     else:
         connection = address if isinstance(address, Connection) else Connection(address)
         try:
@@ -590,6 +606,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn is not None and args.protocol != "grpc":
         print("asr-loadtest: --spawn serves gRPC only; start asr-server with --ws-port and pass --server "
               "HOST:WS_PORT for --protocol " + args.protocol, file=sys.stderr)
+        return 2
+    try:
+        phrases = options_from(args).phrases
+    except PhraseError as exc:
+        print(f"asr-loadtest: {exc}", file=sys.stderr)
+        return 2
+    if phrases and args.protocol != "grpc":
+        print(f"asr-loadtest: --protocol {args.protocol} carries no phrases (the OpenAI Realtime and Deepgram "
+              "sessions here have no such field); use --protocol grpc", file=sys.stderr)
         return 2
     if args.spawn is not None:
         with spawned_server(*shlex.split(args.spawn)) as (address, proc):

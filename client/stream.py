@@ -39,14 +39,17 @@ class StreamOptions:
     request_id: str = ""
     realtime: bool = True  # pace chunks at the audio's own rate
     chunk_ms: int = CHUNK_MS
+    phrases: tuple[str, ...] = ()  # contextual biasing: one SpeechContext with these phrases
+    boost: float = 0.0  # its boost (0: the server's default)
 
     def config(self, sample_rate: int, channels: int = 1) -> asr_pb2.StreamingRecognitionConfig:
+        contexts = [asr_pb2.SpeechContext(phrases=list(self.phrases), boost=self.boost)] if self.phrases else []
         return asr_pb2.StreamingRecognitionConfig(
             config=asr_pb2.RecognitionConfig(
                 encoding=asr_pb2.LINEAR16, sample_rate_hertz=sample_rate, audio_channel_count=channels,
                 decoding_method=self.decoding_method, beam_width=self.beam_width,
                 max_alternatives=self.max_alternatives, enable_word_time_offsets=self.word_time_offsets,
-                endpointing=asr_pb2.EndpointingConfig(disabled=not self.endpointing)),
+                endpointing=asr_pb2.EndpointingConfig(disabled=not self.endpointing), speech_contexts=contexts),
             interim_results=self.interim_results, request_id=self.request_id)
 
 

@@ -13,7 +13,9 @@ and ``/api/``: other browser origins get HTTP 403 (docs/operations.md, "The brow
 WebSocket protocol, one recognition stream per connection:
 
 * browser -> bridge: a JSON text message first (``{"sample_rate": 16000}``,
-  optionally ``"beam": N``, ``"endpointing": false``, ``"request_id": "..."``; nothing else),
+  optionally ``"beam": N``, ``"endpointing": false``, ``"request_id": "..."``, ``"phrases": [...]``
+  and ``"boost": X`` (contextual biasing: one ``SpeechContext``; the server checks its limits);
+  nothing else),
   then binary LINEAR16 mono messages (up to 64 KiB each), then the text message ``end``
   (half-close: the last final result follows);
 * bridge -> browser: ``{"type": "ready", "model": ...}``, one ``{"type": "result", ...}``
@@ -29,6 +31,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import ssl
 import sys
@@ -44,15 +47,16 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import Connection, add_connection_args, parse_args
+from client.phrases import PhraseError, clean
 from client.stream import StreamOptions, channel, stream_chunks
 
 LOG = logging.getLogger("asr-web")
 STATIC = Path(__file__).resolve().parent / "web"
 MAX_MESSAGE_BYTES = 64 * 1024  # a page sends 5 KiB messages (160 ms at 16 kHz)
 HARD_MESSAGE_BYTES = 4 * MAX_MESSAGE_BYTES  # beyond it aiohttp closes with 1009 without reading it all
-MAX_CONFIG_CHARS = 1024
+MAX_CONFIG_CHARS = 32 * 1024  # room for a list of phrases
 CONFIG_TIMEOUT_S = 10
-CONFIG_KEYS = ("sample_rate", "beam", "endpointing", "request_id")
+CONFIG_KEYS = ("sample_rate", "beam", "endpointing", "request_id", "phrases", "boost")
 FIRST_MESSAGE = 'the first message must be a JSON config such as {"sample_rate": 16000}'
 STUB = web.AppKey("stub", asr_pb2_grpc.SpeechRecognitionStub)
 SAVER = web.AppKey("saver", object)
@@ -125,9 +129,21 @@ def parse_config(text: object) -> tuple[int, StreamOptions]:
     request_id = config.get("request_id", "")
     if not isinstance(request_id, str) or len(request_id) > 128:
         raise BridgeError("INVALID_ARGUMENT", "'request_id' must be a string of up to 128 characters")
+    phrases = config.get("phrases", [])
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise BridgeError("INVALID_ARGUMENT", "'phrases' must be a list of strings")
+    try:
+        phrases = [clean(p, "'phrases'") for p in phrases]
+    except PhraseError as exc:
+        raise BridgeError("INVALID_ARGUMENT", one_line(exc)) from None
+    boost = config.get("boost", 0)
+    if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not math.isfinite(boost):
+        raise BridgeError("INVALID_ARGUMENT", "'boost' must be a number")
+    if boost and not phrases:
+        raise BridgeError("INVALID_ARGUMENT", "'boost' needs 'phrases'")
     return rate, StreamOptions(interim_results=True, endpointing=endpointing, beam_width=beam,
                                decoding_method=asr_pb2.BEAM_SEARCH if beam else asr_pb2.DECODING_METHOD_UNSPECIFIED,
-                               request_id=request_id)
+                               request_id=request_id, phrases=tuple(phrases), boost=float(boost))
 
 
 class AudioSaver:

@@ -4,6 +4,7 @@
 // document.body.dataset.backend: up | down, from /api/status on load (and the bridge's 'ready').
 // Warnings (#warning): audio dropped because the WebSocket backs up by over 1 s of audio, and
 // results that lag the audio by over 1 s. Every message shown is one line.
+// The phrases field (one per line) and the boost go with the config: contextual biasing.
 
 const $ = (id) => document.getElementById(id);
 const RATE = 16000;
@@ -16,6 +17,18 @@ let latencies = [];
 function oneLine(text, limit = 200) {
   const line = String(text).replace(/\s+/g, ' ').trim();
   return line.length <= limit ? line : `${line.slice(0, limit - 1)}…`;
+}
+
+// The config the page sends first: the rate, the decoding, and the phrases to favour (if any).
+function streamConfig() {
+  const config = {sample_rate: RATE, beam: Number($('decoding').value)};
+  const phrases = $('phrases').value.split('\n').map((line) => line.trim()).filter((line) => line);
+  if (phrases.length) {
+    config.phrases = phrases;
+    const boost = $('boost').value.trim();
+    if (boost !== '' && Number(boost) !== 0) config.boost = Number(boost);
+  }
+  return config;
 }
 
 function setState(state, status) {
@@ -171,7 +184,7 @@ async function start() {
   session = {...audio, ws, sent: 0, dropped: 0, lag: 0, marks: [], ended: false};
   const s = session;
   ws.onopen = () => {
-    ws.send(JSON.stringify({sample_rate: RATE, beam: Number($('decoding').value)}));
+    ws.send(JSON.stringify(streamConfig()));
     s.node.port.onmessage = (event) => {
       if (event.data === 'flushed') {
         if (ws.readyState === WebSocket.OPEN) ws.send('end');
