@@ -18,7 +18,7 @@ WORKDIR /app
 # wheels pull in the CUDA libraries (gigabytes). A "2.14.1+cpu" wheel satisfies "torch==2.14.1".
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-# g++ builds the server's native kernels (server/native, setup.py) below.
+# g++ builds the server's native kernels (server/kernels/native, setup.py) below.
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
@@ -27,13 +27,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --index-url "$TORCH_INDEX_URL" $(grep -E '^(torch|torchaudio)==' /tmp/requirements.txt) \
  && pip install -r /tmp/requirements.txt "setuptools>=77" wheel
 
-# The application (what .dockerignore leaves: server, client, generated stubs, the demo model).
-# Installed in place (editable) so the server finds models/ beside its package; setup.py builds the
-# native kernels here, every back end (avx512, avx2, portable): the server picks the one the CPU it
-# starts on runs (--kernels auto), so one image serves every x86-64 CPU.
+# The application (what .dockerignore leaves: server, client, generated stubs, the demo model),
+# installed as a package (the demo model is package data); setup.py builds the native kernels here,
+# every back end (avx512, avx2, portable): the server picks the one the CPU it starts on runs
+# (--kernels auto), so one image serves every x86-64 CPU.
 COPY . .
-RUN pip install --no-build-isolation --no-deps -e . \
- && python -m server.native \
+RUN pip install --no-build-isolation --no-deps . \
+ && python -m server.kernels.native \
  && useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin asr
 
 USER asr

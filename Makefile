@@ -17,7 +17,7 @@ MBROLA_APT := mbrola mbrola-en1
 # sections when one of them is missing.
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
-# g++ builds server/native's kernels (without it the server runs torch's kernels: --kernels torch).
+# g++ builds server/kernels/native's kernels (without it the server runs torch's kernels: --kernels torch).
 TEST_APT := prometheus chromium g++ haproxy $(DATA_APT) $(MBROLA_APT)
 TEST_CMDS := prometheus promtool chromium g++ haproxy sox espeak-ng flite festival pico2wave RHVoice-test mbrola
 # voice data the recipe and the tests synthesize with (packages that install no command)
@@ -44,16 +44,16 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "setuptools>=77" wheel $$(grep -oE '"(torch|ninja)==[^"]+"' pyproject.toml | tr -d '"')
-	ASR_BUILD_KERNELS=0 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev,data]'
+	ASR_BUILD_KERNELS=0 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev,client,eval,train,data]'
 	rm -f $(KERNELS)
 	touch $(STAMP)
 
-# server/native's kernel back ends (setup.py): g++ from apt, then one build at install
-$(KERNELS): $(STAMP) setup.py $(wildcard server/native/*.cpp server/native/*.h)
+# server/kernels/native's kernel back ends (setup.py): g++ from apt, then one build at install
+$(KERNELS): $(STAMP) setup.py $(wildcard server/kernels/native/*.cpp server/kernels/native/*.h)
 	@command -v g++ >/dev/null || ($(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends g++)
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
-	$(PY) -m server.native --strict
+	$(PY) -m server.kernels.native --strict
 	touch $@
 
 checkov: $(CHECKOV)
@@ -109,4 +109,4 @@ train-demo: $(STAMP) $(KERNELS)
 	$(PY) train/train_demo.py --work-dir data/demo-train --export models/demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache build server/native/_*.so
+	rm -rf $(VENV) .pytest_cache build server/kernels/native/_*.so

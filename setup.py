@@ -1,6 +1,6 @@
-"""Builds the server's native kernels (server/native) when the package is installed.
+"""Builds the server's native kernels (server/kernels/native) when the package is installed.
 
-One shared library per kernel back end, each the same operators (server/native/operators.h) over
+One shared library per kernel back end, each the same operators (server/kernels/native/operators.h) over
 that back end's primitives, compiled for its instruction set: ``_avx512`` (AVX-512 F/BW/VL/DQ,
 VNNI where present), ``_avx2`` (AVX2 + FMA) and ``_portable`` (the compiler's baseline). The
 server loads the one its ``--kernels`` setting selects (``auto``: the best this CPU runs) at
@@ -41,7 +41,7 @@ def extensions():
         print(f"torch is not importable at build time ({e}); native kernels not built", file=sys.stderr)
         return [], {}
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    exts = [CppExtension(f"server.native._{name}", [f"server/native/{name}.cpp"],
+    exts = [CppExtension(f"server.kernels.native._{name}", [f"server/kernels/native/{name}.cpp"],
                          extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"])
             for name, flags in BACKENDS.items() if x86 or name not in X86_ONLY]
 

@@ -86,9 +86,9 @@ def _server_judged(summary: dict) -> dict:
 
 
 def profile_engine(precision: str, method: str, beam: int, log, quick: bool, kernels: str = "auto") -> dict:
-    from server.config import DecodingMethod
-    from server.engine import Engine
-    from server.models import load_model
+    from server.model.engine import Engine
+    from server.model.loading import load_model
+    from server.types import DecodingMethod
 
     precision, _, kernel = precision.partition("-")
     engine = Engine(load_model("random-base"), precision=precision, int8_kernel=kernel or "rowwise", kernels=kernels)
@@ -164,7 +164,7 @@ def _compact(s: dict) -> dict:
 
 
 async def seed_capacity(args, log) -> dict:
-    from server.models import load_model
+    from server.model.loading import load_model
 
     model = load_model("random-base")
     waves = _waves()
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     machine = cpu_description()
-    from server import native
+    from server.kernels import native
 
     machine["kernels"] = native.resolve(args.kernels)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; "

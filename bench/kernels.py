@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server import native  # noqa: E402
-from server.precision import (BlockedLinear, PackedLinear, RowwiseInt8Linear, exact_torch_int8_gemms,  # noqa: E402
-                              torch_int8_weight_max)
+from server.kernels import native  # noqa: E402
+from server.kernels.precision import (BlockedLinear, PackedLinear, RowwiseInt8Linear, exact_torch_int8_gemms,
+    torch_int8_weight_max)
 
 SHAPES = ((512, 2048), (2048, 512), (512, 1536), (1024, 4097))  # ff1, ff2, qkv, joiner
 
@@ -69,8 +69,8 @@ def candidates(linear: torch.nn.Linear) -> dict[str, dict[str, torch.nn.Module]]
 def step_costs(sizes=(1, 4, 16, 32), repeats: int = 5) -> list[dict]:
     """Median greedy step (ms) of random-base per kernel path and precision, and x the torch path."""
     from bench.step_profile import fit_step_cost
-    from server.engine import Engine
-    from server.models import load_model
+    from server.model.engine import Engine
+    from server.model.loading import load_model
 
     model = load_model("random-base")
     runs = []

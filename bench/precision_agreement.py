@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.config import DecodingMethod  # noqa: E402
-from server.engine import ChunkWork, Engine  # noqa: E402
-from server.features import utterance_windows  # noqa: E402
-from server.models import load_model  # noqa: E402
-from server.precision import relative_error  # noqa: E402
+from server.types import DecodingMethod  # noqa: E402
+from server.model.engine import ChunkWork, Engine  # noqa: E402
+from server.model.features import utterance_windows  # noqa: E402
+from server.model.loading import load_model  # noqa: E402
+from server.kernels.precision import relative_error  # noqa: E402
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:

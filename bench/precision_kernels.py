@@ -1,6 +1,6 @@
 """Which kernels to use for each precision: one engine step, every candidate, one run.
 
-The choices behind ``server/precision.py``, measured on the full-size model
+The choices behind ``server/kernels/precision.py``, measured on the full-size model
 (``random-base``), greedy, streams past their left-context warm-up:
 
 * fp32 on oneDNN with packed weights (``PackedLinear``)  vs  MKL (``nn.Linear``);
@@ -31,13 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.config import DecodingMethod  # noqa: E402
-from server.decoder import DecodingNetwork  # noqa: E402
-from server.encoder import StreamingEncoder  # noqa: E402
-from server.engine import ChunkWork, Engine  # noqa: E402
-from server.features import WINDOW_SAMPLES  # noqa: E402
-from server.models import load_model  # noqa: E402
-from server.precision import apply_precision  # noqa: E402
+from server.types import DecodingMethod  # noqa: E402
+from server.model.decoder import DecodingNetwork  # noqa: E402
+from server.model.encoder import StreamingEncoder  # noqa: E402
+from server.model.engine import ChunkWork, Engine  # noqa: E402
+from server.types import WINDOW_SAMPLES  # noqa: E402
+from server.model.loading import load_model  # noqa: E402
+from server.kernels.precision import apply_precision  # noqa: E402
 
 # name -> (precision given to apply_precision, int8 backend, autocast dtype)
 CANDIDATES = {

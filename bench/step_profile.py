@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.config import DecodingMethod
-from server.engine import ChunkWork, Engine
-from server.features import WINDOW_SAMPLES
+from server.model.engine import ChunkWork, Engine
+from server.types import WINDOW_SAMPLES, DecodingMethod
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_scaled_dot_product", "quantized::linear_dynamic", "aten::_int_mm", "onednn::",

@@ -12,20 +12,21 @@ from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server import __version__
-from server.api import google_speech, riva
+from server.api import deepgram, google_speech, openai_realtime, riva
 from server.api.asr_v1 import AsrServicer
-from server.api.auth import HEALTH_SERVICE, TokenAuthInterceptor, read_tokens
+from server.api.auth import HEALTH_SERVICE, TokenAuthInterceptor
 from server.api.health import BoundedHealthServicer
 from server.api.tls import server_credentials
 from server.api.websocket import WebSocketListener
-from server.config import ServerSettings
+from server.config import ServerSettings, read_tokens
+from server.core.memory import return_large_blocks
+from server.core.scheduler import engine_thread
+from server.core.service import RecognitionService
 from server.errors import ASRError, ErrorCode
-from server.memory import return_large_blocks
-from server.metrics import Metrics
-from server.models import LoadedModel, load_model
-from server.scheduler import engine_thread
-from server.service import RecognitionService
-from server.stats import LimitReason, Observer
+from server.model.loading import LoadedModel, load_model
+from server.observability.metrics import Metrics
+from server.observability.observer import Observer
+from server.types import LimitReason
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class AsrServer:
 
     async def _start(self) -> int:
         s = self.settings
-        return_large_blocks()  # megabyte messages go back to the OS when freed (server.memory)
+        return_large_blocks()  # megabyte messages go back to the OS when freed (server.core.memory)
         credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         tokens = read_tokens(s.auth_token_file) if s.auth_token_file is not None else None
         if s.metrics_port >= 0:
@@ -128,7 +129,7 @@ class AsrServer:
         if port == 0:
             raise OSError(f"cannot listen on {address} (--host / --port)")
         if s.ws_port >= 0:  # bound now (a taken port is reported before loading); 503 until ready
-            self.ws = WebSocketListener(s, tokens, observer)
+            self.ws = WebSocketListener(s, tokens, (openai_realtime, deepgram), observer)
             self.ws_port = await self.ws.start()
         loop = asyncio.get_running_loop()
         # Every torch operation of the server runs on this one thread (see engine_thread).

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
 from server.config import ServerSettings
-from server.gc_pauses import freeze_startup_heap
-from server.models import ModelLoadError
-from server.precision import PrecisionError
+from server.kernels.precision import PrecisionError
+from server.model.loading import ModelLoadError
+from server.observability.gc_pauses import freeze_startup_heap
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:

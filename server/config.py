@@ -1,31 +1,47 @@
-"""Typed configuration: server settings (flags + ``ASR_*`` environment) and per-stream config.
+"""Typed configuration: server settings (flags + ``ASR_*`` environment) and the token file.
 
 ``ServerSettings`` is the single source of every server option: ``asr-server
 --help`` is generated from it, each option is also read from the environment
 variable ``ASR_<OPTION>``, and values are validated at start-up (an invalid
 value stops the server with a message naming the option).
 
-``StreamConfig`` is the transport-free form of a request's recognition config;
-the servicers build it from their protocol's messages and ``validate`` it
-against the server's limits.
+A request's recognition config is ``server.types.StreamConfig``, validated against
+these settings' limits.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.errors import invalid
 
-MIN_SAMPLE_RATE = 8000
-MAX_SAMPLE_RATE = 48000
-MAX_REQUEST_ID_CHARS = 128  # a request id is echoed in every response and logged: bounded
-MAX_CHANNELS = 8
+MIN_TOKEN_LENGTH = 16
+
+
+def read_tokens(path: Path) -> list[str]:
+    """The tokens of a token file: one per line, blank lines and ``#`` comments ignored.
+    Raises ``ValueError`` naming the line (never its content) for a malformed token."""
+    tokens = []
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--auth-token-file {str(path)!r} cannot be read: {type(exc).__name__}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not (token.isascii() and token.isprintable()) or any(ch.isspace() for ch in token):
+            raise ValueError(f"--auth-token-file line {number}: a token is printable ASCII without spaces")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"--auth-token-file line {number}: a token needs at least {MIN_TOKEN_LENGTH} "
+                             f"characters")
+        tokens.append(token)
+    if not tokens:
+        raise ValueError(f"--auth-token-file {str(path)!r} holds no token")
+    return tokens
 
 
 class ServerSettings(BaseSettings):
@@ -58,7 +74,7 @@ class ServerSettings(BaseSettings):
         "one scale per batch: a stream's transcript can change with who it is batched with; no faster "
         "than rowwise where the native operators build, see BENCHMARKS.md)")
     kernels: Literal["auto", "avx512", "avx2", "portable", "torch"] = Field(
-        "auto", description="native kernel back end (server/native, built at install): auto (the best "
+        "auto", description="native kernel back end (server/kernels/native, built at install): auto (the best "
         "this CPU runs: avx512, else avx2, else portable, else torch), avx512 (AVX-512 F/BW/VL/DQ; int8 on "
         "VNNI where present), avx2 (AVX2 + FMA), portable (plain C++) or torch (torch's own kernels, no "
         "native code). A back end this CPU cannot run, or that was not built, stops the server with the reason")
@@ -169,7 +185,7 @@ class ServerSettings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _check_model(cls, v: str) -> str:
-        from server.models import DIRECTORY_SOURCES, MODEL_CHOICES
+        from server.model.loading import DIRECTORY_SOURCES, MODEL_CHOICES
 
         source = next((prefix for prefix in DIRECTORY_SOURCES if v.startswith(prefix)), None)
         if source is None and v not in MODEL_CHOICES:
@@ -181,7 +197,7 @@ class ServerSettings(BaseSettings):
     @field_validator("kernels")
     @classmethod
     def _check_kernels(cls, v: str) -> str:
-        from server.native import KernelError, resolve
+        from server.kernels.native import KernelError, resolve
 
         try:
             resolve(v)
@@ -207,8 +223,6 @@ class ServerSettings(BaseSettings):
             if path is not None and not path.expanduser().is_file():
                 raise ValueError(f"{option}: {str(path)!r} is not a readable file")
         if self.auth_token_file is not None:
-            from server.api.auth import read_tokens
-
             read_tokens(self.auth_token_file)  # raises ValueError naming the problem, never a token
         return self
 
@@ -223,69 +237,3 @@ def _describe_env_vars() -> None:
 _describe_env_vars()
 
 
-class DecodingMethod(enum.Enum):
-    GREEDY = "greedy"
-    BEAM_SEARCH = "beam"
-
-
-class Encoding(enum.Enum):
-    LINEAR16 = "LINEAR16"
-    FLOAT32 = "FLOAT32"
-
-    @property
-    def sample_width(self) -> int:
-        return 2 if self is Encoding.LINEAR16 else 4
-
-
-@dataclass(frozen=True)
-class Endpointing:
-    enabled: bool = True
-    trailing_silence_ms: int = 800
-    max_utterance_ms: int = 30_000
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """A stream's recognition settings, after defaults are applied; see ``validate``."""
-
-    encoding: Optional[Encoding] = Encoding.LINEAR16
-    sample_rate_hertz: int = 16000
-    channels: int = 1
-    decoding_method: DecodingMethod = DecodingMethod.GREEDY
-    beam_width: int = 1
-    max_alternatives: int = 1
-    interim_results: bool = False
-    word_time_offsets: bool = False
-    endpointing: Endpointing = field(default_factory=Endpointing)
-    request_id: str = ""
-
-    @property
-    def frame_bytes(self) -> int:
-        """Bytes of one multi-channel sample frame."""
-        assert self.encoding is not None
-        return self.encoding.sample_width * self.channels
-
-    def validate(self, settings: ServerSettings) -> "StreamConfig":
-        """Raise INVALID_ARGUMENT naming the first offending field; return self when valid."""
-        if self.encoding is None:
-            raise invalid("config.encoding must be LINEAR16 or FLOAT32")
-        if not MIN_SAMPLE_RATE <= self.sample_rate_hertz <= MAX_SAMPLE_RATE:
-            raise invalid(f"config.sample_rate_hertz must be between {MIN_SAMPLE_RATE} and "
-                          f"{MAX_SAMPLE_RATE}, got {self.sample_rate_hertz}")
-        if not 1 <= self.channels <= MAX_CHANNELS:
-            raise invalid(f"config.audio_channel_count must be between 1 and {MAX_CHANNELS}, "
-                          f"got {self.channels}")
-        if not 1 <= self.beam_width <= settings.max_beam_width:
-            raise invalid(f"config.beam_width must be between 1 and {settings.max_beam_width}, "
-                          f"got {self.beam_width}")
-        if not 1 <= self.max_alternatives <= self.beam_width:
-            raise invalid(f"config.max_alternatives must be between 1 and the beam width "
-                          f"({self.beam_width}), got {self.max_alternatives}")
-        if len(self.request_id) > MAX_REQUEST_ID_CHARS:
-            raise invalid(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
-        ep = self.endpointing
-        if ep.enabled and not 80 <= ep.trailing_silence_ms <= 60_000:
-            raise invalid("config.endpointing.trailing_silence_ms must be between 80 and 60000")
-        if ep.enabled and not 1000 <= ep.max_utterance_ms <= 600_000:
-            raise invalid("config.endpointing.max_utterance_ms must be between 1000 and 600000")
-        return self

@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests import tests.reference
 
 from asr.v1 import asr_pb2_grpc  # noqa: E402
-from server import native  # noqa: E402
+from server.kernels import native  # noqa: E402
 from client.stream import channel  # noqa: E402
 from server.app import AsrServer  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
-from server.models import RANDOM_SMALL_BLANK_BIAS, SMALL_CONFIG, LoadedModel, random_model  # noqa: E402
-from server.tokens import CharTokenTable  # noqa: E402
+from server.model.loading import LoadedModel, RANDOM_SMALL_BLANK_BIAS, SMALL_CONFIG, random_model  # noqa: E402
+from server.model.vocabulary import CharTokenTable  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 KERNEL_PATHS = [*native.BACKENDS, "torch"]  # every --kernels path but auto
@@ -41,7 +41,7 @@ def skip_unless_cpu_runs(backend: str) -> None:
 
 @contextlib.contextmanager
 def kernels_selected(backend: str):
-    """Run the block with ``backend``'s native kernels active (``server.native.select``); engines
+    """Run the block with ``backend``'s native kernels active (``server.kernels.native.select``); engines
     and encoders built inside keep them."""
     skip_unless_cpu_runs(backend)
     previous = native.active()

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from client.stream import RIGHT_CONTEXT_S, StreamOptions, pcm16, stream_audio
-from server.admission import CHUNK_PERIOD_S, SCALE_WINDOW_S, Admission, StepCost
-from server.engine import Engine
+from server.core.admission import CHUNK_PERIOD_S, SCALE_WINDOW_S, Admission, StepCost
 from server.errors import ErrorCode
-from server.stats import LimitReason
+from server.model.engine import Engine
+from server.types import LimitReason
 from tests.conftest import running_server
 from tests.helpers import transcript
 from tests.observability import scrape

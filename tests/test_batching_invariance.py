@@ -20,8 +20,8 @@ import torch
 
 from asr.v1 import asr_pb2
 from client.stream import StreamOptions, pcm16, stream_audio
-from server.encoder import StreamingEncoder
-from server.features import FeatureFrontEnd, utterance_windows
+from server.model.encoder import StreamingEncoder
+from server.model.features import FeatureFrontEnd, utterance_windows
 from tests import reference
 from tests.conftest import ROOT, running_server, small_model
 
@@ -127,8 +127,8 @@ def test_consecutive_chunks_of_a_stream_in_one_step_equal_one_chunk_per_step(wav
     """A stream that is behind brings several chunks to one step (``MAX_CHUNKS_PER_STREAM``):
     every chunk's result, endpoint (a short trailing silence ends utterances often, so the
     decoder restarts between chunks of one step) and encoder state equal the one-by-one run."""
-    from server.config import DecodingMethod, Endpointing
-    from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+    from server.model.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+    from server.types import DecodingMethod, Endpointing
 
     engine = Engine(small_model())
     decoding = DecodingMethod.GREEDY if method == "greedy" else DecodingMethod.BEAM_SEARCH
@@ -163,11 +163,11 @@ def test_consecutive_chunks_of_a_stream_in_one_step_equal_one_chunk_per_step(wav
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_switching_intra_op_threads_mid_stream_changes_no_result(waves, precision, kernels):
-    """The thread governor (``server.threads``) may switch between one thread per core and 1 at any
+    """The thread governor (``server.core.threads``) may switch between one thread per core and 1 at any
     step: every chunk's alternatives, confidences and timings equal a run that never switched."""
-    from server.config import DecodingMethod
-    from server.engine import ChunkWork, Engine
-    from server.models import load_model
+    from server.model.engine import ChunkWork, Engine
+    from server.model.loading import load_model
+    from server.types import DecodingMethod
 
     engine = Engine(load_model("random-base", 0), precision=precision, threads=2)
     windows = [utterance_windows(torch.from_numpy(w)).numpy()[:12] for w in waves[:3]]

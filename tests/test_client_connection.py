@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.connection import ConnectionOptionError, add_connection_args, connection_from_args
-from server.models import load_demo
+from server.model.loading import load_demo
 from tests.conftest import SAMPLES, running_server
 from tests.test_security import TOKENS, pki, token_file  # noqa: F401  (fixtures)
 

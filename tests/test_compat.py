@@ -13,8 +13,9 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from server.api.compat import AudioIntake, alternatives_decoding, check_language, parse_wav_header, whole_audio
-from server.config import DecodingMethod, Encoding, ServerSettings, StreamConfig
+from server.config import ServerSettings
 from server.errors import ASRError, ErrorCode
+from server.types import DecodingMethod, Encoding, StreamConfig
 from tests.conftest import running_server
 
 

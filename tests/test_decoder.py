@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.config import DecodingMethod
-from server.engine import ChunkWork, Engine
-from server.features import SEGMENT_SAMPLES, WINDOW_SAMPLES
-from server.models import load_model
+from server.model.engine import ChunkWork, Engine
+from server.model.loading import load_model
+from server.types import SEGMENT_SAMPLES, WINDOW_SAMPLES, DecodingMethod
 
 
 class _NoCache(dict):

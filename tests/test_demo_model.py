@@ -21,8 +21,8 @@ import pytest
 from asr.v1 import asr_pb2
 from client.eval import evaluate, load_manifest, report
 from client.stream import StreamOptions
-from server.models import DEMO_DIR, load_demo
-from server.precision import PRECISIONS, PrecisionError, check_precision
+from server.kernels.precision import PRECISIONS, PrecisionError, check_precision
+from server.model.loading import DEMO_DIR, load_demo
 from tests.conftest import KERNEL_PATHS, ROOT, running_server, skip_unless_cpu_runs
 from tests.helpers import GREEDY, transcript
 

@@ -63,7 +63,7 @@ def test_promtool_unit_tests_can_fail(tmp_path):
 
 
 def test_alert_rules_use_the_chunk_period_and_only_exported_metrics():
-    from server.metrics import CHUNK_SECONDS, METRIC_NAMES
+    from server.observability.metrics import CHUNK_SECONDS, METRIC_NAMES
 
     rules = [r for g in load_yaml(PROMETHEUS / "alerts.yml")["groups"] for r in g["rules"]]
     latency = next(r for r in rules if r["alert"] == "AsrChunkLatencyOverChunkPeriod")
@@ -227,7 +227,7 @@ def test_dockerfile_builds_a_cpu_non_root_image_with_a_health_check():
     assert "download.pytorch.org/whl/cpu" in " ".join(a for _, a in steps), "torch must come from the CPU index"
     assert "pip install" in run and "--no-deps -e ." in run
     # the native kernels are built into the image (setup.py, against the image's torch), never at run time
-    assert "g++" in run and "--no-build-isolation" in run and "python -m server.native" in run
+    assert "g++" in run and "--no-build-isolation" in run and "python -m server.kernels.native" in run
     # runs as a named non-root user, set after the last RUN
     user = [a for k, a in steps if k == "USER"]
     assert user and user[-1] not in ("root", "0") and kinds.index("USER") > max(

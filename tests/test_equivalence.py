@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from server import native
-from server.encoder import StreamingEncoder
-from server.features import FeatureFrontEnd, utterance_windows
+from server.kernels import native
+from server.model.encoder import StreamingEncoder
+from server.model.features import FeatureFrontEnd, utterance_windows
 from tests import reference
 from tests.conftest import KERNEL_PATHS, kernels_selected, running_server, skip_unless_cpu_runs, small_model
 from tests.helpers import GREEDY, beam_options, transcript
@@ -47,10 +47,10 @@ async def test_greedy_through_grpc_equals_single_stream_greedy(kernel_server, sp
 def ring_attention(kernels):
     """Run a test with each native back end's in-place ring attention, and (``--kernels torch``)
     with the gather + ``scaled_dot_product_attention`` path it replaces."""
-    import server.encoder
+    import server.model.encoder
 
     if kernels != "torch":
-        assert server.encoder.native_ring_attention() is not None, f"{kernels} ring attention failed its probe"
+        assert server.model.encoder.native_ring_attention() is not None, f"{kernels} ring attention failed its probe"
     return kernels
 
 
@@ -88,7 +88,7 @@ def test_batched_encoder_matches_transcribe_streaming_at_mixed_positions(speech,
 def _decode(engine, method, beam, waves, positions_apart: int):
     """Tokens and frames of every wave, decoded as streams that start ``positions_apart`` chunks
     apart (all in one batch once they run), best hypothesis first."""
-    from server.engine import ChunkWork
+    from server.model.engine import ChunkWork
 
     windows = [utterance_windows(torch.from_numpy(w)).numpy() for w in waves]
     streams = [engine.new_stream(method, beam) for _ in waves]
@@ -108,8 +108,8 @@ def _decode(engine, method, beam, waves, positions_apart: int):
 
 
 def test_modified_beam_search_with_one_hypothesis_is_greedy_with_one_symbol_per_frame(speech):
-    from server.config import DecodingMethod
-    from server.engine import Engine
+    from server.model.engine import Engine
+    from server.types import DecodingMethod
 
     model, waves = small_model(), [a for _, a, _ in speech]
     modified = _decode(Engine(model, beam_search="modified"), DecodingMethod.BEAM_SEARCH, 1, waves, 3)
@@ -119,8 +119,8 @@ def test_modified_beam_search_with_one_hypothesis_is_greedy_with_one_symbol_per_
 
 
 def test_modified_beam_search_of_a_stream_does_not_depend_on_its_batch(speech):
-    from server.config import DecodingMethod
-    from server.engine import Engine
+    from server.model.engine import Engine
+    from server.types import DecodingMethod
 
     engine = Engine(small_model(), beam_search="modified")
     waves = [a for _, a, _ in speech]
@@ -132,7 +132,7 @@ def test_modified_beam_search_of_a_stream_does_not_depend_on_its_batch(speech):
 
 @pytest.mark.parametrize("backend", native.BACKENDS)
 def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbours(backend):
-    """server/native's ring attention against the path it replaces: the batch's ring gathered,
+    """server/kernels/native's ring attention against the path it replaces: the batch's ring gathered,
     the chunk's own keys appended, ``scaled_dot_product_attention`` with the context mask;
     strided inputs (views of the fused q/k/v projection), empty and full contexts; a stream's
     result is the same bits alone as in its batch; bad shapes are refused."""
@@ -180,12 +180,12 @@ def test_native_ring_attention_matches_gather_and_sdpa_and_ignores_batch_neighbo
 @pytest.mark.parametrize("model_name, precision", [("random-small", "fp32"), ("random-small", "int8"),
                                                    ("demo", "fp32"), ("demo", "int8")])
 def test_fused_predictor_step_gives_the_modules_bits(model_name, precision, backend):
-    """server/native's one-call prediction network step (``FusedPredictorStep``) against
+    """server/kernels/native's one-call prediction network step (``FusedPredictorStep``) against
     torchaudio's ``_Predictor`` modules in the engine's precision: the same output and states,
     bit for bit, at several row counts; ``step_rows`` advances exactly the given rows of a
     batch's state, in place, and leaves the others alone."""
-    from server.engine import Engine
-    from server.models import load_model
+    from server.model.engine import Engine
+    from server.model.loading import load_model
 
     skip_unless_cpu_runs(backend)
     model = small_model() if model_name == "random-small" else load_model(model_name)
@@ -227,14 +227,14 @@ def test_fused_predictor_step_gives_the_modules_bits(model_name, precision, back
 @pytest.mark.parametrize("backend", native.BACKENDS)
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_fused_encoder_layers_give_the_layer_loops_bits(speech, precision, backend):
-    """server/native's one-call layer loop (``FusedLayers``) against ``StreamingEncoder``'s
+    """server/kernels/native's one-call layer loop (``FusedLayers``) against ``StreamingEncoder``'s
     Python loop over the same layers: the same encoder output and left-context state, bit for
     bit, for streams at different positions, some bringing several chunks to one step (their
     earlier chunks' keys carried within the step), greedy tokens alike."""
     import random
 
-    from server.config import DecodingMethod
-    from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+    from server.model.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+    from server.types import DecodingMethod
 
     skip_unless_cpu_runs(backend)
     engine = Engine(small_model(seed=5), precision=precision, kernels=backend)

@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
-from server.features import (WINDOW_FRAMES, FeatureFrontEnd, GlobalStats, piecewise_linear_log,
-                             utterance_features, utterance_windows)
+from server.model.features import (FeatureFrontEnd, GlobalStats, piecewise_linear_log, utterance_features,
+                                   utterance_windows)
+from server.types import WINDOW_FRAMES
 from tests.reference import torchaudio_streaming_extractor, windows
 
 # Same operations in the same order on the same float32 data: equal to float rounding.

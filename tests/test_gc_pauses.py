@@ -1,5 +1,5 @@
 """Python's garbage collector off the latency path: ``asr-server`` freezes its start-up heap,
-so full collections walk only what was created since (``server.gc_pauses``)."""
+so full collections walk only what was created since (``server.observability.gc_pauses``)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def test_freezing_the_start_up_heap_leaves_collections_only_the_new_objects():
     # In a child process: freezing is process-wide, and the test process must stay as it is.
     script = textwrap.dedent("""
         import gc, json
-        from server.models import load_model
-        from server.gc_pauses import freeze_startup_heap
+        from server.model.loading import load_model
+        from server.observability.gc_pauses import freeze_startup_heap
         model = load_model("random-small", 0)
         gc.collect()
         tracked = len(gc.get_objects())

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import ASR_SERVICE, AsrServer
 from server.config import ServerSettings
-from server.engine import Engine
+from server.model.engine import Engine
 from tests.conftest import running_server, small_model
 from tests.observability import free_port, scrape
 

@@ -24,10 +24,10 @@ from riva.client.proto import riva_common_pb2 as rcommon
 
 from asr.v1 import asr_pb2
 from client.stream import StreamOptions, pcm16, stream_audio, stream_chunks
-from server.admission import StepCost
 from server.config import ServerSettings
-from server.engine import Engine
-from server.pace import AudioPace
+from server.core.admission import StepCost
+from server.core.pace import AudioPace
+from server.model.engine import Engine
 from tests.conftest import running_server
 from tests.observability import scrape
 from tests.attacks import config as config_message

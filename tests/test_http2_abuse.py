@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asr.v1 import asr_pb2_grpc
 from client.stream import channel
 from server.config import ServerSettings
-from server.models import load_demo
+from server.model.loading import load_demo
 from tests.conftest import ROOT, running_server
 from tests.helpers import transcript
 from tests.observability import free_port, scrape

@@ -6,7 +6,7 @@ import pytest
 
 from asr.v1 import asr_pb2
 from client.stream import StreamOptions, pcm16, stream_audio
-from server.models import load_demo
+from server.model.loading import load_demo
 from tests.conftest import running_server
 
 

@@ -11,9 +11,9 @@ import sentencepiece
 import torch
 
 from server.config import ServerSettings
-from server.models import (BASE_CONFIG, BUNDLE_FILES, DEMO_DIR, ModelLoadError, load_bundle, load_demo, load_model,
-                           random_model)
-from server.tokens import CharTokenTable, SentencePieceTokenTable, Word
+from server.model.loading import (BASE_CONFIG, BUNDLE_FILES, DEMO_DIR, ModelLoadError, load_bundle, load_demo,
+                                  load_model, random_model)
+from server.model.vocabulary import CharTokenTable, SentencePieceTokenTable, Word
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "train"))
 from sentences import generate  # noqa: E402
@@ -114,8 +114,8 @@ def test_sentencepiece_tokens_text_and_words(bundle_dir):
 
 def _frames_per_token(engine, method, waveform):
     """Decode ``waveform`` chunk by chunk on one stream; the encoder frame of every token."""
-    from server.engine import ChunkWork
-    from server.features import utterance_windows
+    from server.model.engine import ChunkWork
+    from server.model.features import utterance_windows
 
     stream = engine.new_stream(method, 4)
     for window in utterance_windows(waveform).numpy():
@@ -127,8 +127,8 @@ def _frames_per_token(engine, method, waveform):
 def test_max_symbols_per_frame_caps_what_one_frame_emits(method, speech):
     from collections import Counter
 
-    from server.config import DecodingMethod
-    from server.engine import Engine
+    from server.model.engine import Engine
+    from server.types import DecodingMethod
     from tests.conftest import small_model
 
     decoding = DecodingMethod.GREEDY if method == "greedy" else DecodingMethod.BEAM_SEARCH
@@ -150,9 +150,9 @@ def test_random_base_emits_at_most_one_symbol_per_frame():
 
 
 async def test_the_service_builds_its_own_inference_thread_when_given_none():
-    """``RecognitionService`` without an executor makes its own engine thread (it used to raise NameError)."""
+    """``RecognitionService`` without an executor makes its own engine thread."""
     from server.config import ServerSettings
-    from server.service import RecognitionService
+    from server.core.service import RecognitionService
     from tests.conftest import small_model
 
     service = RecognitionService(ServerSettings(model="random-small", metrics_port=-1), small_model())

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from asr.v1 import asr_pb2
-from server.config import ServerSettings
 from server.app import AsrServer
-from server.engine import Engine
-from server.precision import (CpuFeatures, PackedLinear, PrecisionError, RowwiseInt8Linear, check_precision,
-                              detect_cpu_features, packed_linear_available, precision_warnings,
-                              relative_error)
-from server import native
+from server.config import ServerSettings
+from server.kernels import native
+from server.kernels.precision import (CpuFeatures, PackedLinear, PrecisionError, RowwiseInt8Linear, check_precision,
+                                      detect_cpu_features, packed_linear_available, precision_warnings,
+                                      relative_error)
+from server.model.engine import Engine
 from tests.conftest import (KERNEL_PATHS, kernels_selected, running_server, skip_unless_cpu_runs, small_model,
                             why_cpu_cannot_run)
 from tests.helpers import GREEDY, transcript
@@ -70,7 +70,7 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
 def _int8_gemms() -> list[str]:
     """The row-wise int8 GEMMs of the torch path this machine runs exactly (at
     ``torch_int8_weight_max``), then each native back end's (``native:<backend>``)."""
-    from server.precision import exact_torch_int8_gemms
+    from server.kernels.precision import exact_torch_int8_gemms
 
     return exact_torch_int8_gemms() + [f"native:{b}" for b in native.BACKENDS]
 
@@ -107,8 +107,8 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
     weights, scaled the same way: bit for bit ``exact_rowwise_int8`` (the hybrid's small and large
     batches must agree, or batching would change a stream's result). Every native back end at its
     own weight range, the torch GEMMs at the range they are exact at here."""
-    from server.precision import (_fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, exact_rowwise_int8,
-                                  fbgemm_rowwise_exact, torch_int8_weight_max)
+    from server.kernels.precision import (_fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, exact_rowwise_int8,
+                                          fbgemm_rowwise_exact, torch_int8_weight_max)
 
     torch.manual_seed(rows)
     linear = torch.nn.Linear(2048, 70)
@@ -144,7 +144,7 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
 def test_int8_weight_range_is_seven_bits_where_pairs_are_summed_in_16_bits():
     """u8 x s8 pairs summed in 16 bits (vpmaddubsw: AVX2, AVX-512 without VNNI) saturate at
     2 x 255 x 127; 63 keeps them exact. VNNI and the portable loops sum in int32."""
-    from server.precision import torch_int8_weight_max
+    from server.kernels.precision import torch_int8_weight_max
 
     expected = {"avx512": 127 if "avx512_vnni" in native.cpu_flags() else 63, "avx2": 63, "portable": 127}
     for backend in native.runnable():
@@ -157,7 +157,7 @@ def test_int8_weight_range_is_seven_bits_where_pairs_are_summed_in_16_bits():
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
 def test_fp32_runs_every_linear_on_the_native_kernel_else_on_onednn(kernels):
-    from server.precision import BlockedLinear, apply_precision
+    from server.kernels.precision import BlockedLinear, apply_precision
 
     net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512),
                               torch.nn.Sequential(torch.nn.Linear(512, 29)))
@@ -179,7 +179,7 @@ def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_ba
     """Each native back end's fp32 kernel (the fp32 default where one runs): within float rounding
     of ``F.linear``, and each row's result the same bits alone as in any batch, for widths that are
     not whole blocks and row counts that are not whole register tiles; avx2 gives avx512's bits."""
-    from server.precision import BlockedLinear, blocked_f32_weight
+    from server.kernels.precision import BlockedLinear, blocked_f32_weight
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -251,7 +251,7 @@ def _self_check_measures_and_refuses(precision: str, bound: float, kernels: str)
 def test_int8_passes_the_self_check_and_is_batch_exact_on_every_path(model_name, kernels):
     """The start-up checks of ``asr-server --precision int8``, full-size model included, on each
     kernel path: the self-check's error well under its bound (0.1), batching bit-exact."""
-    from server.models import load_model
+    from server.model.loading import load_model
 
     engine = Engine(load_model(model_name), precision="int8", kernels=kernels)
     assert 0 < engine.self_check(max_error=0.1) < 0.05
@@ -260,7 +260,7 @@ def test_int8_passes_the_self_check_and_is_batch_exact_on_every_path(model_name,
 
 def test_start_up_probes_leave_torchs_global_random_state_alone(kernels):
     from server import precision
-    from server.encoder import _probed_ring_attention
+    from server.model.encoder import _probed_ring_attention
 
     probes = [precision._probed_linear_f32, precision._probed_quantize_u8, precision._probed_int8,
               _probed_ring_attention, precision.fbgemm_rowwise_exact, precision.onednn_rowwise_exact,
@@ -302,7 +302,7 @@ async def test_reduced_precision_server_transcribes_and_reports_its_precision(sp
 
 
 def test_row_buckets_cover_every_row_count_with_few_kernels():
-    from server.precision import row_bucket
+    from server.kernels.precision import row_bucket
 
     buckets = [row_bucket(n) for n in range(1, 2049)]
     assert all(b >= n for n, b in zip(range(1, 2049), buckets))
@@ -313,7 +313,7 @@ def test_row_buckets_cover_every_row_count_with_few_kernels():
 
 
 def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
-    from server.precision import BucketedLinear, apply_precision
+    from server.kernels.precision import BucketedLinear, apply_precision
 
     linear = torch.nn.Linear(64, 96)
     net = apply_precision(torch.nn.Sequential(torch.nn.Linear(64, 96)), "bf16")
@@ -334,7 +334,7 @@ def test_native_int8_kernel_gives_the_exact_bits(rows, in_features, out_features
     row-wise products (``exact_rowwise_int8``, to the bit) at its weight range, for widths that
     are not whole blocks and row counts that are not whole register tiles, extreme values
     included; each row independent of the batch; bad shapes refused."""
-    from server.precision import block_pack_int8, exact_rowwise_int8
+    from server.kernels.precision import block_pack_int8, exact_rowwise_int8
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -375,7 +375,7 @@ def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in
     """Each native back end's one-pass activation quantisation (used by the oneDNN GEMM) equals the
     composed torch ops bit for bit (ties round to even, padding rows are zero point 128), and a
     RowwiseInt8Linear using it equals one without it."""
-    from server.precision import _onednn_int8_available, _quantize_u8
+    from server.kernels.precision import _onednn_int8_available, _quantize_u8
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -400,7 +400,7 @@ def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in
 
 def test_every_kernel_back_end_this_cpu_runs_was_built():
     """A back end that failed to compile at install would silently leave its CPUs on a slower path."""
-    proc = subprocess.run([sys.executable, "-m", "server.native", "--strict"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "server.kernels.native", "--strict"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "runs here" in proc.stdout

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from server.core.scheduler import Scheduler
 from server.errors import ASRError, ErrorCode
-from server.scheduler import Scheduler
 
 
 class FakeRunner:

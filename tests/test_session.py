@@ -9,15 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from server.config import ServerSettings, StreamConfig
-from server.engine import ChunkResult, Engine, StepStats
-from server.engine import Alternative as EngineAlternative
+from server.config import ServerSettings
+from server.core.scheduler import JobTiming, Scheduler
+from server.core.session import DECODE_PIECE_SECONDS, Session, SessionState
 from server.errors import ASRError, ErrorCode
-from server.features import SAMPLE_RATE, SEGMENT_SAMPLES
-from server.scheduler import JobTiming, Scheduler
-from server.session import DECODE_PIECE_SECONDS, Session, SessionState
-from server.stats import LimitReason, Observer
-from server.tokens import CharTokenTable
+from server.model.engine import ChunkResult, Engine, TokenAlternative
+from server.model.vocabulary import CharTokenTable
+from server.observability.observer import Observer
+from server.types import SAMPLE_RATE, SEGMENT_SAMPLES, LimitReason, StepStats, StreamConfig
 from tests.conftest import small_model
 
 TOKEN_A = CharTokenTable.default().encode("a")[0]
@@ -64,7 +63,7 @@ class FakeScheduler:
         self.windows.append(work.window)
         work.stream.chunks_done += 1
         n = work.stream.chunks_done
-        alternative = EngineAlternative((TOKEN_A,) * n, tuple(range(0, 4 * n, 4)), 1.0)
+        alternative = TokenAlternative((TOKEN_A,) * n, tuple(range(0, 4 * n, 4)), 1.0)
         future.set_result(ChunkResult([alternative], 1.0, 4 * n, StepStats()))
 
     def call_soon_on_engine_thread(self, fn, *args):
@@ -224,7 +223,7 @@ async def test_a_stream_over_max_stream_seconds_is_recognised_up_to_the_limit_th
 
 async def test_audio_feeds_the_idle_deadline_at_the_clients_rate(monkeypatch):
     clock = [time.monotonic()]
-    monkeypatch.setattr("server.session.time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr("server.core.session.time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
     s = session(idle_timeout_seconds=10.0, min_audio_rate=0.5)
     opened = s.pace.opened_at
     s.start(StreamConfig(sample_rate_hertz=8000))

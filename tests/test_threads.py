@@ -1,10 +1,10 @@
-"""The intra-op thread governor (server.threads) with hand-fed step slowdowns and a fake clock."""
+"""The intra-op thread governor (server.core.threads) with hand-fed step slowdowns and a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.threads import PROBE_EVERY_S, SLOW, WINDOW, ThreadGovernor
+from server.core.threads import PROBE_EVERY_S, SLOW, WINDOW, ThreadGovernor
 
 
 class Clock:

@@ -20,7 +20,7 @@ import soundfile
 import torch
 import torchaudio.functional
 
-from server.models import load_demo
+from server.model.loading import load_demo
 from tests.conftest import ROOT, SAMPLES
 
 sys.path.insert(0, str(ROOT / "train"))
@@ -29,7 +29,7 @@ import make_data  # noqa: E402
 import train_demo  # noqa: E402
 import voice_warp  # noqa: E402
 from sentences import generate, vocabulary  # noqa: E402
-from server.features import GlobalStats  # noqa: E402
+from server.model.features import GlobalStats  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from aiohttp import web as aioweb
 
 from client import web
 from client.connection import Connection
-from server.models import DEMO_DIR, load_demo
+from server.model.loading import DEMO_DIR, load_demo
 from tests.browser import chromium_page, padded_wav, transcribe_in_browser
 from server.app import AsrServer
 from server.config import ServerSettings

@@ -1,7 +1,7 @@
 """Train the demo Emformer RNN-T on the synthetic corpus (``make train-demo``).
 
 CPU-first (2 cores are enough), ``--device cuda`` where a GPU exists. Features
-come from the server's own streaming front end (``server.features``), so the
+come from the server's own streaming front end (``server.model.features``), so the
 model sees in training exactly the frames it sees when served. Augmentation:
 random gain, additive noise (white / pink / brown / babble) at several SNRs,
 a random vocal-tract-length warp and spectral-envelope tilt of the mel
@@ -37,10 +37,10 @@ import torchaudio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from server.features import (N_MELS, RIGHT_CONTEXT_FRAMES, SAMPLE_RATE, FeatureFrontEnd, GlobalStats,  # noqa: E402
-                             utterance_features)
-from server.models import ModelConfig, load_demo  # noqa: E402
-from server.tokens import CharTokenTable  # noqa: E402
+from server.model.features import N_MELS, FeatureFrontEnd, GlobalStats, utterance_features  # noqa: E402
+from server.model.loading import ModelConfig, load_demo  # noqa: E402
+from server.model.vocabulary import CharTokenTable  # noqa: E402
+from server.types import RIGHT_CONTEXT_FRAMES, SAMPLE_RATE  # noqa: E402
 
 DEMO_CONFIG = ModelConfig(
     input_dim=80, encoding_dim=256, num_symbols=29, segment_length=16, right_context_length=4,

@@ -10,11 +10,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.api.status import client_of, maps_errors
-from server.config import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, DecodingMethod, Encoding, StreamConfig
+from server.core.service import RecognitionService
+from server.core.session import Session, SessionState
 from server.errors import ASRError, ErrorCode, invalid
-from server.service import RecognitionService
-from server.session import Alternative, Result, Session, SessionState
-from server.stats import LimitReason
+from server.types import (MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Alternative, DecodingMethod, Encoding, LimitReason,
+                          Result, StreamConfig)
 
 log = logging.getLogger(__name__)
 API = "asr.v1"
@@ -75,7 +75,7 @@ def check_message_size(request, session_or_service) -> None:
 async def next_request(requests, session: Session):
     """The stream's next message, size-checked; None when the client half-closed, or when the
     stream went idle (no audio, or audio slower than ``--min-audio-rate``, for long enough:
-    ``server.pace``); the session is then ended gracefully: final result, then OUT_OF_RANGE.
+    ``server.core.pace``); the session is then ended gracefully: final result, then OUT_OF_RANGE.
     Waiting for the first message (the config) also ends when the session is ended by the server
     (drain): its status is raised."""
     settings = session.settings

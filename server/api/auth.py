@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import logging
 import time
-from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 import grpc
@@ -32,13 +31,13 @@ from grpc_health.v1 import health_pb2
 
 from server.api.status import let_client_finish_writing
 from server.errors import ErrorCode
-from server.stats import LimitReason, Observer, StreamOutcome
-from server.throttled_log import ThrottledLog
+from server.observability.observer import Observer
+from server.observability.throttled_log import ThrottledLog
+from server.types import LimitReason, StreamOutcome
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-MIN_TOKEN_LENGTH = 16
 # Recognition RPCs (counted as streams refused) by service: the ``api`` label of the metrics.
 STREAM_APIS = {"asr.v1.SpeechRecognition": "asr.v1", "nvidia.riva.asr.RivaSpeechRecognition": "riva",
                "google.cloud.speech.v1.Speech": "google"}
@@ -51,27 +50,6 @@ MAX_DRAINING_REFUSALS = 4
 DRAINED_REFUSALS_PER_S = 2.0
 
 
-def read_tokens(path: Path) -> list[str]:
-    """The tokens of a token file: one per line, blank lines and ``#`` comments ignored.
-    Raises ``ValueError`` naming the line (never its content) for a malformed token."""
-    tokens = []
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--auth-token-file {str(path)!r} cannot be read: {type(exc).__name__}") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        token = line.strip()
-        if not token or token.startswith("#"):
-            continue
-        if not (token.isascii() and token.isprintable()) or any(ch.isspace() for ch in token):
-            raise ValueError(f"--auth-token-file line {number}: a token is printable ASCII without spaces")
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"--auth-token-file line {number}: a token needs at least {MIN_TOKEN_LENGTH} "
-                             f"characters")
-        tokens.append(token)
-    if not tokens:
-        raise ValueError(f"--auth-token-file {str(path)!r} holds no token")
-    return tokens
 
 
 def _digest(token: str) -> bytes:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from server.api.asr_v1 import pump_requests, read_first
-from server.config import DecodingMethod, StreamConfig
+from server.core.service import RecognitionService
+from server.core.session import Session
 from server.errors import invalid, shown
-from server.service import RecognitionService
-from server.session import Result, Session
+from server.types import DecodingMethod, Result, StreamConfig
 
 LANGUAGE = "en-US"  # every model this server loads is English
 

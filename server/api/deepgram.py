@@ -29,10 +29,9 @@ from websockets.http11 import Response
 
 from server.api.compat import AudioIntake, check_language, parse_wav_header
 from server.api.websocket import Idle, Segment, WsStream, close_code, http_status, json_response
-from server.config import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding
+from server.core.service import RecognitionService
 from server.errors import ASRError, ErrorCode, invalid, shown
-from server.service import RecognitionService
-from server.session import Result
+from server.types import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, Result
 
 log = logging.getLogger(__name__)
 API = "deepgram"

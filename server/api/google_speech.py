@@ -19,13 +19,13 @@ from google.cloud.speech_v1.types import cloud_speech
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from server.api.asr_v1 import check_message_size, duration
-from server.api.compat import (AudioIntake, alternatives_decoding, check_language, stream_results,
-                               unsupported, whole_audio)
+from server.api.compat import (AudioIntake, alternatives_decoding, check_language, stream_results, unsupported,
+                               whole_audio)
 from server.api.status import client_of, maps_errors
-from server.config import Encoding, StreamConfig
+from server.core.service import RecognitionService
+from server.core.session import Session
 from server.errors import invalid, shown
-from server.service import RecognitionService
-from server.session import Alternative, Result, Session
+from server.types import Alternative, Encoding, Result, StreamConfig
 
 log = logging.getLogger(__name__)
 API = "google"

@@ -13,7 +13,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health
 
-from server.stats import LimitReason, Observer
+from server.observability.observer import Observer
+from server.types import LimitReason
 
 
 class BoundedHealthServicer(health.aio.HealthServicer):

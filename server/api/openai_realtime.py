@@ -35,11 +35,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 
 from server.api.compat import AudioIntake, check_language
-from server.api.websocket import (Idle, Segment, WsStream, b64decode, close_code, http_status, json_response)
-from server.config import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding
+from server.api.websocket import Idle, Segment, WsStream, b64decode, close_code, http_status, json_response
+from server.core.service import RecognitionService
 from server.errors import ASRError, ErrorCode, shown
-from server.service import RecognitionService
-from server.session import Result
+from server.types import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, Result
 
 log = logging.getLogger(__name__)
 API = "openai"

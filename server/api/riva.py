@@ -17,14 +17,14 @@ from riva.client.proto import riva_asr_pb2 as rasr
 from riva.client.proto import riva_asr_pb2_grpc as rasr_grpc
 from riva.client.proto import riva_audio_pb2 as raudio
 
-from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, check_language,
-                               stream_results, unsupported, whole_audio)
 from server.api.asr_v1 import check_message_size
+from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, check_language, stream_results,
+                               unsupported, whole_audio)
 from server.api.status import client_of, maps_errors
-from server.config import MAX_REQUEST_ID_CHARS, Encoding, StreamConfig
+from server.core.service import RecognitionService
+from server.core.session import Session
 from server.errors import invalid, shown
-from server.service import RecognitionService
-from server.session import Alternative, Result, Session
+from server.types import MAX_REQUEST_ID_CHARS, Alternative, Encoding, Result, StreamConfig
 
 log = logging.getLogger(__name__)
 API = "riva"

@@ -12,8 +12,8 @@ from typing import Callable
 import grpc
 
 from server.errors import ASRError, ErrorCode
-from server.stats import Observer
-from server.throttled_log import ThrottledLog
+from server.observability.observer import Observer
+from server.observability.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 

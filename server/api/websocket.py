@@ -39,11 +39,12 @@ from websockets.http11 import Request, Response
 from server.api.compat import AudioIntake
 from server.api.status import token_client
 from server.config import ServerSettings
+from server.core.service import RecognitionService
+from server.core.session import Session
 from server.errors import ASRError, ErrorCode
-from server.service import RecognitionService
-from server.session import Session
-from server.stats import LimitReason, Observer, StreamOutcome
-from server.throttled_log import ThrottledLog
+from server.observability.observer import Observer
+from server.observability.throttled_log import ThrottledLog
+from server.types import LimitReason, StreamOutcome
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,14 @@ class WebSocketListener:
     """The ``--ws-port`` server. ``start`` binds the port (refusing every handshake with 503 until
     ``service`` is set), ``stop`` closes every connection (1001) and the port."""
 
-    def __init__(self, settings: ServerSettings, tokens: Iterable[str] | None, observer: Observer | None = None):
-        from server.api import deepgram, openai_realtime  # the adapters import this module
-
+    def __init__(self, settings: ServerSettings, tokens: Iterable[str] | None, protocols: Iterable[Any],
+                 observer: Observer | None = None):
+        """``protocols``: the adapter modules (``server.api.openai_realtime``, ``server.api.deepgram``),
+        each with its ``PATH``; they import this module, so the caller passes them in."""
         self.settings = settings
         self.observer = observer or Observer()
         self._digests = [_digest(t) for t in tokens] if tokens is not None else None
-        self.protocols = {p.PATH: p for p in (openai_realtime, deepgram)}
+        self.protocols = {p.PATH: p for p in protocols}
         self.service: RecognitionService | None = None
         self.server: Server | None = None
         self.port = 0

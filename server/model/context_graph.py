@@ -260,6 +260,20 @@ class ContextBatch:
             np.maximum(out, 0.0, out=out)
         return out
 
+    def rows(self, rows_stream: np.ndarray, nodes: np.ndarray,
+             forward_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``bonus`` and ``advance`` for every symbol at once: ``(R, symbols)`` float32 bonus rows
+        and ``(R, symbols)`` next nodes."""
+        graph, g, row, pos = self._exceptions(rows_stream, nodes)
+        bonus = self.base[graph] - self.provisional[g][:, None]
+        nxt = self.next_root[graph]
+        tokens = self.ex_token[pos]
+        bonus[row, tokens] = self.ex_delta[pos]
+        nxt[row, tokens] = self.ex_next[pos]
+        if forward_only:
+            np.maximum(bonus, 0.0, out=bonus)
+        return bonus, nxt
+
     def advance(self, rows_stream: np.ndarray, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """The nodes after ``tokens`` (non-blank), for rows of streams with phrases."""
         graph, g, row, pos = self._exceptions(rows_stream, nodes)

@@ -1,11 +1,11 @@
-"""``python -m server.native``: which kernel back ends are built and which this CPU runs.
+"""``python -m server.kernels.native``: which kernel back ends are built and which this CPU runs.
 
 ``--strict``: exit 1 unless every back end this CPU can run was built (``make`` checks this after
 building, so that a back end that failed to compile is an error, not a silent fallback)."""
 
 import sys
 
-from server.native import BACKENDS, REQUIRED_FLAGS, cpu_flags, library, resolve, why_unavailable
+from server.kernels.native import BACKENDS, REQUIRED_FLAGS, cpu_flags, library, resolve, why_unavailable
 
 missing = []
 for backend in BACKENDS:

@@ -15,7 +15,7 @@
 //                                template <int R, int NB> static void tile(...); }
 //   void int8_epilogue(acc, colsum, w_scale, bias, row_scale, out, m)
 //
-// Operators (torch.ops.<ASR_NATIVE_LIB>.*; server/native/__init__.py loads one back end):
+// Operators (torch.ops.<ASR_NATIVE_LIB>.*; server/kernels/native/__init__.py loads one back end):
 //
 // rowwise_quantize_u8(rows (n, k) float32, padded_rows) -> (quantised (padded_rows, k) uint8, scale (n, 1)
 // float32): server.precision.RowwiseInt8Linear's activation quantisation (each row its own scale

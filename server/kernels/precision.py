@@ -5,7 +5,7 @@ the networks (the streaming encoder, the predictor and joiner) in place; nothing
 casts around each step:
 
 * ``fp32``: every ``Linear`` on CPU becomes a ``BlockedLinear`` (the active native back
-  end's kernel, ``server.native``) or, on the torch path, a ``PackedLinear``: oneDNN's
+  end's kernel, ``server.kernels.native``) or, on the torch path, a ``PackedLinear``: oneDNN's
   fp32 GEMM on weights reordered once at load time. Both give every row the same bits
   whatever the batch; MKL's ``addmm`` behind ``nn.Linear`` does not (a row's last bits
   change with the number of rows), and at the 5-80 rows of a typical step it ran 2-4x
@@ -22,7 +22,7 @@ casts around each step:
 ``detect_cpu_features`` reads what the CPU offers; ``precision_warnings`` says when
 a precision would be slower here than fp32, and ``check_precision`` refuses the
 combinations this build cannot run well. ``relative_error`` is the self-check's
-measure (``server.engine.Engine.self_check``).
+measure (``server.model.engine.Engine.self_check``).
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ class CpuFeatures:
 
 def detect_cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
     """The features in the ``flags`` line of the given /proc/cpuinfo text (default: this CPU's,
-    ``server.native.cpu_flags``)."""
+    ``server.kernels.native.cpu_flags``)."""
     if cpuinfo is None:
-        from server.native import cpu_flags
+        from server.kernels.native import cpu_flags
 
         flags = cpu_flags()
     else:
@@ -243,7 +243,7 @@ class BlockedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._op = native_linear_f32()
         if self._op is None:
-            raise ValueError("no native fp32 kernel on this path (server.native, --kernels)")
+            raise ValueError("no native fp32 kernel on this path (server.kernels.native, --kernels)")
         self.register_buffer("weight", blocked_f32_weight(linear.weight.detach().float()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
@@ -256,7 +256,7 @@ class BlockedLinear(torch.nn.Module):
 
 
 def blocked_f32_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``(out, in)`` -> ``server.native.linear_f32``'s ``(blocks, in, 16)``: ``[b, j, c] = w[16 b + c, j]``,
+    """``(out, in)`` -> ``server.kernels.native.linear_f32``'s ``(blocks, in, 16)``: ``[b, j, c] = w[16 b + c, j]``,
     zero-padded to whole blocks."""
     out_features, in_features = weight.shape
     blocks = -(-out_features // 16)
@@ -280,14 +280,14 @@ def native_linear_f32():
     """The active native back end's fp32 kernel (``linear_f32``), or ``None`` on the torch path or
     where, on a probe here, it is not within float rounding of ``F.linear`` or a row's result
     depends on the other rows."""
-    from server import native
+    from server.kernels import native
 
     return _probed_linear_f32(native.active())
 
 
 @functools.cache
 def _probed_linear_f32(backend: str):
-    from server import native
+    from server.kernels import native
 
     op = native.linear_f32()
     if op is None:
@@ -406,7 +406,7 @@ def _quantize_u8(rows: torch.Tensor, padded_rows: int) -> tuple[torch.Tensor, to
     """(n, k) float32 -> ((padded_rows, k) uint8, (n, 1) scales): each row as int8 values
     round(row / scale) shifted to uint8 around zero point 128 (oneDNN's activation type), rounded
     before the shift (v + 128 in float32 can itself round, then ties fall otherwise); padding rows
-    are 128 (zero). ``server.native``'s ``rowwise_quantize_u8`` gives the same bits in one pass."""
+    are 128 (zero). ``server.kernels.native``'s ``rowwise_quantize_u8`` gives the same bits in one pass."""
     scale = _row_scales(rows)
     quantised = rows.div(scale).round_().add_(128).to(torch.uint8)
     if padded_rows != rows.size(0):
@@ -418,14 +418,14 @@ def fused_quantize_u8():
     """The active native back end's one-pass ``_quantize_u8`` (``None`` on the torch path or where
     it does not give the composed bits on a probe here: rows spanning twelve decades, ties, odd
     widths)."""
-    from server import native
+    from server.kernels import native
 
     return _probed_quantize_u8(native.active())
 
 
 @functools.cache
 def _probed_quantize_u8(backend: str):
-    from server import native
+    from server.kernels import native
 
     op = native.rowwise_quantize_u8()
     if op is None:
@@ -444,7 +444,7 @@ def _probed_quantize_u8(backend: str):
 
 
 def block_pack_int8(quantised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights ``(out, in)`` -> ``server.native.rowwise_int8``'s layout: ``(blocks, k4, 16, 4)``
+    """int8 weights ``(out, in)`` -> ``server.kernels.native.rowwise_int8``'s layout: ``(blocks, k4, 16, 4)``
     with ``[b, j, c, i] = w[16 b + c, 4 j + i]`` (zero-padded to whole blocks), and the column sums
     ``(blocks * 16,)`` int32 (for the kernel's uint8 activation offset)."""
     out_features, in_features = quantised.shape
@@ -459,14 +459,14 @@ def native_int8():
     """The active native back end's row-wise int8 product (``rowwise_int8``), or ``None`` on the
     torch path or where it does not give a torch GEMM's bits on a probe here (odd widths, rows
     across six decades, a zero row, with and without bias, weights at its ``int8_weight_max``)."""
-    from server import native
+    from server.kernels import native
 
     return _probed_int8(native.active())
 
 
 @functools.cache
 def _probed_int8(backend: str):
-    from server import native
+    from server.kernels import native
 
     op = native.rowwise_int8()
     if op is None:
@@ -551,7 +551,7 @@ class RowwiseInt8Linear(torch.nn.Module):
     rounding), then the row scales and the bias in one ``addcmul`` (or its fma), so all give the
     same bits for the same weights:
 
-    * ``"native"``: the active back end's ``rowwise_int8`` (``server.native``), all row counts
+    * ``"native"``: the active back end's ``rowwise_int8`` (``server.kernels.native``), all row counts
       in one call.
     * ``"torch"``: the best of the following that is exact here (``torch_int8_gemm``).
     * ``"hybrid"``: fbgemm up to ``FBGEMM_MAX_ROWS`` rows, oneDNN above (where
@@ -573,7 +573,7 @@ class RowwiseInt8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, gemm: str | None = None, weight_max: int | None = None):
         super().__init__()
-        from server import native
+        from server.kernels import native
 
         if gemm is None:
             gemm = "native" if native_int8() is not None else "torch"
@@ -586,7 +586,7 @@ class RowwiseInt8Linear(torch.nn.Module):
         if gemm == "native":
             self._native = native_int8()
             if self._native is None:
-                raise ValueError("no native int8 kernel on this path (server.native, --kernels)")
+                raise ValueError("no native int8 kernel on this path (server.kernels.native, --kernels)")
         if weight_max is None:
             weight_max = native.int8_weight_max() if gemm == "native" else torch_int8_weight_max()
         self.weight_max = weight_max
@@ -644,7 +644,7 @@ class RowwiseInt8Linear(torch.nn.Module):
 
 
 def native_linear_args(modules: list[torch.nn.Module]) -> tuple[int, list[torch.Tensor]] | None:
-    """How ``server.native``'s fused operators (``predictor_step``, ``emformer_layers``) take these
+    """How ``server.kernels.native``'s fused operators (``predictor_step``, ``emformer_layers``) take these
     linears: ``(kind, tensors)``, kind 0 when every one is a ``BlockedLinear`` (tensors weight, bias
     per linear), 1 when every one is a native ``RowwiseInt8Linear`` (weight, column sums, weight
     scales, bias); a missing bias is a 0-element tensor. ``None`` for anything else."""
@@ -659,7 +659,7 @@ def native_linear_args(modules: list[torch.nn.Module]) -> tuple[int, list[torch.
 
 def native_layer_norm_args(norms: list[torch.nn.Module]) -> tuple[list[torch.Tensor], list[float]] | None:
     """``(weight, bias pairs, eps)`` of float32 affine ``LayerNorm``s over their last dimension, as
-    ``server.native``'s fused operators take them; ``None`` if any is something else."""
+    ``server.kernels.native``'s fused operators take them; ``None`` if any is something else."""
     if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None
                and n.weight.dtype == torch.float32 and len(n.normalized_shape) == 1 for n in norms):
         return None

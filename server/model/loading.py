@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torchaudio
 
-from server.features import GlobalStats
-from server.tokens import CharTokenTable, SentencePieceTokenTable, SyntheticTokenTable, TokenTable
+from server.model.features import GlobalStats
+from server.model.vocabulary import CharTokenTable, SentencePieceTokenTable, SyntheticTokenTable, TokenTable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_DIR = REPO_ROOT / "models" / "demo"
+# The shipped demo model: package data (in the source tree a link to models/demo, where its card lives)
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 BUNDLE_FILES = {
     "weights": "emformer_rnnt_base_librispeech.pt",

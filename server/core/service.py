@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import __version__
-from server.config import DecodingMethod, Encoding, Endpointing, ServerSettings, StreamConfig
-from server.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
-from server.features import RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
-from server.models import LoadedModel
-from server.scheduler import BatchRecord, Scheduler, engine_thread
-from server.session import Result, Session, SessionManager
-from server.stats import Observer, first_step_stats
-from server.threads import ThreadGovernor
+from server.config import ServerSettings
+from server.core.scheduler import Scheduler, engine_thread
+from server.core.session import Session, SessionManager
+from server.core.threads import ThreadGovernor
+from server.model.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
+from server.model.loading import LoadedModel
+from server.observability.observer import Observer, first_step_stats
+from server.types import (RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES, BatchRecord,
+                          DecodingMethod, Encoding, Endpointing, Result, StreamConfig)
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,17 @@ class RecognitionService:
     def __init__(self, settings: ServerSettings, model: LoadedModel, observer: Observer | None = None,
                  executor: ThreadPoolExecutor | None = None):
         """Builds the engine in the calling thread: call it on ``executor``, the inference thread
-        (``server.scheduler.engine_thread``) that will run every engine step."""
+        (``server.core.scheduler.engine_thread``) that will run every engine step."""
         self.settings = settings
         self.model = model
         self.executor = executor or engine_thread()  # handed to the scheduler, which owns it
-        self.observer = observer or Observer()  # receives the hot path's stats (see server.stats)
+        self.observer = observer or Observer()  # receives the hot path's stats (see server.observability.observer)
         self.engine = Engine(model, device=settings.device, precision=settings.precision,
                              threads=settings.threads, int8_kernel=settings.int8_kernel,
                              max_symbols_per_frame=settings.max_symbols_per_frame,
                              beam_search=settings.beam_search, kernels=settings.kernels)
         self.engine.check_batching()
-        # --threads 0: one per core, or 1 while another process slows every step (server.threads)
+        # --threads 0: one per core, or 1 while another process slows every step (server.core.threads)
         self.threads = (ThreadGovernor(self.engine.threads, self._set_threads)
                         if settings.threads == 0 and settings.device == "cpu" and self.engine.threads > 1 else None)
         self.scheduler = Scheduler(self.engine, max_batch=settings.max_batch,

@@ -26,7 +26,7 @@ waits for that step and rides the next, so its latency is up to two steps:
   sent faster than real time brings up to four per step while it catches up, and is
   gone when it has: its long steps say nothing about the load of real-time streams).
 
-``n`` is the load of the open streams in real-time streams (``server.pace``): each counts by
+``n`` is the load of the open streams in real-time streams (``server.core.pace``): each counts by
 the share of real time its audio arrives at over the last 5 s (a new one counts 1), so streams
 that hold a place without sending audio (trickling, paused) do not lock out streams that would.
 A new stream is admitted only if, with ``n + 1`` streams, ``rho < 1``, the expected batch
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from server.errors import ASRError, ErrorCode
-from server.stats import LimitReason
+from server.types import LimitReason
 
 CHUNK_PERIOD_S = 0.16  # one stream's chunk every 160 ms at real-time pace
 RECENT_STEPS = 32  # steps whose median time / predicted time scales the calibrated cost
@@ -208,7 +208,7 @@ class Admission:
               client_streams: int = 0) -> Refusal | None:
         """None when a new stream may start beside ``active`` ones, else why not; ``queue_depth``:
         the streams with chunks waiting for the engine; ``load``: what the ``active`` streams bring,
-        in real-time streams (``server.pace``; default ``active``); ``client_streams``: the streams
+        in real-time streams (``server.core.pace``; default ``active``); ``client_streams``: the streams
         the new stream's client holds."""
         if draining:
             return Refusal(LimitReason.DRAINING, ASRError(

@@ -1,12 +1,12 @@
 """Prometheus metrics of the server: the only module that imports prometheus_client.
 
-``PrometheusObserver`` implements the ``server.stats.Observer`` hooks the hot path
+``PrometheusObserver`` implements the ``server.observability.observer.Observer`` hooks the hot path
 calls and maps them onto metrics; ``Metrics`` owns a private registry (so several
 servers can live in one process, as in the tests), the live gauges read at scrape
 time and the HTTP ``/metrics`` endpoint.
 
 Conventions: ``asr_<what>_<unit>``, base units (seconds), counters end in
-``_total``; every label value comes from a closed set in ``server.stats`` and is
+``_total``; every label value comes from a closed set in ``server.observability.observer`` and is
 initialised at start-up, so each series exists (at 0) before anything happens;
 histogram buckets are placed for a 160 ms chunk period. The table of metrics is
 in the README (section "Metrics"); ``METRIC_NAMES`` lists them for the tests.
@@ -23,16 +23,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.errors import ErrorCode
-from server.gc_pauses import GcPauseTimer
-from server.features import SAMPLE_RATE, SEGMENT_SAMPLES
-from server.stats import (KNOWN_APIS, OTHER_API, EngineLoad, FinalTrigger, LimitReason, Observer, StreamOutcome,
-                          api_label)
+from server.observability.gc_pauses import GcPauseTimer
+from server.observability.observer import EngineLoad, Observer
+from server.types import (KNOWN_APIS, OTHER_API, SAMPLE_RATE, SEGMENT_SAMPLES, FinalTrigger, LimitReason,
+                          StreamOutcome, api_label)
 
 if TYPE_CHECKING:
-    from server.engine import StepStats
-    from server.scheduler import BatchRecord
-    from server.service import RecognitionService
-    from server.session import StreamStats
+    from server.core.service import RecognitionService
+    from server.types import BatchRecord, StepStats, StreamStats
 
 # The exposition carries no ``*_created`` series: they double the output and no query here uses them.
 prometheus_client.disable_created_metrics()
@@ -71,7 +69,7 @@ METRIC_NAMES = (
 
 
 class PrometheusObserver(Observer):
-    """Maps the hot path's observations (``server.stats.Observer``) onto metrics in ``registry``."""
+    """Maps the hot path's observations (``server.observability.observer.Observer``) onto metrics in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry, engine_rtf_window_s: float = 10.0):
         r = registry

@@ -23,21 +23,23 @@ import itertools
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
 
-from server.admission import Admission
-from server.audio import AudioDecoder
-from server.config import ServerSettings, StreamConfig
-from server.engine import FRAME_SECONDS, MAX_CHUNKS_PER_STREAM, ChunkResult, ChunkWork, Endpoint, Engine, StreamState
+from server.config import ServerSettings
+from server.core.admission import Admission
+from server.core.audio import AudioDecoder
+from server.core.pace import AudioPace
+from server.core.scheduler import JobTiming, Scheduler
 from server.errors import ASRError, ErrorCode
-from server.features import SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES
-from server.pace import AudioPace
-from server.scheduler import JobTiming, Scheduler
-from server.stats import FinalTrigger, LimitReason, Observer, StreamOutcome, outcome_of
-from server.tokens import TokenTable
+from server.model.engine import (FRAME_SECONDS, MAX_CHUNKS_PER_STREAM, ChunkResult, ChunkWork, Endpoint, Engine,
+                                 StreamState)
+from server.model.vocabulary import TokenTable
+from server.observability.observer import Observer
+from server.types import (SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES, Alternative, FinalTrigger, LimitReason,
+                          Result, StreamConfig, StreamOutcome, StreamStats, WordTiming, outcome_of)
 
 log = logging.getLogger(__name__)
 
@@ -54,63 +56,10 @@ class SessionState(enum.Enum):
 
 
 @dataclass
-class WordTiming:
-    word: str
-    start_s: float
-    end_s: float
-
-
-@dataclass
-class Alternative:
-    transcript: str
-    confidence: float
-    words: list[WordTiming]
-
-
-@dataclass
-class Result:
-    """A transport-free recognition result (times in seconds from the start of the stream)."""
-
-    alternatives: list[Alternative]
-    is_final: bool
-    stability: float
-    start_s: float
-    end_s: float
-    utterance_index: int
-    chunk_ready_at: float  # monotonic time the last sample this result needed arrived
-    queue_wait_s: float
-    compute_s: float
-    batch_size: int
-
-    @property
-    def transcript(self) -> str:
-        return self.alternatives[0].transcript if self.alternatives else ""
-
-
-@dataclass
-class StreamStats:
-    """Per-stream figures for metrics and logs."""
-
-    opened_at: float = field(default_factory=time.monotonic)
-    first_audio_at: float | None = None
-    audio_seconds: float = 0.0
-    compute_seconds: float = 0.0  # this stream's share of the batched steps
-    chunks: int = 0
-    first_result_at: float | None = None
-    input_finished_at: float | None = None
-
-    @property
-    def rtf(self) -> float:
-        return self.compute_seconds / self.audio_seconds if self.audio_seconds else 0.0
-
-
-@dataclass
 class _Window:
     samples: np.ndarray
     ready_at: float  # when its last sample arrived
     due_at: float = 0.0  # when it would have, at real-time pace (less AHEAD_SLACK_S): scheduler fairness
-
-
 
 
 class Session:
@@ -463,7 +412,7 @@ class Session:
 
 
 class SessionManager:
-    """Admission (``server.admission``) and bookkeeping of live sessions; ending them all (drain)."""
+    """Admission (``server.core.admission``) and bookkeeping of live sessions; ending them all (drain)."""
 
     def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings,
                  observer: Observer | None = None):

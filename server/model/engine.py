@@ -3,7 +3,7 @@
 ``Engine.run_batch`` takes the chunks the scheduler picked (each stream at its own
 position; a stream that is behind may bring several consecutive chunks) and runs,
 for all of them at once: the feature front end, the streaming Emformer encoder
-(``server.encoder``) and the decoders (``server.decoder``), then the endpointing
+(``server.model.encoder``) and the decoders (``server.model.decoder``), then the endpointing
 rule of each stream. It owns the weights, the precision and the per-stream model
 state (left-context slots, decoder hypotheses, the current utterance). It runs
 only on the scheduler's inference thread; nothing here knows about gRPC or asyncio.
@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server import native
-from server.config import DecodingMethod, Endpointing
-from server.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
-                            DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
-                            Predictor)
-from server.encoder import SEGMENT, StreamingEncoder
-from server.features import WINDOW_FRAMES, WINDOW_SAMPLES, FeatureFrontEnd
-from server.models import LoadedModel
-from server.precision import (INT8_KERNELS, BlockedLinear, PackedLinear, PrecisionError, RowwiseInt8Linear,
-                              apply_precision, check_precision, detect_cpu_features, precision_warnings,
-                              relative_error)
+from server.kernels import native
+from server.kernels.precision import (INT8_KERNELS, BlockedLinear, PackedLinear, PrecisionError, RowwiseInt8Linear,
+                                      apply_precision, check_precision, detect_cpu_features, precision_warnings,
+                                      relative_error)
+from server.model.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
+                                  DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
+                                  Predictor)
+from server.model.encoder import SEGMENT, StreamingEncoder
+from server.model.features import FeatureFrontEnd
+from server.model.loading import LoadedModel
+from server.types import WINDOW_FRAMES, WINDOW_SAMPLES, DecodingMethod, Endpointing, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class ChunkWork:
 
 
 @dataclass
-class Alternative:
+class TokenAlternative:
+    """One hypothesis in the model's tokens: ``frames[i]`` is the encoder frame (40 ms) of ``tokens[i]``."""
+
     tokens: tuple[int, ...]
     frames: tuple[int, ...]
     confidence: float
@@ -100,7 +102,7 @@ class Alternative:
 class ChunkResult:
     """The decoder's view of a stream after a chunk: best first."""
 
-    alternatives: list[Alternative]
+    alternatives: list[TokenAlternative]
     stability: float
     frames_done: int  # encoder frames of the stream decoded so far
     step_stats: "StepStats"
@@ -108,27 +110,17 @@ class ChunkResult:
     endpoint: Endpoint | None = None  # the utterance ended with this chunk
 
     @property
-    def best(self) -> Alternative:
+    def best(self) -> TokenAlternative:
         return self.alternatives[0]
 
 
-@dataclass
-class StepStats:
-    """Timing of one batched step, for metrics (seconds)."""
-
-    features: float = 0.0
-    encoder: float = 0.0
-    decoder: float = 0.0
-    total: float = 0.0
-
-
 class Engine:
-    """Batched streaming recognition over a loaded model, in one precision (``server.precision``)."""
+    """Batched streaming recognition over a loaded model, in one precision (``server.kernels.precision``)."""
 
     def __init__(self, model: LoadedModel, device: str = "cpu", precision: str = "fp32", threads: int = 0,
                  int8_kernel: str = "rowwise", max_symbols_per_frame: int = 0, beam_search: str = "torchaudio",
                  kernels: str | None = None):
-        """``kernels``: the native kernel back end (``server.native.KERNELS``; ``None`` keeps the
+        """``kernels``: the native kernel back end (``server.kernels.native.KERNELS``; ``None`` keeps the
         process's active one). ``max_symbols_per_frame``: most non-blank symbols one encoder frame may emit, in greedy
         and torchaudio's beam search; 0 takes the model's default (``LoadedModel.max_symbols_per_frame``).
         ``beam_search``: ``"torchaudio"`` (``BeamSearchDecoder``, torchaudio's algorithm) or
@@ -182,7 +174,7 @@ class Engine:
 
     def set_threads(self, threads: int) -> None:
         """Intra-op threads for the steps from now on (call on the inference thread); results do
-        not depend on it (``server.threads``)."""
+        not depend on it (``server.core.threads``)."""
         torch.set_num_threads(threads)
         self.threads = threads
 
@@ -351,8 +343,8 @@ class Engine:
         return snapshot
 
     @staticmethod
-    def _alternative(h: Hypothesis) -> Alternative:
-        return Alternative(h.tokens, h.frames, h.confidence)
+    def _alternative(h: Hypothesis) -> TokenAlternative:
+        return TokenAlternative(h.tokens, h.frames, h.confidence)
 
     def warmup(self) -> None:
         """Run a few steps on silence so the first real stream does not pay for allocation."""

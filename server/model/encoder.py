@@ -49,7 +49,7 @@ class StreamingLayer(torch.nn.Module):
     The query, key and value projections are fused into one ``Linear`` (one matrix
     product instead of two); everything else is torchaudio's ``_EmformerLayer``
     maths. The layers are plain ``Linear`` / ``LayerNorm`` modules so that a
-    precision (``server.precision``) applies to them like to any model.
+    precision (``server.kernels.precision``) applies to them like to any model.
     """
 
     def __init__(self, layer: torch.nn.Module):
@@ -224,7 +224,7 @@ class StreamingEncoder(torch.nn.Module):
             return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln_in(x)).split(D, dim=-1)
-            if in_place is not None:  # the ring read where it lies: no gather (server/native)
+            if in_place is not None:  # the ring read where it lies: no gather (server/kernels/native)
                 attn = in_place(q, k, v, pool.kv[:, index], slots, context_mask, carried_rows, H, self.scaling)
                 segment = torch.stack([k[:, RIGHT_CONTEXT:], v[:, RIGHT_CONTEXT:]], dim=1)
             else:
@@ -290,7 +290,7 @@ class StreamingEncoder(torch.nn.Module):
 
 class FusedLayers:
     """``StreamingEncoder``'s layer loop with the in-place ring attention as one native call
-    (``server.native.emformer_layers``): the same operators in the same order, so the same
+    (``server.kernels.native.emformer_layers``): the same operators in the same order, so the same
     results, without about 60 dispatched operators and the Python frames per layer (int8
     random-base at 1 to 7 streams: the step's fixed cost is mostly those). For layers whose
     linears the kernels cover (every one a ``BlockedLinear``, or every one a native
@@ -306,8 +306,8 @@ class FusedLayers:
 
     @classmethod
     def wrap(cls, encoder: "StreamingEncoder") -> "FusedLayers | None":
-        from server import native
-        from server.precision import native_layer_norm_args, native_linear_args
+        from server.kernels import native
+        from server.kernels.precision import native_layer_norm_args, native_linear_args
 
         op = native.emformer_layers()
         if op is None or encoder.ring_attention is None or (encoder.dim // encoder.heads) % 8:
@@ -337,14 +337,14 @@ def native_ring_attention():
     ``scaled_dot_product_attention``; measured 5x faster at 16 streams), or ``None`` on the torch
     path or where it differs from that path by more than float rounding on a probe here. fp32 on
     CPU only."""
-    from server import native
+    from server.kernels import native
 
     return _probed_ring_attention(native.active())
 
 
 @functools.cache
 def _probed_ring_attention(backend: str):
-    from server import native
+    from server.kernels import native
 
     op = native.ring_attention()
     if op is None:

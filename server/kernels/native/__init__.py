@@ -1,7 +1,7 @@
 """The server's native kernels: one back end per instruction set, built at install, chosen at start-up.
 
 Each back end is the same C++ operators (``operators.h``) over its own primitives, compiled ahead
-of time by ``setup.py`` into ``server/native/_<backend>.so`` (``pip install`` builds them; the
+of time by ``setup.py`` into ``server/kernels/native/_<backend>.so`` (``pip install`` builds them; the
 Docker image at build time). Nothing is compiled at run time.
 
 ==========  ==========================================  ========================================
@@ -23,7 +23,7 @@ from ``--kernels`` / ``ASR_KERNELS``. Until then ``active()`` resolves ``ASR_KER
 ``auto``). The accessors (``linear_f32()``, ``rowwise_int8()``, ...) return the active back end's
 operator, or ``None`` on the ``torch`` path; callers then run torch's operators.
 
-    python -m server.native     # which back ends are built and which this CPU runs
+    python -m server.kernels.native     # which back ends are built and which this CPU runs
 """
 
 from __future__ import annotations

@@ -24,16 +24,11 @@ from pathlib import Path
 import torch
 import torchaudio
 
-SAMPLE_RATE = 16_000
+from server.types import (HOP_LENGTH, RIGHT_CONTEXT_FRAMES, RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_FRAMES,
+                          SEGMENT_SAMPLES, WINDOW_SAMPLES)
+
 N_FFT = 400
-HOP_LENGTH = 160
 N_MELS = 80
-SEGMENT_FRAMES = 16
-RIGHT_CONTEXT_FRAMES = 4
-SEGMENT_SAMPLES = SEGMENT_FRAMES * HOP_LENGTH  # 2560 samples = 160 ms
-RIGHT_CONTEXT_SAMPLES = RIGHT_CONTEXT_FRAMES * HOP_LENGTH  # 640 samples = 40 ms
-WINDOW_SAMPLES = SEGMENT_SAMPLES + RIGHT_CONTEXT_SAMPLES  # 3200 samples
-WINDOW_FRAMES = WINDOW_SAMPLES // HOP_LENGTH + 1  # 21 (centred frames)
 # torchaudio's pipeline scales the mel power by the int16 full-scale power (gain ~1.07e9).
 _DECIBEL = 2 * 20 * math.log10(32767)
 GAIN = pow(10, 0.05 * _DECIBEL)

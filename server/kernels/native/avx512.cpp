@@ -1,7 +1,7 @@
 // The avx512 back end: operators.h over AVX-512 register tiles for the products (16 outputs per
 // register; int8 on VNNI's vpdpbusd where the CPU has it, else on AVX-512BW's 16-bit pair sums with
 // weights of at most 63) and simd_avx2.h's primitives for the rest. Built with -mavx512f -mavx512bw
-// -mavx512vl -mavx512dq -mavx2 -mfma; server/native loads it only where /proc/cpuinfo lists them.
+// -mavx512vl -mavx512dq -mavx2 -mfma; server/kernels/native loads it only where /proc/cpuinfo lists them.
 // fp32 products give the avx2 back end's bits (one fma chain per output, in the same order).
 #include "simd_avx2.h"
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-from server.config import Encoding, StreamConfig
 from server.errors import invalid
-from server.features import SAMPLE_RATE
+from server.types import SAMPLE_RATE, Encoding, StreamConfig
 
 CHECK_PIECE_BYTES = 1 << 20
 

@@ -4,11 +4,11 @@ The hot path (sessions, session manager, scheduler callback, servicers' error
 mapping) reports what happened to an ``Observer`` as plain values and stats
 records (``StreamStats``, ``BatchRecord``, ``StepStats``). The base ``Observer``
 ignores everything, so code and tests that do not care need nothing;
-``server.metrics.PrometheusObserver`` maps the same calls onto Prometheus metrics,
+``server.observability.metrics.PrometheusObserver`` maps the same calls onto Prometheus metrics,
 and is the only place that knows about prometheus_client.
 
-Every label value a hook can produce is a member of a closed set defined here
-(``KNOWN_APIS``, ``StreamOutcome``, ``LimitReason``, ``FinalTrigger``,
+Every label value a hook can produce is a member of a closed set (``server.types``:
+``KNOWN_APIS``, ``StreamOutcome``, ``LimitReason``, ``FinalTrigger``,
 ``ErrorCode``), so the metrics can initialise all series at start-up and no
 unbounded value (a session id, a request id, a message) ever becomes a label.
 All hooks are called on the event-loop thread and must be cheap.
@@ -16,90 +16,19 @@ All hooks are called on the event-loop thread and must be cheap.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import enum
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server.errors import ASRError, ErrorCode
-
-if TYPE_CHECKING:  # plain records only; no import cycle at run time
-    from server.engine import StepStats
-    from server.scheduler import BatchRecord
-    from server.session import StreamStats
-
-# Protocols that open sessions (``RecognitionService.open_session(api)``); anything
-# else is reported as "other".
-KNOWN_APIS = ("asr.v1", "riva", "google", "openai", "deepgram")
-OTHER_API = "other"
-
-
-def api_label(api: str) -> str:
-    """The bounded label value for a protocol name."""
-    return api if api in KNOWN_APIS else OTHER_API
-
-
-class StreamOutcome(enum.Enum):
-    """How a stream (a streaming call or a unary Recognize) ended."""
-
-    OK = "ok"  # all results delivered
-    CANCELLED = "cancelled"  # the client went away or cancelled
-    INVALID = "invalid"  # the client broke a rule: bad config or audio, too long a stream
-    REJECTED = "rejected"  # not admitted: stream limit, overload, shutting down, not authorised
-    ERROR = "error"  # the server failed (INTERNAL and the like)
-
-
-_OUTCOME_BY_CODE = {
-    ErrorCode.CANCELLED: StreamOutcome.CANCELLED,
-    ErrorCode.DEADLINE_EXCEEDED: StreamOutcome.CANCELLED,
-    ErrorCode.INVALID_ARGUMENT: StreamOutcome.INVALID,
-    ErrorCode.FAILED_PRECONDITION: StreamOutcome.INVALID,
-    ErrorCode.OUT_OF_RANGE: StreamOutcome.INVALID,
-    ErrorCode.RESOURCE_EXHAUSTED: StreamOutcome.REJECTED,
-    ErrorCode.UNAVAILABLE: StreamOutcome.REJECTED,
-    ErrorCode.UNAUTHENTICATED: StreamOutcome.REJECTED,
-}
-
-
-def outcome_of(error: BaseException | None) -> StreamOutcome:
-    """Classify the exception a stream ended with (``None``: it completed)."""
-    if error is None:
-        return StreamOutcome.OK
-    if isinstance(error, ASRError):
-        return _OUTCOME_BY_CODE.get(error.code, StreamOutcome.ERROR)
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        return StreamOutcome.CANCELLED
-    return StreamOutcome.ERROR
-
-
-class LimitReason(enum.Enum):
-    """Why the server refused or slowed a request. Hooks: ``Observer.limit_hit``."""
-
-    MAX_STREAMS = "max_streams"  # --max-streams reached at admission
-    CLIENT_STREAMS = "max_streams_per_client"  # --max-streams-per-client reached at admission
-    OVERLOAD = "overload"  # admission refused because the engine cannot keep up
-    MAX_MESSAGE_BYTES = "max_message_bytes"  # a message over --max-message-bytes
-    MAX_STREAM_SECONDS = "max_stream_seconds"  # a stream over --max-stream-seconds of audio
-    MAX_BUFFERED_SECONDS = "max_buffered_seconds"  # backpressure: the client sent too far ahead
-    IDLE_TIMEOUT = "idle_timeout"  # a stream sent nothing for too long
-    DRAINING = "draining"  # refused because the server is shutting down
-    AUTH = "auth"  # refused by authentication / authorisation
-    HEALTH_WATCHERS = "max_health_watchers"  # a Health.Watch stream over --max-health-watchers
-
-
-class FinalTrigger(enum.Enum):
-    """What made the server emit a final result."""
-
-    ENDPOINT = "endpoint"  # trailing non-speech or the longest utterance reached
-    END_OF_STREAM = "end_of_stream"  # the client half-closed
+from server.errors import ErrorCode
+from server.types import BatchRecord, FinalTrigger, LimitReason, StepStats, StreamOutcome, StreamStats
 
 
 class Observer:
     """Receives observations from the recognition path; this base class ignores them.
 
-    Subclass and override what you need (``server.metrics.PrometheusObserver``).
+    Subclass and override what you need (``server.observability.metrics.PrometheusObserver``).
     Durations are in seconds.
     """
 

@@ -96,7 +96,7 @@ class Predictor:
 
 class FusedPredictorStep:
     """torchaudio's ``_Predictor`` for one symbol per row as one native call
-    (``server.native.predictor_step``): the same operators in the same order, so the same
+    (``server.kernels.native.predictor_step``): the same operators in the same order, so the same
     results as the module, without its ~220 dispatched operators and Python frames per call
     (int8 at 6 rows: 1.7 against 0.5 ms). Only for what the kernels cover: every linear a
     ``BlockedLinear`` (fp32) or every one a native ``RowwiseInt8Linear`` (int8), float32
@@ -111,8 +111,8 @@ class FusedPredictorStep:
 
     @classmethod
     def wrap(cls, predictor: torch.nn.Module) -> "FusedPredictorStep | None":
-        from server import native
-        from server.precision import native_layer_norm_args, native_linear_args
+        from server.kernels import native
+        from server.kernels.precision import native_layer_norm_args, native_linear_args
 
         op = native.predictor_step()
         layers = list(getattr(predictor, "lstm_layers", ()))

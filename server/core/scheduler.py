@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from server.errors import ASRError, ErrorCode
+from server.types import BatchRecord
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,6 @@ class JobTiming:
     @property
     def compute(self) -> float:
         return self.finished_at - self.started_at
-
-
-@dataclass
-class BatchRecord:
-    """What the scheduler saw of one batch (for metrics)."""
-
-    size: int  # chunks in the batch
-    seconds: float
-    failed: bool
-    outputs: Sequence[Any] = ()  # the runner's results for the batch (or its errors)
-    streams: int = 0  # distinct streams among the chunks (0: as many as chunks)
 
 
 @dataclass(order=True)
