@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from contextlib import aclosing
+from typing import Callable
 
 from google.protobuf.duration_pb2 import Duration
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.api.status import client_of, maps_errors
+from server.api.streaming import check_message_size, stream_results, streaming_config_of
 from server.core.service import RecognitionService
-from server.core.session import Session, SessionState
-from server.errors import ASRError, ErrorCode, invalid
-from server.types import (MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Alternative, DecodingMethod, Encoding, LimitReason,
-                          Result, StreamConfig)
+from server.core.session import Session
+from server.errors import invalid
+from server.types import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Alternative, DecodingMethod, Encoding, Result, StreamConfig
 
 log = logging.getLogger(__name__)
 API = "asr.v1"
@@ -61,119 +62,24 @@ def streaming_result_to_pb(result: Result) -> asr_pb2.StreamingRecognitionResult
                                     compute_ms=result.compute_s * 1000, batch_size=result.batch_size))
 
 
-def check_message_size(request, session_or_service) -> None:
-    """RESOURCE_EXHAUSTED (counted) for a message over ``--max-message-bytes``. gRPC itself refuses
-    messages over twice the limit before the server sees them (same status, not counted)."""
-    size = request.ByteSize()
-    limit = session_or_service.settings.max_message_bytes
-    if size > limit:
-        session_or_service.observer.limit_hit(LimitReason.MAX_MESSAGE_BYTES)
-        raise ASRError(ErrorCode.RESOURCE_EXHAUSTED, f"a message of {size} bytes is larger than the "
-                       f"limit of {limit} bytes (--max-message-bytes); send audio in smaller pieces")
-
-
-async def next_request(requests, session: Session):
-    """The stream's next message, size-checked; None when the client half-closed, or when the
-    stream went idle (no audio, or audio slower than ``--min-audio-rate``, for long enough:
-    ``server.core.pace``); the session is then ended gracefully: final result, then OUT_OF_RANGE.
-    Waiting for the first message (the config) also ends when the session is ended by the server
-    (drain): its status is raised."""
-    settings = session.settings
-    first = session.state is SessionState.OPEN
-    timeout = max(0.0, session.pace.idle_deadline - time.monotonic())
-    read = asyncio.ensure_future(anext(requests))
-    waits = {read, asyncio.ensure_future(session.ending.wait())} if first else {read}
-    try:
-        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in waits:
-            task.cancel()
-    if read in done:
-        try:
-            request = read.result()
-        except StopAsyncIteration:
-            return None
-        check_message_size(request, session)
-        return request
-    if not done:  # idle
-        session.observer.limit_hit(LimitReason.IDLE_TIMEOUT)
-        limit = f"{settings.idle_timeout_seconds:g} s (--idle-timeout-seconds)"
-        slow = settings.min_audio_rate > 0
-        session.end_input(ASRError(ErrorCode.OUT_OF_RANGE, f"no streaming_config within {limit}" if first else
-                                   f"no audio for {limit}" + (f", or audio slower than {settings.min_audio_rate:g} "
-                                   f"of real time (--min-audio-rate)" if slow else "") +
-                                   ": the stream was ended after the final result of the audio received"))
-    if first:
-        raise session.end_status
-    return None
-
-
-async def read_first(requests, session: Session):
-    """A stream's first message (meant to carry the config); ASRError if there is none."""
-    first = await next_request(requests, session)
-    if first is None:
-        raise invalid("the stream ended before its first message; the first message must carry "
-                      "streaming_config")
-    return first
-
-
-async def pump_requests(requests, session: Session, handle) -> None:
-    """Feed a stream's remaining requests into ``session`` (``handle(request)`` does one) while it
-    reads audio, then half-close it; errors end the session's results with that error. Reading
-    pauses while the session buffers more than ``--max-buffered-seconds`` (backpressure)."""
-    try:
-        while session.accepting_audio:
-            request = await next_request(requests, session)
-            if request is None:
-                break
-            handle(request)
-            if not session.has_room:
-                await session.wait_for_room()
-                session.pace.refill(time.monotonic())  # a client held back by us is not idle
-        session.finish_input()
-    except ASRError as exc:
-        session.fail(exc)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # transport errors while reading: the client went away
-        log.debug("reading stream %d failed: %r", session.id, exc)
-        session.fail(ASRError(ErrorCode.CANCELLED, "the client stopped sending"))
-
-
 class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
     def __init__(self, service: RecognitionService):
         self.service = service
 
     @maps_errors
     async def StreamingRecognize(self, request_iterator, context):
-        session = self.service.open_session(API, client_of(context, self.service.settings))
-        reader = None
-        try:
-            requests = aiter(request_iterator)
-            first = await read_first(requests, session)
-            if first.WhichOneof("streaming_request") != "streaming_config":
-                raise invalid("the first message must carry streaming_config, before any audio")
-            sc = first.streaming_config
-            session.start(config_from_pb(self.service, sc.config, sc.interim_results, sc.request_id))
-            log.info("stream %d started (request_id=%r, %s)", session.id, sc.request_id, session.config)
+        async with aclosing(stream_results(self.service, API, request_iterator, self._start,
+                                           client_of(context, self.service.settings))) as results:
+            async for first, result in results:
+                yield asr_pb2.StreamingRecognizeResponse(results=[streaming_result_to_pb(result)],
+                                                         request_id=first.streaming_config.request_id)
 
-            def handle(request: asr_pb2.StreamingRecognizeRequest) -> None:
-                kind = request.WhichOneof("streaming_request")
-                if kind == "audio_content":
-                    session.feed(request.audio_content)
-                elif kind == "streaming_config":
-                    raise invalid("streaming_config was sent twice; only the first message may carry it")
-                else:
-                    raise invalid("a request must carry streaming_config or audio_content")
-
-            reader = asyncio.create_task(pump_requests(requests, session, handle))
-            async for result in session.results():
-                yield asr_pb2.StreamingRecognizeResponse(
-                    results=[streaming_result_to_pb(result)], request_id=sc.request_id)
-        finally:
-            if reader is not None:
-                reader.cancel()
-            self.service.close_session(session)
+    def _start(self, first: asr_pb2.StreamingRecognizeRequest, session: Session) -> Callable[[bytes], None]:
+        """Configure ``session`` from the stream's first message; returns the feed of later audio."""
+        sc = streaming_config_of(first)
+        session.start(config_from_pb(self.service, sc.config, sc.interim_results, sc.request_id))
+        log.info("stream %d started (request_id=%r, %s)", session.id, sc.request_id, session.config)
+        return session.feed
 
     @maps_errors
     async def Recognize(self, request, context):

@@ -1,4 +1,4 @@
-"""What the Riva and Google Cloud Speech adapters share, beside ``asr_v1``'s helpers.
+"""What the Riva and Google Cloud Speech adapters share beside the stream loop (``streaming``).
 
 Both protocols look alike: a first message with the config, then audio bytes
 split anywhere (a WAV file's header included, as their sample clients send it),
@@ -9,16 +9,13 @@ fields in their own protocol's words.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
 
-from server.api.asr_v1 import pump_requests, read_first
 from server.core.service import RecognitionService
 from server.core.session import Session
 from server.errors import invalid, shown
-from server.types import DecodingMethod, Result, StreamConfig
+from server.types import DecodingMethod, StreamConfig
 
 LANGUAGE = "en-US"  # every model this server loads is English
 
@@ -132,28 +129,3 @@ def whole_audio(data: bytes, config: StreamConfig, encoding_field: str, wav_requ
     """A unary request's audio: WAV header checked and skipped, whole samples only."""
     data = skip_wav_header(data, config, encoding_field, wav_required)
     return data[:len(data) - len(data) % config.frame_bytes]
-
-
-# --- streams ---------------------------------------------------------------------------------
-async def stream_results(service: RecognitionService, api: str, requests,
-                         start: Callable[[Any, Session], Callable[[Any], None]],
-                         client: str = ""
-                         ) -> AsyncIterator[tuple[Any, Result]]:
-    """One stream of a compatibility protocol through the service's one recognition path:
-    open a session (counted under ``api``, charged to ``client``), let
-    ``start(first_request, session)`` configure it and return the handler of each later request,
-    feed those (``pump_requests``), and yield ``(first_request, result)`` pairs. The session is freed on every exit path; use with
-    ``contextlib.aclosing``."""
-    session = service.open_session(api, client)
-    reader = None
-    try:
-        requests = aiter(requests)
-        first = await read_first(requests, session)
-        handle = start(first, session)
-        reader = asyncio.create_task(pump_requests(requests, session, handle))
-        async for result in session.results():
-            yield first, result
-    finally:
-        if reader is not None:
-            reader.cancel()
-        service.close_session(session)

@@ -9,7 +9,6 @@ is refused is listed in docs/compatibility.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 from contextlib import aclosing
 from typing import Callable
@@ -18,10 +17,10 @@ import grpc
 from google.cloud.speech_v1.types import cloud_speech
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from server.api.asr_v1 import check_message_size, duration
-from server.api.compat import (AudioIntake, alternatives_decoding, check_language, stream_results, unsupported,
-                               whole_audio)
+from server.api.asr_v1 import duration
+from server.api.compat import AudioIntake, alternatives_decoding, check_language, unsupported, whole_audio
 from server.api.status import client_of, maps_errors
+from server.api.streaming import check_message_size, stream_results, streaming_config_of
 from server.core.service import RecognitionService
 from server.core.session import Session
 from server.errors import invalid, shown
@@ -132,17 +131,15 @@ class GoogleSpeechServicer:
                 if single_utterance:
                     return  # one utterance only: the rest of the audio is not recognised
 
-    def _start(self, first: StreamingRecognizeRequest, session: Session) -> Callable:
-        """Configure ``session`` from the stream's first message; returns the later messages' handler."""
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise invalid("the first message must carry streaming_config, before any audio")
-        sc = first.streaming_config
+    def _start(self, first: StreamingRecognizeRequest, session: Session) -> Callable[[bytes], None]:
+        """Configure ``session`` from the stream's first message; returns the feed of later audio."""
+        sc = streaming_config_of(first)
         if sc.enable_voice_activity_events or sc.HasField("voice_activity_timeout"):
             raise unsupported("streaming_config.enable_voice_activity_events / voice_activity_timeout")
         session.start(config_from_google(self.service, sc.config, sc.interim_results))
         intake = AudioIntake(session, ENCODING_FIELD, wav_rule(sc.config))
         log.info("google stream %d started (%s)", session.id, session.config)
-        return functools.partial(handle, intake=intake)
+        return intake.feed
 
     @maps_errors
     async def Recognize(self, request: RecognizeRequest, context):
@@ -159,17 +156,6 @@ class GoogleSpeechServicer:
             SpeechRecognitionResult(alternatives=[alternative_to_google(a) for a in r.alternatives],
                                     result_end_time=duration(r.end_s), language_code=language(request.config))
             for r in finals])
-
-
-def handle(request: StreamingRecognizeRequest, intake: AudioIntake) -> None:
-    """One message after the config: audio only."""
-    kind = request.WhichOneof("streaming_request")
-    if kind == "audio_content":
-        intake.feed(request.audio_content)
-    elif kind == "streaming_config":
-        raise invalid("streaming_config was sent twice; only the first message may carry it")
-    else:
-        raise invalid("a request must carry streaming_config or audio_content")
 
 
 def _handlers(servicer: GoogleSpeechServicer) -> dict[str, grpc.RpcMethodHandler]:

@@ -7,7 +7,6 @@ is listed in docs/compatibility.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 from contextlib import aclosing
 from typing import Callable
@@ -17,10 +16,9 @@ from riva.client.proto import riva_asr_pb2 as rasr
 from riva.client.proto import riva_asr_pb2_grpc as rasr_grpc
 from riva.client.proto import riva_audio_pb2 as raudio
 
-from server.api.asr_v1 import check_message_size
-from server.api.compat import (LANGUAGE, AudioIntake, alternatives_decoding, check_language, stream_results,
-                               unsupported, whole_audio)
+from server.api.compat import LANGUAGE, AudioIntake, alternatives_decoding, check_language, unsupported, whole_audio
 from server.api.status import client_of, maps_errors
+from server.api.streaming import check_message_size, stream_results, streaming_config_of
 from server.core.service import RecognitionService
 from server.core.session import Session
 from server.errors import invalid, shown
@@ -114,20 +112,19 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
     @maps_errors
     async def StreamingRecognize(self, request_iterator, context):
         async with aclosing(stream_results(self.service, API, request_iterator, self._start,
-                                           client_of(context, self.service.settings))) as results:
+                                           client_of(context, self.service.settings),
+                                           check=check_runtime_config)) as results:
             async for first, result in results:
                 yield rasr.StreamingRecognizeResponse(results=[streaming_result_to_riva(result)], id=first.id)
 
-    def _start(self, first: rasr.StreamingRecognizeRequest, session: Session) -> Callable:
-        """Configure ``session`` from the stream's first message; returns the later messages' handler."""
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise invalid("the first message must carry streaming_config, before any audio")
+    def _start(self, first: rasr.StreamingRecognizeRequest, session: Session) -> Callable[[bytes], None]:
+        """Configure ``session`` from the stream's first message; returns the feed of later audio."""
+        sc = streaming_config_of(first)
         check_runtime_config(first)
-        sc = first.streaming_config
         session.start(config_from_riva(self.service, sc.config, sc.interim_results, first.id.value))
         intake = AudioIntake(session, ENCODING_FIELD, wav_rule(sc.config))
         log.info("riva stream %d started (%s)", session.id, session.config)
-        return functools.partial(handle, intake=intake)
+        return intake.feed
 
     @maps_errors
     async def Recognize(self, request, context):
@@ -161,18 +158,6 @@ class RivaServicer(rasr_grpc.RivaSpeechRecognitionServicer):
 def check_runtime_config(request: rasr.StreamingRecognizeRequest) -> None:
     if request.runtime_config:
         raise unsupported(f"runtime_config key {shown(sorted(request.runtime_config)[0])}")
-
-
-def handle(request: rasr.StreamingRecognizeRequest, intake: AudioIntake) -> None:
-    """One message after the config: audio only."""
-    check_runtime_config(request)
-    kind = request.WhichOneof("streaming_request")
-    if kind == "audio_content":
-        intake.feed(request.audio_content)
-    elif kind == "streaming_config":
-        raise invalid("streaming_config was sent twice; only the first message may carry it")
-    else:
-        raise invalid("a request must carry streaming_config or audio_content")
 
 
 def add_to_server(service: RecognitionService, server: grpc.aio.Server) -> str:
