@@ -25,15 +25,17 @@ VOICE_FILES := /usr/share/festival/voices/italian/pc_diphone /usr/share/festival
 	/usr/share/festival/voices/english/rab_diphone /usr/share/festival/voices/english/don_diphone \
 	/usr/share/mbrola/en1/en1
 
-.PHONY: help venv demo test test-apt checkov apt-non-free test-fast bench proto demo-data train-demo eval-demo clean
+.PHONY: help venv demo test test-apt checkov apt-non-free test-fast bench proto demo-data train-demo rebuild-demo eval-demo clean
 
 help:
 	@echo "make demo        start the server on the embedded model, stream a sample, print the transcript"
 	@echo "make test        run the test suite (what CI runs)"
+	@echo "make test-fast   the unit and integration layers only: no root, no apt, no browser"
 	@echo "make proto       regenerate the Python stubs from protos/"
 	@echo "make bench       capacity benchmark: real-time streams per machine vs the seed loop (< 15 min)"
 	@echo "make demo-data   synthesize the demo model's corpus (apt: espeak-ng, flite, festival, pico, rhvoice, mbrola, sox)"
 	@echo "make train-demo  train the demo model (CPU, <= 60 min), then export it to models/demo"
+	@echo "make rebuild-demo  rebuild the shipped demo weights: every data and training stage in order (hours)"
 	@echo "make eval-demo   WER of the demo model through the real server (EVAL_SET=..., EVAL_ARGS=...)"
 
 venv: $(STAMP) $(KERNELS)
@@ -75,8 +77,10 @@ test-apt:
 	if [ $$missing = 1 ]; then $(MAKE) -s apt-non-free && $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_APT); fi
 
-test-fast: $(STAMP) $(KERNELS) $(CHECKOV) test-apt
-	$(PY) -m pytest -m "not slow"
+# the unit and integration layers (tests/conftest.py LAYERS): no root, no apt, no browser; under
+# three minutes on two cores
+test-fast: $(STAMP) $(KERNELS)
+	$(PY) -m pytest -m "(unit or integration) and not slow"
 
 bench: $(STAMP) $(KERNELS)
 	$(PY) -m bench.capacity $(BENCH_ARGS)
@@ -107,6 +111,10 @@ eval-demo: $(STAMP) $(KERNELS)
 train-demo: $(STAMP) $(KERNELS)
 	$(PY) train/train_demo.py --data data/demo --work-dir data/demo-train
 	$(PY) train/train_demo.py --work-dir data/demo-train --export models/demo
+
+# the shipped weights: ten training stages on a growing corpus (models/demo/README.md); resumable
+rebuild-demo: $(STAMP) $(KERNELS) $(VENV)/.data-apt-stamp
+	$(PY) train/rebuild_demo.py --out models/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build server/kernels/native/_*.so

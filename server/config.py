@@ -54,37 +54,34 @@ class ServerSettings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address the gRPC server listens on")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
-    ws_port: int = Field(-1, ge=-1, le=65535, description="WebSocket port on --host, with the gRPC port's "
-                         "TLS, tokens and limits: OpenAI Realtime transcription at /v1/realtime and Deepgram "
-                         "live streaming at /v1/listen (0 picks a free port, -1 turns it off)")
+    ws_port: int = Field(-1, ge=-1, le=65535, description="WebSocket port on --host for OpenAI Realtime "
+                         "(/v1/realtime) and Deepgram (/v1/listen) clients, with the gRPC port's TLS, tokens "
+                         "and limits (0 picks a free port, -1 turns it off)")
     # --- model ---------------------------------------------------------------------------
-    model: str = Field("demo", description="model source: demo (the embedded trained model), "
-                       "random-base (full-size Emformer with seeded random weights, for benchmarks), "
-                       "random-small (tiny random model, for tests), demo:DIR (a model trained and "
-                       "exported by train/train_demo.py into DIR) or bundle:DIR (torchaudio's "
-                       "LibriSpeech files in DIR)")
+    model: str = Field("demo", description="model: demo (embedded), random-base (full size, seeded random "
+                       "weights, for benchmarks), random-small (tiny, for tests), demo:DIR (exported by "
+                       "train/train_demo.py) or bundle:DIR (torchaudio's LibriSpeech files)")
     seed: int = Field(0, description="seed of the random-* models")
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
         "fp32", description="numeric precision of the model, applied once at load time: fp32; bf16 "
         "(weights and activations); int8 (every Linear dynamically quantised); fp16 (CUDA only: "
         "slower than bf16 on CPU, refused there)")
     int8_kernel: Literal["rowwise", "fbgemm"] = Field(
-        "rowwise", description="int8 products: rowwise (each activation row quantised with its own "
-        "scale: a stream's result never depends on its batch) or fbgemm (torch's quantize_dynamic, "
-        "one scale per batch: a stream's transcript can change with who it is batched with; no faster "
-        "than rowwise where the native operators build, see BENCHMARKS.md)")
+        "rowwise", description="int8 products: rowwise (a scale per activation row: a stream's "
+        "result never depends on its batch) or fbgemm (torch's quantize_dynamic, one scale per batch: "
+        "it can)")
     kernels: Literal["auto", "avx512", "avx2", "portable", "torch"] = Field(
-        "auto", description="native kernel back end (server/kernels/native, built at install): auto (the best "
-        "this CPU runs: avx512, else avx2, else portable, else torch), avx512 (AVX-512 F/BW/VL/DQ; int8 on "
-        "VNNI where present), avx2 (AVX2 + FMA), portable (plain C++) or torch (torch's own kernels, no "
-        "native code). A back end this CPU cannot run, or that was not built, stops the server with the reason")
+        "auto", description="kernel back end, built at install: auto (the best this CPU runs), "
+        "avx512, avx2, portable (plain C++) or torch (no native code); one this CPU cannot run stops the "
+        "server (README, Kernels)")
     max_precision_error: float = Field(
         0.1, gt=0, le=1.0, description="start-up self-check: largest relative error of the encoder "
         "output in the chosen precision against fp32, on a fixed input; above it the server refuses "
         "to start")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
     threads: int = Field(0, ge=0, description="torch intra-op threads of the inference thread "
-                         "(0: one per core, or 1 while another process on the cores slows every step)")
+                         "(0: one per core, or 1 while another process on the cores slows every step; "
+                         "docs/operations.md)")
     # --- decoding ------------------------------------------------------------------------
     decoding_method: Literal["greedy", "beam"] = Field(
         "greedy", description="decoding used when a request does not choose one")
@@ -92,14 +89,11 @@ class ServerSettings(BaseSettings):
                             "beam search without a width")
     max_beam_width: int = Field(16, ge=1, le=64, description="largest beam width a request may ask for")
     beam_search: Literal["torchaudio", "modified"] = Field(
-        "torchaudio", description="beam search algorithm: torchaudio (torchaudio's RNNTBeamSearch, "
-        "exactly: as many expansion rounds per frame as the hypotheses need) or modified (k2's "
-        "modified beam search: one symbol per 40 ms frame, one joiner and one predictor call per "
-        "frame; for sub-word models: it costs the character-level demo model 10 WER points)")
+        "torchaudio", description="beam search: torchaudio (its RNNTBeamSearch, exactly) or modified "
+        "(k2's: one symbol per 40 ms frame, for sub-word models; docs/architecture.md)")
     max_symbols_per_frame: int = Field(
-        0, ge=0, le=100, description="most symbols one 40 ms encoder frame may emit, greedy and beam "
-        "(0: the model's default: 10 greedy and torchaudio's 100 in beam search; 1 for random-base, "
-        "whose random joiner would otherwise emit up to the cap at every utterance start)")
+        0, ge=0, le=100, description="most symbols one 40 ms frame may emit (0: the model's default: 10 "
+        "greedy, 100 beam, 1 for random-base, whose random joiner would emit up to the cap)")
     endpoint_silence_ms: int = Field(800, ge=80, le=60_000, description="trailing non-speech that "
                                      "ends an utterance (a final result), unless a request sets its own")
     max_utterance_ms: int = Field(30_000, ge=1000, le=600_000, description="longest utterance before "
@@ -116,31 +110,26 @@ class ServerSettings(BaseSettings):
                                         "(0: unlimited); further ones get RESOURCE_EXHAUSTED")
     max_streams_per_connection: int = Field(1000, ge=1, le=2**31 - 1, description="concurrent HTTP/2 "
                                             "streams one connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); "
-                                            "further ones, and a rapid-reset flood's cancelled streams still "
-                                            "being freed, are refused with RST_STREAM(REFUSED_STREAM) before "
-                                            "any handler runs. At least the streams one client multiplexes on "
-                                            "one channel (asr-loadtest, asr-web: all theirs)")
+                                            "more get RST_STREAM(REFUSED_STREAM) (docs/operations.md, HTTP/2 abuse)")
     max_health_watchers: int = Field(1000, ge=0, description="concurrent grpc.health.v1 Watch streams "
                                      "(10-20 KB each, token-less by default); further ones get "
                                      "RESOURCE_EXHAUSTED (0: unlimited; Health.Check is never limited)")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024,
                                    description="largest request message accepted")
-    max_stream_seconds: float = Field(3600.0, gt=0, description="longest stream, in seconds of audio")
+    max_stream_seconds: float = Field(3600.0, gt=0, description="longest stream, in seconds of audio; "
+                                      "beyond it the stream gets its final result, then OUT_OF_RANGE")
     max_buffered_seconds: float = Field(10.0, gt=0.5, le=600.0, description="audio a stream may send "
                                         "ahead of recognition before the server stops reading "
                                         "(gRPC flow control then slows the client)")
-    latency_budget_ms: float = Field(160.0, ge=0.0, le=10_000.0, description="chunk latency the admitted "
-                                     "streams are kept under: a new stream is refused (RESOURCE_EXHAUSTED) "
-                                     "when the engine's measured step cost predicts that one more would "
-                                     "exceed it (0: no load shedding, only --max-streams)")
+    latency_budget_ms: float = Field(160.0, ge=0.0, le=10_000.0, description="load shedding: a new stream "
+                                     "is refused (RESOURCE_EXHAUSTED) when the measured step cost predicts "
+                                     "one more would push chunk latency over this (0: off)")
     idle_timeout_seconds: float = Field(30.0, gt=0.0, le=86_400.0, description="a stream that sends no "
                                         "audio (or no config) for this long gets its final result and ends "
                                         "with OUT_OF_RANGE")
     min_audio_rate: float = Field(0.5, ge=0.0, le=1.0, description="slowest pace of audio, as a share "
                                   "of real time, that keeps a stream open: each second of audio buys "
-                                  "1 / this many seconds of waiting, up to --idle-timeout-seconds, so a "
-                                  "stream trickling audio slower ends like an idle one (0: any audio "
-                                  "byte restarts the idle timer)")
+                                  "1 / this seconds of waiting, up to --idle-timeout-seconds (0: off)")
     drain_timeout: float = Field(20.0, ge=0.0, le=86_400.0, description="on SIGTERM, seconds the open "
                                  "streams may run to their end; then each gets its final result and ends "
                                  "with UNAVAILABLE (new streams are refused at once)")
@@ -154,9 +143,8 @@ class ServerSettings(BaseSettings):
                                                  "no call open too, both ways: the server sends them, and "
                                                  "clients' PINGs on such connections are not counted as abuse")
     max_connection_age_seconds: float = Field(0.0, ge=0.0, le=86_400.0, description="a connection older than "
-                                              "this (plus or minus 10 %) gets GOAWAY: its open streams go on, its "
-                                              "client opens a new connection for new ones, which a balancer may "
-                                              "send to another (or a new) server (0: off)")
+                                              "this (plus or minus 10 %) gets GOAWAY: its open streams go on, new "
+                                              "ones go over a new connection (0: off; docs/scaling.md)")
     max_connection_age_grace_seconds: float = Field(0.0, ge=0.0, le=86_400.0, description="after GOAWAY, how "
                                                     "long the streams open on the aged connection may still run "
                                                     "before it is closed under them (0: as long as they last)")
