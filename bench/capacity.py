@@ -80,7 +80,7 @@ def parse_config(spec: str) -> tuple[str, int, str]:
 
 
 def _server_judged(summary: dict) -> dict:
-    """The load tester's summary, judged on the server-side chunk latency (the issue's definition)."""
+    """The load tester's summary, judged on the server-side chunk latency (BENCHMARKS.md, the method)."""
     return dict(summary, chunk_latency_ms=summary["server_chunk_latency_ms"],
                 client_chunk_latency_ms=summary["chunk_latency_ms"])
 

@@ -1,6 +1,6 @@
 """Admission control: the load model with hand-fed step times, then real servers under overload.
 
-The overload tests are the issue's: three times the stream limit at once (the excess refused
+The overload tests: three times the stream limit at once (the excess refused
 within 100 ms, the admitted streams unchanged and within their latency budget), and load
 shedding on an engine made slow on purpose (c0 + c*B of sleep per step): new streams are
 refused once the measured cost predicts the budget would be missed, and the admitted ones keep it.

@@ -3,9 +3,9 @@
 Accuracy is measured on held-out voices and sentences, streamed through gRPC:
 
 * the committed subset ``tests/data/demo-heldout`` (80 utterances): the shipped
-  model's measured WER is a regression bound here, below the issue's targets
-  (greedy <= 8 %, beam 4 <= 5 %); the shipped model (stop 28) reads 7.0 % / 4.9 % on the
-  whole held-out split and 7.2 % / 4.1 % over seven held-out draws (models/demo/README.md);
+  model's measured WER is a regression bound here, below the targets (greedy <= 8 %,
+  beam 4 <= 5 %); the shipped model reads 7.0 % / 4.9 % on the whole held-out split and
+  7.2 % / 4.1 % over seven held-out draws (models/demo/README.md);
 * the whole held-out split (600 utterances), regenerated bit-exactly by the
   data recipe (``train/make_data.py --splits test``): every reduced precision
   this machine runs stays within +0.5 WER points of fp32.
@@ -27,12 +27,10 @@ from tests.conftest import KERNEL_PATHS, ROOT, running_server, skip_unless_cpu_r
 from tests.helpers import GREEDY, transcript
 
 HELDOUT_SUBSET = ROOT / "tests" / "data" / "demo-heldout" / "manifest.jsonl"
-# Regression bounds: the shipped model (stop 28) measured 6.7 % greedy and 3.8 % beam 4 on the subset
+# Regression bounds: the shipped model measures 6.7 % greedy and 3.8 % beam 4 on the subset
 # (80 utterances, 736 words: 49 and 28 errors; 7.0 / 4.9 on the whole 600-utterance split and
-# 7.2 / 4.1 over seven held-out draws: the subset is a gate, the draws the measure; the margin is
-# 7 words, for other CPUs' float roundings; the stop-27 model read 5.4 / 2.9 here (8.2 / 4.4 over
-# the seven draws), the stop-26 model 4.6 / 2.3 here, the stop-25 model 8.4 / 4.3, the stop-23 model 9.5 / 4.9, the stop-22 model 8.2 / 4.6, the stop-20 model 9.9 / 8.4,
-# the stop-19 model 20.9 / 15.4).
+# 7.2 / 4.1 over seven held-out draws: the subset is a gate, the draws the measure); the margin is
+# 7 words, for other CPUs' float roundings.
 GREEDY_WER_BOUND = 0.077
 BEAM4_WER_BOUND = 0.048
 PRECISION_WER_BOUND = 0.005  # +0.5 WER points over fp32

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the auxiliary CTC loss "
                    "(its head is used in training only, never shipped)")
     p.add_argument("--no-timbre", action="store_true", help="no vocal-tract-length warp or spectral "
-                   "tilt (the augmentation before stop 18)")
+                   "tilt (stage 1 of train/rebuild_demo.py trains without them)")
     p.add_argument("--init", type=Path, default=None, help="start from this model directory's weights "
                    "and global stats (for example models/demo) instead of random weights; ignored on resume; "
                    "with --export, the summary of the model a checkpoint without that record started from")
