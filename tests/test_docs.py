@@ -103,3 +103,17 @@ def test_rebuild_stages_are_the_recorded_chain():
              re.finditer(r"^\| (\d+) \|.*\| ([\d ]+) \|$", card, flags=re.MULTILINE)]
     assert steps == [record["step"] for record in chain]
     assert "make rebuild-demo" in card
+
+
+# Run labels and references to the work's history: the docs and the code state what is true now.
+NARRATION = re.compile(r"\bstops? \d+\b|\bstop-\d+\b|\bmachine [AB]\b|\brun B\d+\b|\bthe issue's\b")
+
+
+def test_no_run_labels_in_code_tests_or_docs():
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "Makefile", "*.cfg", "*.yml", "*.yaml", "*.toml"],
+                           capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    assert len(files) > 100
+    found = [f"{name}:{number}: {line.strip()}" for name in files if name != "tests/test_docs.py"
+             for number, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+             if NARRATION.search(line)]
+    assert not found, "\n".join(found)
