@@ -85,13 +85,14 @@ def _server_judged(summary: dict) -> dict:
                 client_chunk_latency_ms=summary["chunk_latency_ms"])
 
 
-def profile_engine(precision: str, method: str, beam: int, log, quick: bool, kernels: str = "auto") -> dict:
+def profile_engine(precision: str, method: str, beam: int, log, quick: bool, kernels: str = "auto",
+                   model: str = "random-base") -> dict:
     from server.model.engine import Engine
     from server.model.loading import load_model
     from server.types import DecodingMethod
 
     precision, _, kernel = precision.partition("-")
-    engine = Engine(load_model("random-base"), precision=precision, int8_kernel=kernel or "rowwise", kernels=kernels)
+    engine = Engine(load_model(model), precision=precision, int8_kernel=kernel or "rowwise", kernels=kernels)
     engine.warmup()
     speech = [a for a in _waves()]
     windows = [w for a in speech for w in _cut(a)]
@@ -127,7 +128,7 @@ async def server_capacity(method: str, beam: int, precision: str, args, estimate
     # Load shedding off (--latency-budget-ms 0): the search must see where latency breaks,
     # not where admission control would start refusing streams.
     precision, _, kernel = precision.partition("-")
-    server_args = ["--model", "random-base", "--precision", precision, "--int8-kernel", kernel or "rowwise",
+    server_args = ["--model", args.model, "--precision", precision, "--int8-kernel", kernel or "rowwise",
                    "--kernels", args.kernels, "--max-batch", str(args.max_batch),
                    "--max-beam-width", str(max(16, beam)), "--latency-budget-ms", "0"]
     with spawned_server(*server_args) as (address, proc):
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's --kernels (e.g. avx2 on an AVX-512 machine measures the AVX2 path)")
     p.add_argument("--quick", action="store_true", help="greedy fp32 only, short trials (about 3 min)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-loop baseline")
+    p.add_argument("--model", default="random-base", choices=("random-base", "random-base-moe"),
+                   help="the server's model: the full-size Emformer with seeded random weights, or the same "
+                        "with a Mixture-of-Experts feed-forward (docs/moe.md); the seed loop runs random-base")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         method, beam, precision = parse_config(spec.strip())
         name = f"{'greedy' if method == 'greedy' else f'beam{beam}'}:{precision}"
         log(f"{name}:")
-        entry = profile_engine(precision, method, beam, log, args.quick, args.kernels)
+        entry = profile_engine(precision, method, beam, log, args.quick, args.kernels, args.model)
         entry.update(asyncio.run(server_capacity(method, beam, precision, args,
                                                  entry["step_cost"]["estimated_capacity"], log)))
         seed_cap = results.get("seed", {}).get("capacity")

@@ -37,6 +37,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from server.model.moe import MoEFeedForward
+
 log = logging.getLogger(__name__)
 
 SEGMENT = 4  # reduced (40 ms) frames per chunk
@@ -62,11 +64,19 @@ class StreamingLayer(torch.nn.Module):
             self.qkv.bias.copy_(torch.cat([att.emb_to_query.bias, att.emb_to_key_value.bias]))
         self.ln_in = copy.deepcopy(layer.layer_norm_input)
         self.out = copy.deepcopy(att.out_proj)
-        self.ln_ff = copy.deepcopy(ff[0])
-        self.ff1 = copy.deepcopy(ff[1])
-        self.activation = copy.deepcopy(ff[2])
-        self.ff2 = copy.deepcopy(ff[4])
+        # a Mixture-of-Experts feed-forward (server.model.moe) runs as it is, in eval mode
+        self.moe = copy.deepcopy(ff).eval() if isinstance(ff, MoEFeedForward) else None
+        if self.moe is None:
+            self.ln_ff = copy.deepcopy(ff[0])
+            self.ff1 = copy.deepcopy(ff[1])
+            self.activation = copy.deepcopy(ff[2])
+            self.ff2 = copy.deepcopy(ff[4])
         self.ln_out = copy.deepcopy(layer.layer_norm_output)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(x)
+        return self.ff2(self.activation(self.ff1(self.ln_ff(x))))
 
 
 class LeftContextPool:
@@ -231,8 +241,7 @@ class StreamingEncoder(torch.nn.Module):
                 attn, segment = self._gathered_attention(q, k, v, pool.kv[:, index], slots, mask, carried)
             segments.append(segment)
             x = layer.out(attn) + x
-            ff = layer.ff2(layer.activation(layer.ff1(layer.ln_ff(x))))
-            x = layer.ln_out(ff + x)
+            x = layer.ln_out(layer.feed_forward(x) + x)
         self._write_segments(pool, slots, chunks_done, torch.stack(segments, dim=1))
         return self.output_norm(self.output_linear(x[:, RIGHT_CONTEXT:]))
 
@@ -313,6 +322,8 @@ class FusedLayers:
         if op is None or encoder.ring_attention is None or (encoder.dim // encoder.heads) % 8:
             return None
         layers = list(encoder.layers)
+        if any(layer.moe is not None for layer in layers):
+            return None  # the native loop has no Mixture-of-Experts feed-forward
         modules = [m for layer in layers for m in (layer.qkv, layer.out, layer.ff1, layer.ff2)]
         linears = native_linear_args(modules)
         norms = native_layer_norm_args([n for layer in layers for n in (layer.ln_in, layer.ln_ff, layer.ln_out)])

@@ -18,6 +18,7 @@ import torch
 import torchaudio
 
 from server.model.features import GlobalStats
+from server.model.moe import MOE_FIELDS, moeify
 from server.model.vocabulary import CharTokenTable, SentencePieceTokenTable, SyntheticTokenTable, TokenTable
 
 # The shipped demo model: package data (in the source tree a link to models/demo, where its card lives)
@@ -65,13 +66,30 @@ class ModelConfig:
     lstm_layer_norm: bool = True
     lstm_layer_norm_epsilon: float = 1e-3
     lstm_dropout: float = 0.3
+    # Mixture-of-Experts feed-forward (``server.model.moe``): experts per Emformer layer (0: the
+    # dense feed-forward of ``transformer_ffn_dim``), experts per frame, each expert's hidden width
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_dim: int = 0
 
     def build(self) -> torchaudio.models.RNNT:
         if self.transformer_max_memory_size != 0:
             raise ModelLoadError("Emformer memory banks (max_memory_size > 0) are not supported")
         if (self.segment_length, self.right_context_length, self.time_reduction_stride) != (16, 4, 4):
             raise ModelLoadError("the streaming front end needs segment 16, right context 4, stride 4")
-        return torchaudio.models.emformer_rnnt_model(**dataclasses.asdict(self))
+        arguments = dataclasses.asdict(self)
+        moe = {name: arguments.pop(name) for name in MOE_FIELDS}
+        if moe["moe_experts"] < 0:
+            raise ModelLoadError(f"moe_experts must be 0 (dense) or more, not {self.moe_experts}")
+        rnnt = torchaudio.models.emformer_rnnt_model(**arguments)
+        if self.moe_experts:
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ModelLoadError(f"moe_top_k must be between 1 and moe_experts ({self.moe_experts}), "
+                                     f"not {self.moe_top_k}")
+            if self.moe_ffn_dim < 1:
+                raise ModelLoadError(f"moe_ffn_dim must be positive, not {self.moe_ffn_dim}")
+            moeify(rnnt, self.moe_experts, self.moe_top_k, self.moe_ffn_dim)
+        return rnnt
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelConfig":
@@ -80,6 +98,9 @@ class ModelConfig:
 
 
 BASE_CONFIG = ModelConfig()
+# The base model with a Mixture-of-Experts feed-forward of the same active parameters per frame:
+# 8 experts of 1024 per layer, 2 per frame (docs/moe.md).
+BASE_MOE_CONFIG = dataclasses.replace(BASE_CONFIG, moe_experts=8, moe_top_k=2, moe_ffn_dim=1024)
 # Same structure as the base model at a few percent of its size: fast tests.
 SMALL_CONFIG = ModelConfig(
     encoding_dim=128, num_symbols=29, time_reduction_input_dim=32, transformer_num_heads=4,
@@ -196,7 +217,7 @@ def load_demo(directory: Path = DEMO_DIR) -> LoadedModel:
     return LoadedModel("demo" if directory == DEMO_DIR else f"demo:{directory}", config, rnnt, stats, tokens)
 
 
-MODEL_CHOICES = ("demo", "random-base", "random-small", "demo:DIR", "bundle:DIR")
+MODEL_CHOICES = ("demo", "random-base", "random-base-moe", "random-small", "demo:DIR", "bundle:DIR")
 DIRECTORY_SOURCES = ("demo:", "bundle:")  # the specs that name a directory
 
 
@@ -206,6 +227,9 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
         return load_demo()
     if spec == "random-base":
         return random_model(BASE_CONFIG, seed, blank_bias=RANDOM_BASE_BLANK_BIAS, name="random-base",
+                            max_symbols_per_frame=RANDOM_BASE_MAX_SYMBOLS)
+    if spec == "random-base-moe":
+        return random_model(BASE_MOE_CONFIG, seed, blank_bias=RANDOM_BASE_BLANK_BIAS, name="random-base-moe",
                             max_symbols_per_frame=RANDOM_BASE_MAX_SYMBOLS)
     if spec == "random-small":
         return random_model(SMALL_CONFIG, seed, blank_bias=RANDOM_SMALL_BLANK_BIAS,
