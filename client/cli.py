@@ -4,6 +4,9 @@ Interim results update one line (on a terminal), final results get their own
 lines; ``--json`` prints one JSON object per response instead. The audio is
 sent as it is in the file (any sample rate, mono or multi-channel): the server
 resamples and downmixes. Exits non-zero with the server's status on errors.
+A stream that fails with UNAVAILABLE before its first response (a server that
+drains or went away) starts again, up to ``--retries`` times: on a ``--server``
+that names several servers, on another one.
 ``--phrase TEXT`` (repeatable), ``--phrases-file FILE`` and ``--boost X`` name
 phrases the server favours in decoding (contextual biasing, docs/biasing.md).
 """
@@ -23,7 +26,7 @@ from google.protobuf import json_format
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import add_connection_args, connection_from_args, parse_args
 from client.phrases import PhraseError, add_phrase_args, check_with_server, phrases_from_args
-from client.stream import StreamOptions, channel, decoding_method, pcm16, stream_audio
+from client.stream import Retry, StreamOptions, channel, decoding_method, pcm16, stream_audio
 
 
 def read_wav(path: Path) -> tuple[bytes, int, int]:
@@ -70,6 +73,14 @@ class Printer:
             self.out.write("\n")
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asr-client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
     p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
     p.add_argument("--chunk-ms", type=int, default=160, help="audio per message (default: %(default)s)")
+    p.add_argument("--retries", type=non_negative_int, default=Retry().attempts, metavar="N",
+                   help="start the stream again up to N times when it fails with UNAVAILABLE before its first "
+                        "response (0: never; default %(default)s)")
     add_phrase_args(p)
     add_connection_args(p)
     return p
@@ -111,6 +125,11 @@ async def run(args: argparse.Namespace) -> int:
                             request_id=args.request_id, realtime=not args.fast, chunk_ms=args.chunk_ms,
                             phrases=phrases.phrases, boost=phrases.boost)
     printer = Printer(show_timing=args.timing)
+
+    def retrying(error: grpc.aio.AioRpcError, attempt: int) -> None:
+        print(f"asr-client: {error.code().name}: {error.details()}; trying again ({attempt} of {args.retries})",
+              file=sys.stderr, flush=True)
+
     async with channel(getattr(args, "connection", None) or connection_from_args(args)) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
         try:
@@ -119,7 +138,8 @@ async def run(args: argparse.Namespace) -> int:
             print(f"asr-client: {exc}", file=sys.stderr)
             return 2
         try:
-            async for event in stream_audio(stub, pcm, rate, options, channels=channels):
+            async for event in stream_audio(stub, pcm, rate, options, channels=channels,
+                                            retry=Retry(attempts=args.retries), on_retry=retrying):
                 if args.json:
                     doc = json_format.MessageToDict(event.response, preserving_proto_field_name=True)
                     if event.client_latency_s is not None:

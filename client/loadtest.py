@@ -13,8 +13,12 @@ paced in real time in 160 ms messages, with interim results on, for
 
 Latency statistics cover the steady state: results that arrive between the end
 of the ramp-up and the end of the duration (each stream still finishes the file
-it is sending). ``--find-capacity`` searches for the largest N whose p99 client
-chunk latency stays under ``--threshold-ms`` (default one chunk period, 160 ms).
+it is sending). A new stream that fails with UNAVAILABLE before its first
+response (a server that drains or went away) is tried again up to ``--retries``
+times, on a channel to several servers on another one; a stream that fails after
+that counts as an error, and its user goes on with the next file.
+``--find-capacity`` searches for the largest N whose p99 client chunk latency
+stays under ``--threshold-ms`` (default one chunk period, 160 ms).
 The tester's own CPU use is reported, since it usually shares the machine with
 the server.
 
@@ -44,10 +48,10 @@ from tqdm import tqdm
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import Connection, add_connection_args, parse_args
-from client.cli import read_wav
+from client.cli import non_negative_int, read_wav
 from client.phrases import PhraseError, Phrases, add_phrase_args, check_with_server, phrases_from_args
 from client.spawn import spawned_server
-from client.stream import SendLog, StreamOptions, channel, decoding_method, stream_audio
+from client.stream import Retry, SendLog, StreamOptions, channel, decoding_method, stream_audio
 from client.ws_stream import PROTOCOLS, WsStreamError, ws_model_name, ws_stream_audio
 
 CHUNK_PERIOD_MS = 160.0
@@ -76,6 +80,7 @@ class StreamRecord:
     status: str = "OK"
     completed: bool = False
     server_timed: bool = True  # the server's timing came with each result (gRPC; not the WebSocket protocols)
+    retries: int = 0  # new streams it took after UNAVAILABLE before its first response (client.stream.Retry)
 
     @property
     def rtf(self) -> float:
@@ -149,6 +154,7 @@ def summarize(result: LoadResult) -> dict:
                        "histogram": {str(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))}
                        if sizes else {}},
         "streams_completed": sum(r.completed for r in recs), "errors": errors,
+        "retries": sum(r.retries for r in recs),
         "audio_seconds": round(sum(r.audio_seconds for r in recs if r.completed), 1),
         "tester_cpu_percent": round(result.tester_cpu_percent, 1),
         "server_cpu_percent": None if result.server_cpu_percent is None else round(result.server_cpu_percent, 1),
@@ -177,14 +183,20 @@ class _Live:
         return f"{self.active} open, {self.files} files done, {self.errors} errors, recent p99 {p99}"
 
 
-async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float, live: _Live) -> StreamRecord:
+async def _one_stream(stub, user: int, audio, options: StreamOptions, t0: float, live: _Live,
+                      retry: Retry = Retry()) -> StreamRecord:
     name, pcm, rate, channels = audio
     seconds = len(pcm) / (2 * channels * rate)
     record = StreamRecord(user, name, seconds, time.monotonic() - t0)
     log = SendLog()
     live.active += 1
+
+    def retried(error, attempt):
+        record.retries = attempt
+
     try:
-        async for event in stream_audio(stub, pcm, rate, options, channels=channels, send_log=log):
+        async for event in stream_audio(stub, pcm, rate, options, channels=channels, send_log=log, retry=retry,
+                                        on_retry=retried):
             for result in event.response.results:
                 if record.first_result_ms is None and log.sent_at:
                     record.first_result_ms = (event.received_at - log.sent_at[0]) * 1000
@@ -239,7 +251,7 @@ async def _one_ws_stream(connection: Connection, protocol: str, user: int, audio
 async def run_load(address: str | Connection, audio: list, streams: int, duration: float, ramp_up: float = 2.0,
                    options: StreamOptions | None = None, server_pid: int | None = None,
                    progress: bool = True, seed: int = 0, report_every: float = 0.0,
-                   protocol: str = "grpc") -> LoadResult:
+                   protocol: str = "grpc", retry: Retry = Retry()) -> LoadResult:
     """Run ``streams`` simulated users for ``duration`` seconds after a ``ramp_up``; all records.
 
     ``audio``: ``load_audio(directory)``. User i starts at ``ramp_up * i / streams`` (plus a
@@ -249,6 +261,7 @@ async def run_load(address: str | Connection, audio: list, streams: int, duratio
     ``report_every`` seconds, one summary line on stderr that often (for logs and pipes).
     ``protocol``: ``grpc`` (asr.v1), or ``ws-openai`` / ``ws-deepgram`` with ``address`` the
     server's WebSocket port (one connection per file; no server timing in the results).
+    ``retry``: when a new gRPC stream is tried again (``client.stream.Retry``).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
@@ -270,7 +283,7 @@ async def run_load(address: str | Connection, audio: list, streams: int, duratio
             await asyncio.sleep(ramp_up * i / max(1, streams) + rng.random() * CHUNK_PERIOD_MS / 1000)
             k = rng.randrange(len(audio))
             while time.monotonic() < end:
-                record = (await _one_stream(stub, i, audio[k % len(audio)], options, t0, live) if ws is None
+                record = (await _one_stream(stub, i, audio[k % len(audio)], options, t0, live, retry) if ws is None
                           else await _one_ws_stream(ws, protocol, i, audio[k % len(audio)], options, t0, live))
                 records.append(record)
                 k += 1
@@ -378,7 +391,8 @@ def table(summary: dict) -> str:
              row("final-result latency", summary["final_result_latency_ms"]),
              row("stream RTF", summary["stream_rtf"], "x", "{:.3f}"),
              f"batch size: mean {batch['mean'] and round(batch['mean'], 2)}, histogram {batch['histogram']}",
-             f"errors: {summary['errors'] or 'none'}",
+             f"errors: {summary['errors'] or 'none'}" + (f"; {summary['retries']} retries after UNAVAILABLE"
+                                                         if summary.get("retries") else ""),
              f"CPU: load tester {summary['tester_cpu_percent']}% of a core"
              + ("" if summary["server_cpu_percent"] is None else f", server {summary['server_cpu_percent']}%")]
     return "\n".join(lines)
@@ -519,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-within", type=float, default=0.15,
                    help="--find-capacity runs a trial again when its p99 lies within this fraction of "
                         "--threshold-ms, and judges by the mean of the two (0: once; default %(default)s)")
+    p.add_argument("--retries", type=non_negative_int, default=Retry().attempts, metavar="N",
+                   help="a new stream that fails with UNAVAILABLE before its first response (a server that drains "
+                        "or went away) is tried again up to N times, on another server where --server names "
+                        "several (0: never; default %(default)s)")
     p.add_argument("--server-pid", type=int, help="pid of the server, to report its CPU use (same machine)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts to DIR")
@@ -582,7 +600,8 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
 
         async def trial(n):
             results[n] = await run_load(address, audio, n, args.duration, args.ramp_up, options, server_pid,
-                                        progress=progress, report_every=report_every, protocol=args.protocol)
+                                        progress=progress, report_every=report_every, protocol=args.protocol,
+                                        retry=Retry(attempts=args.retries))
             return results[n].summary()
 
         capacity, trials = await find_capacity(trial, args.threshold_ms, max_streams=args.max_streams,
@@ -594,7 +613,8 @@ async def _main(args, address: str | Connection, server_pid: int | None) -> dict
             out["plots"] = [str(p) for p in plot(best, args.plot, trials)]
         return out
     result = await run_load(address, audio, args.streams, args.duration, args.ramp_up, options, server_pid,
-                            progress=progress, report_every=report_every, protocol=args.protocol)
+                            progress=progress, report_every=report_every, protocol=args.protocol,
+                            retry=Retry(attempts=args.retries))
     out = {"model": model, "protocol": args.protocol, **result.summary()}
     if args.plot:
         out["plots"] = [str(p) for p in plot(result, args.plot)]

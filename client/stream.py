@@ -6,6 +6,9 @@ as possible) over ``asr.v1.SpeechRecognition/StreamingRecognize`` and yields
 for the chunk it covers, how long after the chunk's last byte was sent.
 ``stream_chunks`` does the same for a live source (microphone, browser): any
 async iterator of LINEAR16 chunks; when it ends, the stream is half-closed.
+With a ``Retry``, ``stream_audio`` tries a new stream again when it fails with
+``UNAVAILABLE`` before its first response (a server that drains, stopped or
+cannot be reached): on a channel to several servers the next try goes to another.
 It never imports server code.
 """
 
@@ -15,7 +18,7 @@ import asyncio
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -61,6 +64,29 @@ def decoding_method(greedy: bool = False, beam: int = 0) -> int:
     if beam:
         return asr_pb2.BEAM_SEARCH
     return asr_pb2.DECODING_METHOD_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class Retry:
+    """When and how often a new stream is tried again.
+
+    Only a stream that ended with one of ``codes`` before its first response: the server
+    recognised none of its audio, so sending it all again on a new stream loses and repeats
+    nothing. ``UNAVAILABLE`` is what a draining server answers a new stream, and what a stream
+    gets from a server that stopped or cannot be reached; a refusal for load
+    (``RESOURCE_EXHAUSTED``) is not retried. Up to ``attempts`` more tries, ``pause_s`` before
+    the first of them, doubled before each next one."""
+
+    attempts: int = 3
+    pause_s: float = 0.1
+    codes: tuple = (grpc.StatusCode.UNAVAILABLE,)
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait before try ``attempt`` (1 for the first retry)."""
+        return self.pause_s * 2 ** (attempt - 1)
+
+
+NO_RETRY = Retry(attempts=0)
 
 
 @dataclass
@@ -112,14 +138,37 @@ async def _requests(config: asr_pb2.StreamingRecognitionConfig, chunks: AsyncIte
 
 async def stream_audio(stub: asr_pb2_grpc.SpeechRecognitionStub, pcm: bytes, sample_rate: int,
                        options: StreamOptions, channels: int = 1, metadata=None,
-                       send_log: SendLog | None = None) -> AsyncIterator[StreamEvent]:
-    """Stream LINEAR16 ``pcm`` and yield each response with its client-side timing."""
+                       send_log: SendLog | None = None, retry: Retry = NO_RETRY,
+                       on_retry: Callable[[grpc.aio.AioRpcError, int], None] | None = None,
+                       ) -> AsyncIterator[StreamEvent]:
+    """Stream LINEAR16 ``pcm`` and yield each response with its client-side timing.
+
+    ``retry``: a stream that fails as ``Retry`` says starts again from the first sample on a new
+    call (``send_log`` then starts over too); ``on_retry(error, attempt)`` hears of each retry.
+    The error of the last try, or of a stream that had responses, is raised."""
     bytes_per_second = sample_rate * 2 * channels
     frame = 2 * channels
     chunk_bytes = max(frame, int(bytes_per_second * options.chunk_ms / 1000) // frame * frame)
-    chunks = _paced(pcm, bytes_per_second, chunk_bytes, options.realtime)
-    async for event in stream_chunks(stub, chunks, sample_rate, options, channels, metadata, send_log):
-        yield event
+    log = send_log if send_log is not None else SendLog()
+    attempt = 0
+    while True:
+        answered = False
+        chunks = _paced(pcm, bytes_per_second, chunk_bytes, options.realtime)
+        try:
+            async for event in stream_chunks(stub, chunks, sample_rate, options, channels, metadata, log):
+                answered = True
+                yield event
+            return
+        except grpc.aio.AioRpcError as exc:
+            if answered or attempt >= retry.attempts or exc.code() not in retry.codes:
+                raise
+            attempt += 1
+            if on_retry is not None:
+                on_retry(exc, attempt)
+        await asyncio.sleep(retry.pause(attempt))
+        log.chunk_end_s.clear()
+        log.sent_at.clear()
+        log.finished_at = None
 
 
 async def stream_chunks(stub: asr_pb2_grpc.SpeechRecognitionStub, chunks: AsyncIterator[bytes],

@@ -58,7 +58,8 @@ MAX_CONFIG_CHARS = 32 * 1024  # room for a list of phrases
 CONFIG_TIMEOUT_S = 10
 CONFIG_KEYS = ("sample_rate", "beam", "endpointing", "request_id", "phrases", "boost")
 FIRST_MESSAGE = 'the first message must be a JSON config such as {"sample_rate": 16000}'
-STUB = web.AppKey("stub", asr_pb2_grpc.SpeechRecognitionStub)
+STUB = web.AppKey("stub", asr_pb2_grpc.SpeechRecognitionStub)  # the streams
+INFO = web.AppKey("info", asr_pb2_grpc.SpeechRecognitionStub)  # GetModelInfo, on a channel of its own
 SAVER = web.AppKey("saver", object)
 GUARD = web.AppKey("guard", object)
 _session_ids = itertools.count(1)
@@ -331,7 +332,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 return  # half-close: the server ends the stream at once
 
     try:
-        info = await request.app[STUB].GetModelInfo(asr_pb2.GetModelInfoRequest(), timeout=10)
+        info = await request.app[INFO].GetModelInfo(asr_pb2.GetModelInfoRequest(), timeout=10)
         await ws.send_json({"type": "ready", "model": info.model_name})
         async for event in stream_chunks(request.app[STUB], chunks(), rate, options):
             if ws.closed or problem:  # the browser went away or misbehaved: leaving stream_chunks cancels the call
@@ -369,15 +370,19 @@ def create_app(server: str | Connection, save_audio: Path | None = None, allow_o
     app[SAVER] = AudioSaver(save_audio, save_audio_max_seconds, int(save_audio_max_mb * 10**6)) if save_audio else None
 
     async def grpc_channel(app: web.Application):
-        async with channel(server) as ch:
-            app[STUB] = asr_pb2_grpc.SpeechRecognitionStub(ch)
+        # The streams on one channel, the model queries on another: a round-robin channel
+        # (a target naming several servers) takes the next server for each call, and one
+        # GetModelInfo before each stream would put every stream on the same server.
+        async with channel(server) as streams, channel(server) as queries:
+            app[STUB] = asr_pb2_grpc.SpeechRecognitionStub(streams)
+            app[INFO] = asr_pb2_grpc.SpeechRecognitionStub(queries)
             yield
 
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(await backend_status(request.app[STUB]))
+        return web.json_response(await backend_status(request.app[INFO]))
 
     app.cleanup_ctx.append(grpc_channel)
     app.router.add_get("/", index)
@@ -441,7 +446,7 @@ async def serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()  # opens the gRPC channel
     try:
-        status = await wait_for_backend(app[STUB], args.server_wait_s)
+        status = await wait_for_backend(app[INFO], args.server_wait_s)
         if not status["reachable"]:
             LOG.error("the gRPC server %s does not answer: %s", args.server, status["error"])
             return 1

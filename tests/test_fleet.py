@@ -7,10 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import re
 import socket
 import struct
+import sys
 import time
+from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
@@ -177,3 +182,45 @@ async def test_dns_target_spreads_streams_across_every_address_of_a_name(speech)
             assert sorted(counts) == [3, 3], counts
     finally:
         transport.close()
+
+
+# --- the browser bridge ----------------------------------------------------------------------
+async def bridge_session(port: int, audio: bytes, chunk: int = 5120) -> list[dict]:
+    """One asr-web WebSocket session as the page runs it: config, audio, ``end``; its messages."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_str(json.dumps({"sample_rate": 16000, "endpointing": False}))
+            for offset in range(0, len(audio), chunk):
+                await ws.send_bytes(audio[offset:offset + chunk])
+            await ws.send_str("end")
+            return [json.loads(msg.data) async for msg in ws]
+
+
+async def test_asr_web_spreads_browser_sessions_across_two_servers(speech):
+    """``asr-web --server ipv4:A,B --grpc-lb round_robin`` (the console script): once its
+    channel is up (a first session opens it), six browser sessions, one after another, are three
+    on each server; every one gets its final result."""
+    _, audio, _ = speech[1]
+    clip = pcm16(audio[:16000])
+    async with servers_on(["127.0.0.1", "127.0.0.1"]) as (a, b):
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "asr-web"), "--port", "0", "--server", target, "--grpc-lb", "round_robin",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            match = re.search(r"open http://127\.0\.0\.1:(\d+)/ \(gRPC server (\S+),", line)
+            assert match and match.group(2) == target, (line, (await proc.stderr.read()).decode() if not line else "")
+            port = int(match.group(1))
+            await bridge_session(port, clip)  # the bridge's streaming channel connects on its first stream
+            await asyncio.sleep(0.5)  # round_robin: the second address's connection comes up too
+            before = [streams_served(a), streams_served(b)]
+            sessions = [await bridge_session(port, clip) for _ in range(6)]
+        finally:
+            proc.terminate()
+            await proc.wait()
+        counts = sorted([streams_served(a) - before[0], streams_served(b) - before[1]])
+    finals = [[m["transcript"] for m in s if m["type"] == "result" and m["is_final"]] for s in sessions]
+    assert [s[-1] for s in sessions] == [{"type": "end"}] * 6, sessions
+    assert all(f and f == finals[0] for f in finals), finals  # the same model on both: the same finals
+    assert counts == [3, 3], counts
