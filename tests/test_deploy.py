@@ -181,9 +181,10 @@ def test_grafana_provisioning_matches_compose_and_prometheus():
 
 # --- docker-compose.yml ----------------------------------------------------------------------
 def test_compose_wires_server_prometheus_and_grafana():
+    """(tests/test_compose.py checks the fleet: proxy, replicas, Alertmanager, yamllint.)"""
     compose = load_yaml(ROOT / "docker-compose.yml")
     services = compose["services"]
-    assert {"asr", "prometheus", "grafana"} <= set(services)
+    assert {"asr", "proxy", "prometheus", "alertmanager", "grafana"} <= set(services)
     assert (ROOT / services["asr"]["build"] / "Dockerfile").is_file()
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -195,15 +196,16 @@ def test_compose_wires_server_prometheus_and_grafana():
     env = services["asr"]["environment"]
     metrics_port = int(env.get("ASR_METRICS_PORT", SETTINGS.metrics_port))
     grpc_port = int(env.get("ASR_PORT", SETTINGS.port))
-    assert f"{grpc_port}:{grpc_port}" in services["asr"]["ports"]
+    # clients reach the servers through the proxy, on the server's own port
+    assert services["proxy"]["ports"] == [f"{grpc_port}:{grpc_port}"]
     # Prometheus (in compose) reads deploy/prometheus and scrapes the asr service's metrics port
     prom = services["prometheus"]
     config_flag = next(a for a in prom["command"] if a.startswith("--config.file="))
     config_dir = next(v for v in prom["volumes"] if v.startswith("./deploy/prometheus:")).split(":")[1]
     assert config_flag == f"--config.file={config_dir}/prometheus.yml"
     scrape = load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]
-    targets = [t for job in scrape for c in job["static_configs"] for t in c["targets"]]
-    assert targets == [f"asr:{metrics_port}"]
+    found = [(name, sd["port"]) for job in scrape for sd in job["dns_sd_configs"] for name in sd["names"]]
+    assert found == [("asr", metrics_port)]
 
 
 # --- Dockerfile ------------------------------------------------------------------------------

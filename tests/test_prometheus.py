@@ -56,14 +56,22 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def prometheus_scraping(target: str, directory: Path, job: dict | None = None):
-    """``job``: a whole scrape job of its own, instead of the repository's job aimed at ``target``."""
+def prometheus_scraping(target: str, directory: Path, job: dict | None = None, alertmanager: str | None = None):
+    """``job``: a whole scrape job of its own, instead of the repository's job aimed at ``target``
+    (in place of the compose service's DNS name); ``alertmanager``: HOST:PORT the alerts go to
+    (none when not given)."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     if job is None:
         (job,) = config["scrape_configs"]
+        job.pop("dns_sd_configs")
         job["static_configs"] = [{"targets": [target]}]
     config["scrape_configs"] = [job]
+    if alertmanager is None:
+        del config["alerting"]
+    else:
+        (manager,) = config["alerting"]["alertmanagers"]
+        manager["static_configs"] = [{"targets": [alertmanager]}]
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     for rules in config["rule_files"]:
         shutil.copy(DEPLOY / "prometheus" / rules, directory / rules)
