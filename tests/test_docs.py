@@ -51,14 +51,17 @@ def test_options_table_cells_are_short(name):
             assert len(meaning) <= options_table.MAX_CELL, row
 
 
-def test_options_check_mode_fails_on_a_stale_readme(tmp_path):
+def test_options_script_rewrites_a_stale_readme_and_check_mode_fails_on_it(tmp_path):
     readme = (ROOT / "README.md").read_text()
     stale = tmp_path / "README.md"
     stale.write_text(readme.replace("| `--port` | `ASR_PORT` |", "| `--port-stale` | `ASR_PORT` |", 1))
     script = str(ROOT / "scripts" / "options_table.py")
     assert subprocess.run([sys.executable, script, "--check", "--readme", str(stale)],
                           capture_output=True).returncode == 1
-    assert subprocess.run([sys.executable, script, "--check"], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, script, "--readme", str(stale)], capture_output=True).returncode == 0
+    assert options_table.readme_block(stale.read_text()) == options_table.render()
+    assert subprocess.run([sys.executable, script, "--check", "--readme", str(stale)],
+                          capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
