@@ -108,3 +108,34 @@ async def running_server(model: LoadedModel | None = None, **overrides):
 async def small_server():
     async with running_server() as pair:
         yield pair
+
+
+# --- test layers -------------------------------------------------------------------------------
+# unit: no server, no other process (fakes where a part is needed); integration: a real server on a
+# real port in this process, or this project's own processes, nothing from apt; system: programs
+# from apt (Chromium, Prometheus, HAProxy, synthesizers, g++), pip builds, several server processes.
+# `make test-fast` runs unit and integration; a test may carry its own layer mark instead.
+LAYERS = {
+    "unit": {"test_boundaries", "test_context_graph", "test_decoder", "test_features", "test_mic", "test_models",
+             "test_scheduler", "test_session", "test_threads", "test_moe", "test_compose"},
+    "integration": {"test_abuse", "test_admission", "test_bad_input", "test_batching_invariance", "test_cli",
+                    "test_client_connection", "test_compat", "test_docs", "test_drain", "test_equivalence",
+                    "test_google_speech", "test_health", "test_interim_results", "test_limits", "test_loadtest",
+                    "test_loadtest_ws", "test_metrics", "test_phrases", "test_proto", "test_riva", "test_security",
+                    "test_websocket", "test_websocket_limits"},
+    "system": {"test_alerting", "test_bias_data", "test_demo_model", "test_deploy", "test_fleet", "test_gc_pauses",
+               "test_hostile_clients", "test_http2_abuse", "test_k8s", "test_packaging", "test_precision",
+               "test_prometheus", "test_read_only", "test_scale_in", "test_training", "test_web", "test_web_phrases",
+               "test_websocket_browser"},
+}
+LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(layer) for layer in LAYERS):
+            continue
+        module = item.path.stem
+        if module not in LAYER_OF:
+            raise pytest.UsageError(f"tests/{item.path.name} has no layer: add it to LAYERS in tests/conftest.py")
+        item.add_marker(LAYER_OF[module])

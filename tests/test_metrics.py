@@ -177,6 +177,7 @@ async def test_garbage_collections_are_timed_by_generation():
     assert len(gc.callbacks) == callbacks  # a stopped server times nothing
 
 
+@pytest.mark.system  # promtool (Debian prometheus) checks the exposition
 async def test_a_stream_fills_the_metrics_consistently(speech):
     name, audio, _ = speech[0]
     async with running_server() as (server, stub):

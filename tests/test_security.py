@@ -134,12 +134,14 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(pki, speech):
     async with running_server(tls_cert=paths["server"][0], tls_key=paths["server"][1],
                               tls_client_ca=paths["ca"][0]) as (server, _):
         async with tls_channel(server.port, files["ca"], files["client"]) as channel:
-            assert await recognise(channel, speech[1][1][:16000]) is not None
+            secured = await recognise(channel, speech[1][1][:16000])
         async with tls_channel(server.port, files["ca"]) as channel:  # no client certificate
             assert await refused_code(channel) == grpc.StatusCode.UNAVAILABLE
         async with tls_channel(server.port, files["ca"], files["rogue"]) as channel:  # another CA's
             assert await refused_code(channel) == grpc.StatusCode.UNAVAILABLE
         assert server.active_sessions == 0
+    async with running_server() as (_, stub):
+        assert secured == await transcript(stub, speech[1][1][:16000])  # served, and as without TLS
 
 
 def test_tls_options_are_validated(pki, tmp_path):
@@ -247,9 +249,11 @@ async def test_tokens_over_mutual_tls_with_call_credentials(pki, token_file, spe
     async with running_server(tls_cert=paths["server"][0], tls_key=paths["server"][1], tls_client_ca=paths["ca"][0],
                               auth_token_file=token_file) as (server, _):
         async with tls_channel(server.port, files["ca"], files["client"], token=TOKENS[0]) as channel:
-            assert await recognise(channel, speech[0][1][:16000]) is not None
+            secured = await recognise(channel, speech[0][1][:16000])
         async with tls_channel(server.port, files["ca"], files["client"], token=WRONG) as channel:
             assert await refused_code(channel) == grpc.StatusCode.UNAUTHENTICATED
+    async with running_server() as (_, stub):
+        assert secured == await transcript(stub, speech[0][1][:16000])  # served, and as without TLS
 
 
 def test_tokens_are_compared_in_constant_time(monkeypatch):
