@@ -2,8 +2,8 @@
 chain runs for real. A real server is scraped by a real Prometheus (Debian's ``prometheus``)
 with the shipped alert rules, which sends its alerts to a real Alertmanager (Debian's
 ``prometheus-alertmanager``) running the shipped config, whose webhook is the shipped receiver
-(deploy/alertmanager/webhook_log.py, as docker-compose.yml runs it). The server stops; a minute
-later AsrServerDown fires and the receiver prints it."""
+(deploy/alertmanager/webhook_log.py, as docker-compose.yml runs it). The only server stops; a
+minute later AsrServerDown and AsrNoServerUp fire and the receiver prints both."""
 
 from __future__ import annotations
 
@@ -128,14 +128,23 @@ async def test_a_stopped_server_pages_through_alertmanager_to_the_webhook(tmp_pa
                 await server.stop(grace=0)
                 stopped = time.monotonic()
                 await until(lambda: prom.values('up{job="asr"}') == [0.0], "a failed scrape")
-                # AsrServerDown: 1 minute of failed scrapes, then group_wait (10 s) in Alertmanager
-                lines = await until(lambda: [json.loads(line) for line in hook if line.startswith("{")],
-                                    "the webhook to receive the alert", timeout=150)
+                # 1 minute of failed scrapes, then group_wait (10 s) in Alertmanager
+
+                def received():
+                    alerts = {}
+                    for line in list(hook):  # the receiver's JSON lines, one per alert
+                        if line.startswith("{"):
+                            alert = json.loads(line)
+                            alerts[alert["labels"]["alertname"]] = alert
+                    return alerts if len(alerts) == 2 else None
+
+                alerts = await until(received, "the webhook to receive both alerts", timeout=150)
                 took = time.monotonic() - stopped
-    print(f"AsrServerDown reached the webhook {took:.0f} s after the server stopped: {lines}")
-    (alert,) = lines
-    assert alert["status"] == "firing" and alert["receiver"] == "webhook"
-    assert alert["labels"]["alertname"] == "AsrServerDown" and alert["labels"]["instance"] == target
-    assert alert["labels"]["severity"] == "critical" and target in alert["annotations"]["summary"]
+    print(f"the alerts reached the webhook {took:.0f} s after the server stopped: {alerts}")
+    assert set(alerts) == {"AsrServerDown", "AsrNoServerUp"}
+    assert all(a["status"] == "firing" and a["receiver"] == "webhook" for a in alerts.values())
+    assert all(a["labels"]["severity"] == "critical" for a in alerts.values())
+    down = alerts["AsrServerDown"]
+    assert down["labels"]["instance"] == target and target in down["annotations"]["summary"]
     assert 60 <= took < 150, took
     assert not [line for line in manager_log if "level=error" in line], manager_log
