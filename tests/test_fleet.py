@@ -21,7 +21,8 @@ import pytest
 
 from asr.v1 import asr_pb2_grpc
 from client.connection import _is_loopback, add_connection_args, lb_policy, parse_args
-from client.stream import StreamOptions, channel, pcm16, stream_audio
+from client import cli
+from client.stream import Retry, StreamOptions, channel, pcm16, stream_audio
 from server.app import AsrServer, connection_options
 from server.config import ServerSettings
 from tests.conftest import running_server, small_model
@@ -224,3 +225,81 @@ async def test_asr_web_spreads_browser_sessions_across_two_servers(speech):
     assert [s[-1] for s in sessions] == [{"type": "end"}] * 6, sessions
     assert all(f and f == finals[0] for f in finals), finals  # the same model on both: the same finals
     assert counts == [3, 3], counts
+
+
+# --- retries ---------------------------------------------------------------------------------
+def streams_of(server, outcome: str) -> float:
+    return sum(v for labels, v in scrape(server.metrics_port).series("asr_streams_total").items()
+               if ("outcome", outcome) in labels)
+
+
+async def test_a_stream_a_draining_server_refuses_is_retried_on_the_other(speech):
+    """Round robin over a draining server and a serving one, one channel: successive streams take
+    turns, so some go to the draining one first; each is refused with UNAVAILABLE before its first
+    response and tried again (client.stream.Retry), on the other, and every one ends with its
+    transcript. Without a retry, the same refusals end the streams."""
+    _, audio, _ = speech[1]
+    pcm = pcm16(audio[:16000])
+    options = StreamOptions(realtime=False, interim_results=False, endpointing=False)
+    async with servers_on(["127.0.0.1", "127.0.0.1"]) as (draining, serving):
+        reference = await _one(f"127.0.0.1:{serving.port}", pcm, options)
+        assert await draining.drain(1.0)  # no stream open: returns at once, and refuses new ones
+        target = f"ipv4:127.0.0.1:{draining.port},127.0.0.1:{serving.port}"
+        async with channel(target, options=[("grpc.lb_policy_name", "round_robin")]) as ch:
+            await asyncio.wait_for(ch.channel_ready(), 20)
+            await asyncio.sleep(0.5)  # both connections up
+            stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
+            retries = []
+            texts = []
+            for _ in range(4):
+                finals = []
+                async for event in stream_audio(stub, pcm, 16000, options, retry=Retry(attempts=2, pause_s=0.01),
+                                                on_retry=lambda error, attempt: retries.append(error.code())):
+                    finals += [r.alternatives[0].transcript for r in event.response.results if r.is_final]
+                texts.append(" ".join(finals))
+            refused = streams_of(draining, "rejected")
+            # the counter-case: no retry, and the refusal ends the stream
+            codes = []
+            for _ in range(2):
+                try:
+                    async for _event in stream_audio(stub, pcm, 16000, options):
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+    assert texts == [reference] * 4
+    assert retries and set(retries) == {grpc.StatusCode.UNAVAILABLE} and len(retries) == refused, (retries, refused)
+    assert sorted(codes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE], key=str), codes
+
+
+async def _one(target: str, pcm: bytes, options: StreamOptions) -> str:
+    async with channel(target) as ch:
+        finals = []
+        async for event in stream_audio(asr_pb2_grpc.SpeechRecognitionStub(ch), pcm, 16000, options):
+            finals += [r.alternatives[0].transcript for r in event.response.results if r.is_final]
+        return " ".join(finals)
+
+
+async def test_asr_client_says_each_retry_and_gives_up_after_retries(speech, tmp_path, capsys):
+    """asr-client --retries N against a server that only refuses (draining): N retries, each on
+    stderr, then exit 1 with UNAVAILABLE; --retries 0: at once."""
+    import soundfile
+
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, speech[1][1][:8000], 16000)
+    async with servers_on(["127.0.0.1"]) as (server,):
+        await server.drain(1.0)
+        for retries in (2, 0):
+            args = cli.parse_args(cli.build_parser(), [str(wav), "--fast", "--retries", str(retries),
+                                                        "--server", f"127.0.0.1:{server.port}"])
+            assert await cli.run(args) == 1
+            err = capsys.readouterr().err.splitlines()
+            assert [line for line in err if "trying again" in line] == [
+                f"asr-client: UNAVAILABLE: {_details(err)}; trying again ({i} of {retries})"
+                for i in range(1, retries + 1)], err
+            assert err[-1].startswith("asr-client: UNAVAILABLE: ") and "shutting down" in err[-1], err
+        assert streams_of(server, "rejected") == 3 + 1
+
+
+def _details(err: list[str]) -> str:
+    return err[-1].removeprefix("asr-client: UNAVAILABLE: ")
