@@ -110,7 +110,8 @@ def test_the_proxy_balances_over_every_server_by_dns(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     # the counter-case: the same check fails on a broken copy
     broken = tmp_path / "haproxy.cfg"
-    broken.write_text((DEPLOY / "haproxy" / "haproxy.cfg").read_text().replace("server-template asr", "server-template"))
+    shipped = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    broken.write_text(shipped.replace("server-template asr", "server-template"))
     bad = subprocess.run([haproxy, "-c", "-f", str(broken)], capture_output=True, text=True, timeout=30,
                          env={**os.environ, **env("proxy")})
     assert bad.returncode != 0 and "server-template" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
