@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,18 @@ class ServerSettings(BaseSettings):
     ws_port: int = Field(-1, ge=-1, le=65535, description="WebSocket port on --host for OpenAI Realtime "
                          "(/v1/realtime) and Deepgram (/v1/listen) clients, with the gRPC port's TLS, tokens "
                          "and limits (0 picks a free port, -1 turns it off)")
+    ws_allow_origin: list[str] = Field(default_factory=list, description="a browser origin "
+                                       "(https://app.example:8443) whose pages may use the WebSocket port, "
+                                       "besides the server's own page at GET /; repeatable (default: none)")
+    ws_token_ttl_seconds: float = Field(60.0, ge=1.0, le=3600.0, description="how long a token minted by "
+                                        "POST /v1/auth/grant (Deepgram) or /v1/realtime/transcription_sessions "
+                                        "(OpenAI) may open its one WebSocket connection")
+    ws_browser_max_message_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest "
+                                              "message of a browser page's WebSocket connection (one with an "
+                                              "Origin header)")
+    ws_browser_max_messages_per_second: int = Field(50, ge=1, le=100_000, description="messages a second a "
+                                                    "browser page's WebSocket connection may send (a second's "
+                                                    "worth at once)")
     # --- model ---------------------------------------------------------------------------
     model: str = Field("demo", description="model: demo (embedded), random-base (full size, seeded random "
                        "weights, for benchmarks), random-small (tiny, for tests), demo:DIR (exported by "
@@ -169,6 +182,16 @@ class ServerSettings(BaseSettings):
     gc_freeze: bool = Field(True, description="once loaded and warm, exempt the start-up heap (torch, "
                             "gRPC, the model) from Python's garbage collector, whose full collections "
                             "otherwise stall every stream for 50-150 ms (asr-server only)")
+
+    @field_validator("ws_allow_origin")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                    or parts.query or parts.fragment or parts.username:
+                raise ValueError(f"not an http(s) origin such as https://app.example:8443: {origin!r}")
+        return value
 
     @field_validator("model")
     @classmethod

@@ -249,6 +249,7 @@ class LimitReason(enum.Enum):
     DRAINING = "draining"  # refused because the server is shutting down
     AUTH = "auth"  # refused by authentication / authorisation
     HEALTH_WATCHERS = "max_health_watchers"  # a Health.Watch stream over --max-health-watchers
+    MESSAGE_RATE = "max_messages_per_second"  # a browser page's WebSocket over --ws-browser-max-messages-per-second
 
 
 class FinalTrigger(enum.Enum):

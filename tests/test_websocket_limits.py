@@ -146,7 +146,7 @@ async def test_audio_trickled_slower_than_min_audio_rate_ends_the_stream(limited
 async def test_a_message_over_max_message_bytes_gets_the_protocols_error(limited):
     """Over --max-message-bytes (8192 here): Deepgram's Error message and OpenAI's error event,
     each counted, then close 1013; far over (past twice the limit) the WebSocket layer closes with
-    1009 before the message is read."""
+    1009 before the message is read, counted the same."""
     srv, _ = limited
     get = srv.metrics.registry.get_sample_value
     before = get("asr_limit_hits_total", {"reason": "max_message_bytes"}) or 0
@@ -167,6 +167,11 @@ async def test_a_message_over_max_message_bytes_gets_the_protocols_error(limited
         await ws.send(b"\0" * 40000)
         messages, code, _ = await messages_until_closed(ws)
     assert messages == [] and code == 1009
+    for _ in range(100):  # counted once the server has read its own close
+        if get("asr_limit_hits_total", {"reason": "max_message_bytes"}) == before + 3:
+            break
+        await asyncio.sleep(0.02)
+    assert get("asr_limit_hits_total", {"reason": "max_message_bytes"}) == before + 3
     async with websockets.connect(ws_url(srv, "/v1/listen", DG_QUERY)) as ws:  # a message at the limit is fine
         await ws.send(b"\0" * 8192)
         await ws.send(json.dumps({"type": "CloseStream"}))

@@ -1,5 +1,10 @@
-// The page: microphone -> AudioWorklet (16 kHz LINEAR16) -> WebSocket bridge -> asr.v1 server,
-// and results back: interim text on one line, finals in a list, each with the server's latency.
+// The page: microphone -> AudioWorklet (16 kHz LINEAR16) -> WebSocket -> server, and results back:
+// interim text on one line, finals in a list, each with its latency. Two backends:
+// * served by asr-server's WebSocket port (/api/status names a "websocket" path): the page speaks
+//   Deepgram live streaming to it directly; with "auth", the API key typed into #key mints a
+//   single-use token (POST /v1/auth/grant) that goes in the WebSocket subprotocols
+//   (["bearer", token]), since a browser cannot set an Authorization header on a WebSocket;
+// * served by the asr-web bridge: its own protocol at /ws, with the server's timing per result.
 // document.body.dataset.state: idle -> starting -> streaming -> finishing -> done | error;
 // document.body.dataset.backend: up | down, from /api/status on load (and the bridge's 'ready').
 // Warnings (#warning): audio dropped because the WebSocket backs up by over 1 s of audio, and
@@ -13,6 +18,7 @@ const MAX_LAG_S = 1;
 const RIGHT_CONTEXT_S = 0.04;  // look-ahead the model needs beyond a result's end
 let session = null;
 let latencies = [];
+let direct = null;  // {path, grant, auth} when the page talks to the server's WebSocket port
 
 function oneLine(text, limit = 200) {
   const line = String(text).replace(/\s+/g, ' ').trim();
@@ -50,6 +56,10 @@ async function checkBackend() {
     const response = await fetch('/api/status');
     if (!response.ok) throw new Error(await response.text());
     const s = await response.json();
+    direct = s.websocket ? {path: s.websocket, grant: s.grant, auth: s.auth} : null;
+    $('key').hidden = !(direct && direct.auth);
+    $('decoding').hidden = Boolean(direct);  // the Deepgram protocol carries no beam and no phrases
+    $('biasing').hidden = Boolean(direct);
     if (s.reachable) showBackend(true, `Server: ${s.model} (${s.precision}, ${s.device}), reachable.`);
     else showBackend(false, `Server unreachable: ${s.error}`);
   } catch (err) {
@@ -88,6 +98,13 @@ function percentile(values, q) {
 
 function showTiming(r) {
   latencies.push(r.latency_ms);
+  if (r.queue_wait_ms === undefined) {  // direct: the page's own measure (the protocol has no server timing)
+    $('stats').textContent =
+      `last result: ${r.latency_ms.toFixed(0)} ms after its audio was sent · over ${latencies.length} ` +
+      `results: p50 ${percentile(latencies, 0.5).toFixed(0)} ms, max ${Math.max(...latencies).toFixed(0)} ms · ` +
+      `${(session ? session.sent / RATE : 0).toFixed(1)} s of audio sent`;
+    return;
+  }
   const bridge = r.bridge_latency_ms === null ? '' : ` · via the bridge ${r.bridge_latency_ms.toFixed(0)} ms`;
   $('stats').textContent =
     `last result: server ${r.latency_ms.toFixed(0)} ms (queue ${r.queue_wait_ms.toFixed(0)} ms, ` +
@@ -97,8 +114,9 @@ function showTiming(r) {
 }
 
 function onResult(r) {
-  showTiming(r);
   session.lag = resultLag(session, r);
+  if (r.latency_ms === undefined) r.latency_ms = session.lag * 1000;
+  showTiming(r);
   showWarnings(session);
   if (!r.is_final) {
     $('interim').textContent = r.transcript;
@@ -113,7 +131,8 @@ function onResult(r) {
   const latency = document.createElement('span');
   latency.className = 'latency';
   latency.textContent = `${r.latency_ms.toFixed(0)} ms`;
-  latency.title = `queue ${r.queue_wait_ms} ms, compute ${r.compute_ms} ms, batch of ${r.batch_size}`;
+  latency.title = r.queue_wait_ms === undefined ? 'from sending its audio to the result'
+    : `queue ${r.queue_wait_ms} ms, compute ${r.compute_ms} ms, batch of ${r.batch_size}`;
   li.append(text, latency);
   $('finals').append(li);
 }
@@ -138,6 +157,46 @@ function onMessage(event) {
     setState('error', `error: ${msg.code}: ${msg.message}`);
     if (msg.code === 'UNAVAILABLE') checkBackend();
   }
+}
+
+// A Deepgram message from the server's WebSocket port, as the bridge's messages are handled.
+function onDeepgramMessage(event) {
+  let msg;
+  try {
+    msg = JSON.parse(event.data);
+  } catch (err) {
+    msg = {type: 'Error', description: 'the server sent a message that is not JSON'};
+  }
+  if (msg.type === 'Results') {
+    const alt = msg.channel.alternatives[0];
+    onResult({transcript: alt.transcript, is_final: msg.is_final, start_s: msg.start,
+              end_s: msg.start + msg.duration});
+  } else if (msg.type === 'Metadata') {
+    session.ended = true;
+    setState('done', 'done');
+  } else if (msg.type === 'Error') {
+    session.ended = true;
+    setState('error', `error: ${msg.code || msg.variant}: ${msg.description}`);
+  }
+}
+
+// The token a browser may put in the WebSocket subprotocols: minted with the typed API key.
+async function grantToken() {
+  const key = $('key').value.trim();
+  if (!key) throw new Error('this server needs an API key: type it into the key field');
+  const response = await fetch(direct.grant, {method: 'POST', body: '{}',
+    headers: {'Authorization': `Token ${key}`, 'Content-Type': 'application/json'}});
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.err_msg || body.error || `HTTP ${response.status}`);
+  return body.access_token;
+}
+
+function openSocket(token) {
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  if (!direct) return new WebSocket(`${scheme}://${location.host}/ws`);
+  const query = `encoding=linear16&sample_rate=${RATE}&interim_results=true`;
+  const url = `${scheme}://${location.host}${direct.path}?${query}`;
+  return token ? new WebSocket(url, ['bearer', token]) : new WebSocket(url);
 }
 
 function releaseAudio(s) {
@@ -173,6 +232,15 @@ async function start() {
   $('interim').textContent = '';
   $('stats').textContent = '';
   $('warning').textContent = '';
+  let token = null;
+  if (direct && direct.auth) {
+    try {
+      token = await grantToken();
+    } catch (err) {
+      setState('error', `no token: ${err.message}`);
+      return;
+    }
+  }
   let audio;
   try {
     audio = await openAudio();
@@ -180,14 +248,15 @@ async function start() {
     setState('error', `no microphone: ${err.name}: ${err.message}`);
     return;
   }
-  const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`);
+  const ws = openSocket(token);
   session = {...audio, ws, sent: 0, dropped: 0, lag: 0, marks: [], ended: false};
   const s = session;
   ws.onopen = () => {
-    ws.send(JSON.stringify(streamConfig()));
+    if (direct) setState('streaming', 'listening…');
+    else ws.send(JSON.stringify(streamConfig()));
     s.node.port.onmessage = (event) => {
       if (event.data === 'flushed') {
-        if (ws.readyState === WebSocket.OPEN) ws.send('end');
+        if (ws.readyState === WebSocket.OPEN) ws.send(direct ? JSON.stringify({type: 'CloseStream'}) : 'end');
         return;
       }
       showLevel(event.data.level);
@@ -204,12 +273,13 @@ async function start() {
     };
     s.source.connect(s.node);
   };
-  ws.onmessage = onMessage;
+  ws.onmessage = direct ? onDeepgramMessage : onMessage;
   ws.onclose = (event) => {
     releaseAudio(s);
     if (s.ended) return;
-    setState('error', event.code === 1009 ? 'the bridge refused a message that was too big'
-      : `the connection to the bridge closed (code ${event.code}${event.reason ? `: ${event.reason}` : ''})`);
+    const peer = direct ? 'server' : 'bridge';
+    setState('error', event.code === 1009 ? `the ${peer} refused a message that was too big`
+      : `the connection to the ${peer} closed (code ${event.code}${event.reason ? `: ${event.reason}` : ''})`);
     checkBackend();  // says why when the bridge refused the page or the server is down
   };
 }

@@ -125,6 +125,28 @@ def http_error(connection: ServerConnection, error: ASRError) -> Response:
                          {"dg-error": error.message})
 
 
+def error_event(error: ASRError) -> dict:
+    """Deepgram's ``Error`` message for ``error``."""
+    return {"type": "Error", "variant": _err_code(error), "code": error.code.name, "description": error.message,
+            "message": error.message}
+
+
+def grant(grants, client: str, body: dict, service: RecognitionService) -> dict:
+    """``POST /v1/auth/grant``: Deepgram's temporary token, ``{"access_token", "expires_in"}``,
+    for one connection to ``/v1/listen`` (``server.api.browser``)."""
+    ttl = grants.ttl_s
+    for key in body:
+        if key != "ttl_seconds":
+            raise invalid(f"{shown(key)} is not supported by this server (the body takes ttl_seconds)")
+    if body.get("ttl_seconds") is not None:
+        ttl = body["ttl_seconds"]
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= grants.ttl_s:
+            raise invalid(f"ttl_seconds must be a number from 1 to {grants.ttl_s:g} (--ws-token-ttl-seconds), "
+                          f"got {shown(ttl)}")
+    token, _ = grants.mint(API, client, float(ttl))
+    return {"access_token": token, "expires_in": ttl}
+
+
 def _err_code(error: ASRError) -> str:
     return {ErrorCode.INVALID_ARGUMENT: "Bad Request", ErrorCode.UNAUTHENTICATED: "INVALID_AUTH",
             ErrorCode.RESOURCE_EXHAUSTED: "TOO_MANY_REQUESTS", ErrorCode.UNAVAILABLE: "SERVICE_UNAVAILABLE",
@@ -140,8 +162,7 @@ class Connection:
         self.total_s = 0.0
 
     async def error(self, error: ASRError) -> None:
-        await self.stream.send_json({"type": "Error", "variant": _err_code(error), "code": error.code.name,
-                                     "description": error.message, "message": error.message})
+        await self.stream.send_json(error_event(error))
         await self.stream.close(close_code(error.code), _err_code(error))
 
     def start(self, segment: Segment, data: bytes) -> None:

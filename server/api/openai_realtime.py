@@ -92,6 +92,62 @@ def _error_body(error: ASRError, event_id: str | None = None) -> dict:
             "event_id": event_id}
 
 
+def error_event(error: ASRError) -> dict:
+    """OpenAI's ``error`` event for ``error``."""
+    return {"type": "error", "event_id": new_id("event"), "error": _error_body(error)}
+
+
+# --- ephemeral client secrets ------------------------------------------------------------------
+_SESSION_FIELDS = ("client_secret", "input_audio_format", "input_audio_transcription", "modalities", "include",
+                   "turn_detection", "input_audio_noise_reduction")
+
+
+def grant(grants, client: str, body: dict, service: RecognitionService) -> dict:
+    """``POST /v1/realtime/transcription_sessions``: an ephemeral client secret
+    (``client_secret.value`` / ``expires_at``) for one connection to ``/v1/realtime``
+    (``server.api.browser``). The session itself is configured on the connection
+    (``session.update``): fields asking for more than the defaults are refused naming them."""
+    for key in body:
+        if key not in _SESSION_FIELDS:
+            raise unknown(key)
+    ttl = grants.ttl_s
+    secret = body.get("client_secret")
+    if secret is not None:
+        secret = _object(secret, "client_secret")
+        _refuse_unknown(secret, ("expires_at",), "client_secret")
+        expires = _object(secret.get("expires_at") or {}, "client_secret.expires_at")
+        _refuse_unknown(expires, ("anchor", "seconds"), "client_secret.expires_at")
+        if expires.get("anchor", "created_at") != "created_at":
+            raise EventError("client_secret.expires_at.anchor must be created_at", "client_secret.expires_at.anchor")
+        if "seconds" in expires:
+            ttl = expires["seconds"]
+            if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= grants.ttl_s:
+                raise EventError(f"client_secret.expires_at.seconds must be an integer from 1 to {grants.ttl_s:g} "
+                                 f"(--ws-token-ttl-seconds), got {shown(ttl)}", "client_secret.expires_at.seconds")
+    if body.get("input_audio_format", "pcm16") != "pcm16":
+        raise EventError(f"input_audio_format {shown(body['input_audio_format'])} is not supported; send pcm16",
+                         "input_audio_format")
+    for key in ("include", "turn_detection", "input_audio_noise_reduction"):
+        if body.get(key):
+            raise EventError(f"{key} is not taken here: set it with session.update once connected", key,
+                             "unknown_parameter")
+    transcription = body.get("input_audio_transcription")
+    if transcription is not None:
+        transcription = _object(transcription, "input_audio_transcription")
+        _refuse_unknown(transcription, ("model", "language", "prompt"), "input_audio_transcription")
+        try:
+            check_language(str(transcription.get("language") or ""), "input_audio_transcription.language")
+        except ASRError as exc:
+            raise EventError(exc.message, "input_audio_transcription.language") from None
+    token, expires_at = grants.mint(API, client, float(ttl))
+    return {"object": "realtime.transcription_session", "id": new_id("sess"),
+            "client_secret": {"value": token, "expires_at": int(expires_at)},
+            "input_audio_format": "pcm16", "input_audio_transcription": transcription,
+            "modalities": body.get("modalities") or ["text"],
+            "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 0,
+                               "silence_duration_ms": service.settings.endpoint_silence_ms}}
+
+
 # --- session configuration ---------------------------------------------------------------------
 @dataclass
 class Config:

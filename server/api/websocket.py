@@ -36,6 +36,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from server.api import browser
 from server.api.compat import AudioIntake
 from server.api.status import token_client
 from server.config import ServerSettings
@@ -56,6 +57,12 @@ CLOSE_CODE = {ErrorCode.INVALID_ARGUMENT: 1008, ErrorCode.FAILED_PRECONDITION: 1
               ErrorCode.CANCELLED: 1000}
 NORMAL_CLOSE = 1000
 PING_INTERVAL_S = 20.0
+
+
+def close_reason(message: str) -> str:
+    """``message`` cut to fit a close frame (123 bytes of UTF-8)."""
+    data = message.encode()
+    return message if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
 
 
 def http_status(code: ErrorCode) -> int:
@@ -125,6 +132,7 @@ class _Accepted:
     options: Any
     session: Session
     client: str
+    browser: bool = False  # the request came from a browser page (it has an Origin)
     taken: bool = False  # the handler owns the session now
 
 
@@ -145,6 +153,9 @@ class WebSocketListener:
         self.port = 0
         self._log = ThrottledLog(log)
         self._watchers: set[asyncio.Task] = set()
+        self.browser = browser  # browser-safe tokens, origins, the page
+        self.grants = browser.Grants(tokens, settings.ws_token_ttl_seconds)
+        self.origins = browser.OriginPolicy(settings.ws_allow_origin, tls=bool(settings.tls_cert))
 
     async def start(self) -> int:
         s = self.settings
@@ -155,7 +166,9 @@ class WebSocketListener:
                 # a message may carry --max-message-bytes of audio, base64 in JSON for OpenAI (4/3);
                 # the adapters check the limit themselves (counted), this bounds what reaches them
                 max_size=2 * s.max_message_bytes + 4096, compression=None,
-                ping_interval=PING_INTERVAL_S, ping_timeout=PING_INTERVAL_S, server_header=None)
+                ping_interval=PING_INTERVAL_S, ping_timeout=PING_INTERVAL_S, server_header=None,
+                create_connection=self.browser.HttpServerConnection,  # token requests (POST) too
+                select_subprotocol=lambda _, offered: self.browser.select_subprotocol(offered))
         except OSError as exc:
             raise OSError(f"cannot listen on {s.host}:{s.ws_port} (--host / --ws-port): {exc}") from None
         self.port = self.server.sockets[0].getsockname()[1]
@@ -172,29 +185,44 @@ class WebSocketListener:
     # --- handshake -------------------------------------------------------------------------
     def _authorize(self, headers: Headers, protocol) -> str:
         """The client key of ``--max-streams-per-client`` for an authorised request; ASRError
-        UNAUTHENTICATED otherwise. Tokens are compared in constant time over all of them."""
+        UNAUTHENTICATED otherwise. The credential comes in ``Authorization`` or, from a browser,
+        in ``Sec-WebSocket-Protocol`` (``server.api.browser``): an ``--auth-token-file`` token
+        (compared in constant time over all of them) or a token minted by a grant request
+        (single use, charged to the key that minted it)."""
         if self._digests is None:
             return ""
         values = headers.get_all("Authorization")
-        if not values:
-            raise ASRError(ErrorCode.UNAUTHENTICATED, "missing credentials: send the header "
-                           "'Authorization: Bearer <token>'")
         if len(values) > 1:
             raise ASRError(ErrorCode.UNAUTHENTICATED, "more than one Authorization header")
-        scheme, _, token = values[0].strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() not in ("bearer", *protocol.AUTH_SCHEMES) or not token:
-            raise ASRError(ErrorCode.UNAUTHENTICATED, "malformed credentials: the Authorization header "
-                           "must be 'Bearer <token>'")
+        if values:
+            scheme, _, token = values[0].strip().partition(" ")
+            scheme, token = scheme.lower(), token.strip()
+            if scheme not in ("bearer", *protocol.AUTH_SCHEMES) or not token:
+                raise ASRError(ErrorCode.UNAUTHENTICATED, "malformed credentials: the Authorization header "
+                               "must be 'Bearer <token>'")
+        else:
+            offered = self.browser.subprotocol_credential(self.browser.subprotocols(headers))
+            if offered is None:
+                raise ASRError(ErrorCode.UNAUTHENTICATED, "missing credentials: send the header "
+                               "'Authorization: Bearer <token>', or from a browser a token in the WebSocket "
+                               "subprotocols (['bearer', TOKEN] from POST /v1/auth/grant; docs/operations.md)")
+            scheme, token = offered
+        if self.browser.Grants.is_grant(token):
+            return self.grants.redeem(token, protocol.API)
+        return self._api_key_client(token)
+
+    def _api_key_client(self, token: str) -> str:
         presented, ok = _digest(token), False
-        for digest in self._digests:
+        for digest in self._digests or ():
             ok |= hmac.compare_digest(presented, digest)
         if not ok:
             raise ASRError(ErrorCode.UNAUTHENTICATED, "invalid bearer token")
-        return token_client(values[0])
+        return token_client("Bearer " + token)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
+        if self.browser.request_method(request) != "GET" or path in self.browser.PAGES or path == "/api/status":
+            return self._http(connection, request, path)
         protocol = self.protocols.get(path.rstrip("/"))
         if protocol is None:
             return connection.respond(404, f"no WebSocket API at this path; this server serves "
@@ -204,6 +232,9 @@ class WebSocketListener:
             if self.service is None:
                 raise ASRError(ErrorCode.UNAVAILABLE, "the server is starting; retry shortly")
             try:
+                refusal = self.origins.refusal(request.headers)
+                if refusal:
+                    raise ASRError(ErrorCode.UNAUTHENTICATED, refusal)
                 client = self._authorize(request.headers, protocol)
             except ASRError:
                 self.observer.limit_hit(LimitReason.AUTH)
@@ -219,8 +250,13 @@ class WebSocketListener:
             self.observer.error_returned(exc.code)
             self._log(f"{protocol.API} {exc.code.name}", "refused a %s connection: %s %s", protocol.API,
                       exc.code.name, exc.message)
+            if "Origin" in request.headers:
+                # a browser sees no HTTP status of a handshake: it gets the protocol's error message
+                # and a close frame with the reason instead (no session is opened)
+                connection.asr_refused = (protocol, exc)
+                return None
             return protocol.http_error(connection, exc)
-        accepted = _Accepted(protocol, options, session, client)
+        accepted = _Accepted(protocol, options, session, client, browser="Origin" in request.headers)
         connection.asr_accepted = accepted
         # A handshake that fails after this (the client gone) never reaches the handler: free the session.
         watcher = asyncio.get_running_loop().create_task(self._free_if_unused(connection, accepted))
@@ -228,15 +264,84 @@ class WebSocketListener:
         watcher.add_done_callback(self._watchers.discard)
         return None
 
+    # --- plain HTTP: the page, its status, token grants ----------------------------------------
+    def _http(self, connection: ServerConnection, request: Request, path: str) -> Response:
+        b = self.browser
+        method, origin = b.request_method(request), request.headers.get("Origin")
+        refusal = self.origins.refusal(request.headers)
+        if refusal:
+            self.observer.limit_hit(LimitReason.AUTH)
+            return b.http_response(403, {"error": refusal})
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
+        if method == "OPTIONS":  # CORS preflight of a listed origin's token request
+            return b.http_response(204, b"", headers={
+                **cors, "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type"})
+        if method == "GET":
+            if path == "/api/status":
+                return b.http_response(200, self._status(), headers=cors)
+            return b.static_page(path)
+        grants = {"/v1/auth/grant": self.protocols.get("/v1/listen"),
+                  "/v1/realtime/transcription_sessions": self.protocols.get("/v1/realtime")}
+        protocol = grants.get(path.rstrip("/"))
+        if protocol is None:
+            return b.http_response(404, {"error": f"no {method} endpoint at this path; token grants are POST "
+                                                  f"{' and POST '.join(sorted(grants))}"}, headers=cors)
+        try:
+            if self.service is None:
+                raise ASRError(ErrorCode.UNAVAILABLE, "the server is starting; retry shortly")
+            client = self._grant_client(request, connection)
+            body = protocol.grant(self.grants, client, b.request_json(request), self.service)
+        except ASRError as exc:
+            if exc.code is ErrorCode.UNAUTHENTICATED:
+                self.observer.limit_hit(LimitReason.AUTH)
+            self._log(f"grant {exc.code.name}", "refused a %s token request: %s %s", protocol.API, exc.code.name,
+                      exc.message)
+            response = protocol.http_error(connection, exc)
+            for key, value in cors.items():
+                response.headers[key] = value
+            return response
+        return b.http_response(200, body, headers=cors)
+
+    def _grant_client(self, request: Request, connection: ServerConnection) -> str:
+        """Whom a token request's tokens are charged to: its API key (``Authorization``; a minted
+        token cannot mint more), or its address without ``--auth-token-file``."""
+        if self._digests is None:
+            return address_client(str((connection.remote_address or ("",))[0]))
+        values = request.headers.get_all("Authorization")
+        if len(values) != 1:
+            raise ASRError(ErrorCode.UNAUTHENTICATED, "a token request needs one header 'Authorization: Token "
+                           "<key>' (Deepgram) or 'Authorization: Bearer <key>' with a key of --auth-token-file")
+        scheme, _, token = values[0].strip().partition(" ")
+        if scheme.lower() not in ("bearer", "token") or not token.strip() or self.browser.Grants.is_grant(token.strip()):
+            raise ASRError(ErrorCode.UNAUTHENTICATED, "malformed credentials: a token request needs "
+                           "'Authorization: Token <key>' or 'Bearer <key>' with an API key")
+        return self._api_key_client(token.strip())
+
+    def _status(self) -> dict:
+        """``GET /api/status``: what the page needs (the Deepgram path, whether it needs a key)."""
+        out = {"websocket": "/v1/listen", "grant": "/v1/auth/grant", "auth": self._digests is not None}
+        if self.service is None:
+            return {"reachable": False, "code": "UNAVAILABLE", "error": "the server is starting", **out}
+        return {"reachable": True, "model": self.service.description.model_name,
+                "precision": self.settings.precision, "device": self.settings.device, **out}
+
     async def _free_if_unused(self, connection: ServerConnection, accepted: _Accepted) -> None:
         await connection.wait_closed()
         if not accepted.taken and self.service is not None:
             self.service.close_session(accepted.session, ASRError(ErrorCode.CANCELLED, "handshake failed"))
 
     async def _handle(self, connection: ServerConnection) -> None:
+        refused = getattr(connection, "asr_refused", None)
+        if refused is not None:
+            protocol, error = refused
+            await connection.send(json.dumps(protocol.error_event(error), separators=(",", ":")))
+            await connection.close(close_code(error.code), close_reason(error.message))
+            return
         accepted: _Accepted = connection.asr_accepted
         accepted.taken = True
-        stream = WsStream(connection, self.service, accepted.protocol.API, accepted.client, accepted.session)
+        stream = WsStream(connection, self.service, accepted.protocol.API, accepted.client, accepted.session,
+                          browser=accepted.browser)
         try:
             await accepted.protocol.serve(stream, accepted.options)
         except ConnectionClosed:
@@ -279,7 +384,7 @@ class WsStream:
     limit, sending JSON, and the segments in order (``results`` yields theirs one after another)."""
 
     def __init__(self, connection: ServerConnection, service: RecognitionService, api: str, client: str,
-                 first: Session):
+                 first: Session, browser: bool = False):
         self.connection = connection
         self.service = service
         self.settings = service.settings
@@ -294,6 +399,11 @@ class WsStream:
         self.client_gone = False
         self._last_message_at = time.monotonic()
         self._send_lock = asyncio.Lock()
+        # a browser page's messages: --ws-browser-max-message-bytes, and a token bucket of
+        # --ws-browser-max-messages-per-second (one second's worth of burst)
+        self.browser = browser
+        self._rate = self.settings.ws_browser_max_messages_per_second
+        self._allowance = float(self._rate)
 
     # --- segments ----------------------------------------------------------------------------
     @property
@@ -378,8 +488,10 @@ class WsStream:
             deadline = self._last_message_at + self.settings.idle_timeout_seconds
         try:
             message = await asyncio.wait_for(self.connection.recv(), max(0.0, deadline - time.monotonic()))
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
             self.client_gone = True
+            if exc.sent is not None and exc.sent.code == 1009:  # over max_size: refused unread, counted
+                self.observer.limit_hit(LimitReason.MAX_MESSAGE_BYTES)
             return None
         except TimeoutError:
             self.observer.limit_hit(LimitReason.IDLE_TIMEOUT)
@@ -389,8 +501,11 @@ class WsStream:
             if segment is not None and segment.started and segment.session.end_input(error):
                 return None
             raise Idle(error.message) from None
-        self._last_message_at = time.monotonic()
+        now = time.monotonic()
+        elapsed, self._last_message_at = now - self._last_message_at, now
         size = len(message)
+        if self.browser:
+            self._check_browser_message(size, elapsed)
         limit = self.settings.max_message_bytes * (4 / 3 if isinstance(message, str) else 1) + 4096
         if size > limit:
             self.observer.limit_hit(LimitReason.MAX_MESSAGE_BYTES)
@@ -398,6 +513,21 @@ class WsStream:
                            f"(--max-message-bytes {self.settings.max_message_bytes} of audio); send audio in "
                            f"smaller pieces")
         return message
+
+    def _check_browser_message(self, size: int, elapsed: float) -> None:
+        s = self.settings
+        limit = s.ws_browser_max_message_bytes
+        if size > limit:
+            self.observer.limit_hit(LimitReason.MAX_MESSAGE_BYTES)
+            raise ASRError(ErrorCode.RESOURCE_EXHAUSTED, f"a message of {size} bytes is larger than a browser "
+                           f"page's limit (--ws-browser-max-message-bytes {limit}); "
+                           f"send audio in smaller pieces")
+        self._allowance = min(float(self._rate), self._allowance + elapsed * self._rate)
+        if self._allowance < 1.0:
+            self.observer.limit_hit(LimitReason.MESSAGE_RATE)
+            raise ASRError(ErrorCode.RESOURCE_EXHAUSTED, f"more than {self._rate} messages a second "
+                           f"(--ws-browser-max-messages-per-second): send audio in larger pieces")
+        self._allowance -= 1.0
 
     async def send_json(self, event: dict) -> None:
         async with self._send_lock:
