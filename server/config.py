@@ -58,7 +58,7 @@ class ServerSettings(BaseSettings):
     ws_port: int = Field(-1, ge=-1, le=65535, description="WebSocket port on --host for OpenAI Realtime "
                          "(/v1/realtime) and Deepgram (/v1/listen) clients, with the gRPC port's TLS, tokens "
                          "and limits (0 picks a free port, -1 turns it off)")
-    ws_allow_origin: list[str] = Field(default_factory=list, description="a browser origin "
+    ws_allow_origin: list[str] = Field([], description="a browser origin "
                                        "(https://app.example:8443) whose pages may use the WebSocket port, "
                                        "besides the server's own page at GET /; repeatable (default: none)")
     ws_token_ttl_seconds: float = Field(60.0, ge=1.0, le=3600.0, description="how long a token minted by "
