@@ -102,6 +102,36 @@ def receiver_rejects_what_is_not_an_alert(port: int) -> int:
     return 200
 
 
+def post(port: int, body: bytes) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status
+
+
+def test_the_receiver_prints_each_alert_of_concurrent_notifications_as_one_line():
+    """Alertmanager sends the notifications of different groups at once: 20 of them from 20
+    threads, 5 alerts each, come out as 100 whole JSON lines."""
+    port = free_port()
+    with process([sys.executable, str(RECEIVER), "--port", str(port)], "listening on") as (_, lines):
+        bodies = [json.dumps({"receiver": "webhook", "status": "firing", "alerts": [
+            {"status": "firing", "labels": {"alertname": f"A{n}", "instance": f"i{k}"},
+             "annotations": {"summary": "x" * 2000}} for k in range(5)]}).encode() for n in range(20)]
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda b=b: statuses.append(post(port, b))) for b in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        deadline = time.monotonic() + 10
+        while sum(line.startswith("{") for line in lines) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        printed = [json.loads(line) for line in list(lines) if line.startswith("{")]
+    assert statuses == [200] * 20
+    assert sorted((a["labels"]["alertname"], a["labels"]["instance"]) for a in printed) == sorted(
+        (f"A{n}", f"i{k}") for n in range(20) for k in range(5))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_stopped_server_pages_through_alertmanager_to_the_webhook(tmp_path):

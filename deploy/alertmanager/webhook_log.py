@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY_BYTES = 1 << 20
+OUTPUT = threading.Lock()  # notifications come in on threads of their own: whole lines, one at a time
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -36,8 +38,9 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError, AttributeError):
             self.send_error(400, "expected a JSON body of Alertmanager's webhook format")
             return
-        for line in lines:
-            print(line, flush=True)
+        with OUTPUT:
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            sys.stdout.flush()
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
