@@ -111,6 +111,18 @@ class ServerSettings(BaseSettings):
                                      "ends an utterance (a final result), unless a request sets its own")
     max_utterance_ms: int = Field(30_000, ge=1000, le=600_000, description="longest utterance before "
                                   "a final result is forced, unless a request sets its own")
+    # --- contextual biasing --------------------------------------------------------------
+    max_phrases: int = Field(500, ge=0, le=100_000, description="most phrases one request's speech "
+                             "contexts may carry, all contexts together (0: phrases are refused); more get "
+                             "INVALID_ARGUMENT. Each costs the stream memory and its set-up time in proportion "
+                             "to its characters")
+    max_phrase_chars: int = Field(50, ge=1, le=10_000, description="longest phrase, in characters; a longer "
+                                  "one gets INVALID_ARGUMENT")
+    min_boost: float = Field(0.1, gt=0.0, le=1000.0, description="smallest boost a speech context may ask for "
+                             "(bonus per token of a phrase, in log-probability units)")
+    max_boost: float = Field(20.0, gt=0.0, le=1000.0, description="largest boost a speech context may ask for")
+    default_boost: float = Field(4.0, gt=0.0, le=1000.0, description="boost of a speech context that sets none "
+                                 "(0)")
     # --- batching ------------------------------------------------------------------------
     max_batch: int = Field(32, ge=1, le=1024, description="most streams in one engine step")
     max_wait_ms: float = Field(0.0, ge=0.0, le=100.0, description="how long a step may wait to fill "
@@ -221,6 +233,13 @@ class ServerSettings(BaseSettings):
         if self.beam_width > self.max_beam_width:
             raise ValueError(f"--beam-width ({self.beam_width}) exceeds --max-beam-width "
                              f"({self.max_beam_width})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_boost(self) -> "ServerSettings":
+        if not self.min_boost <= self.default_boost <= self.max_boost:
+            raise ValueError(f"--default-boost ({self.default_boost:g}) must lie within --min-boost "
+                             f"({self.min_boost:g}) and --max-boost ({self.max_boost:g})")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
@@ -67,6 +68,15 @@ class StreamLimits(Protocol):
 
 
 @dataclass(frozen=True)
+class SpeechContext:
+    """Phrases to favour in decoding (contextual biasing): each token of a phrase the decoder
+    follows earns ``boost``, in log-probability units; 0 takes the server's ``--default-boost``."""
+
+    phrases: tuple[str, ...]
+    boost: float = 0.0
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """A stream's recognition settings, after defaults are applied; see ``validate``."""
 
@@ -80,6 +90,12 @@ class StreamConfig:
     word_time_offsets: bool = False
     endpointing: Endpointing = field(default_factory=Endpointing)
     request_id: str = ""
+    speech_contexts: tuple[SpeechContext, ...] = field(default=(), repr=False)  # boosts resolved (never 0)
+
+    @property
+    def phrases(self) -> list[tuple[str, float]]:
+        """Every phrase of ``speech_contexts`` with its boost."""
+        return [(phrase, c.boost) for c in self.speech_contexts for phrase in c.phrases]
 
     @property
     def frame_bytes(self) -> int:
@@ -110,7 +126,24 @@ class StreamConfig:
             raise invalid("config.endpointing.trailing_silence_ms must be between 80 and 60000")
         if ep.enabled and not 1000 <= ep.max_utterance_ms <= 600_000:
             raise invalid("config.endpointing.max_utterance_ms must be between 1000 and 600000")
+        self._validate_phrases(settings)
         return self
+
+    def _validate_phrases(self, settings: ServerSettings) -> None:
+        phrases = self.phrases
+        if len(phrases) > settings.max_phrases:
+            raise invalid(f"speech_contexts carry {len(phrases)} phrases; the limit is {settings.max_phrases} "
+                          f"per request (--max-phrases)")
+        for phrase, boost in phrases:
+            if not phrase.strip():
+                raise invalid("speech_contexts: a phrase is empty")
+            if len(phrase) > settings.max_phrase_chars:
+                raise invalid(f"speech_contexts: a phrase of {len(phrase)} characters is longer than the limit "
+                              f"of {settings.max_phrase_chars} (--max-phrase-chars)")
+            if not (math.isfinite(boost) and settings.min_boost <= boost <= settings.max_boost):
+                raise invalid(f"speech_contexts: boost {boost:g} is outside [{settings.min_boost:g}, "
+                              f"{settings.max_boost:g}] (--min-boost, --max-boost; 0 takes --default-boost "
+                              f"{settings.default_boost:g})")
 
 
 # Results

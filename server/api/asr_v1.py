@@ -42,7 +42,7 @@ def config_from_pb(service: RecognitionService, config: asr_pb2.RecognitionConfi
         beam_width=config.beam_width, max_alternatives=config.max_alternatives,
         interim_results=interim_results, word_time_offsets=config.enable_word_time_offsets,
         endpointing_disabled=ep.disabled, trailing_silence_ms=ep.trailing_silence_ms,
-        max_utterance_ms=ep.max_utterance_ms, request_id=request_id)
+        max_utterance_ms=ep.max_utterance_ms, request_id=request_id, speech_contexts=config.speech_contexts)
 
 
 def alternative_to_pb(alt: Alternative) -> asr_pb2.SpeechRecognitionAlternative:
@@ -108,5 +108,7 @@ class AsrServicer(asr_pb2_grpc.SpeechRecognitionServicer):
             default_beam_width=s.beam_width,
             limits=asr_pb2.Limits(max_streams=s.max_streams, max_stream_duration_s=s.max_stream_seconds,
                                   max_message_bytes=s.max_message_bytes, max_beam_width=s.max_beam_width,
-                                  max_alternatives=s.max_beam_width),
+                                  max_alternatives=s.max_beam_width, max_phrases=s.max_phrases,
+                                  max_phrase_chars=s.max_phrase_chars, min_boost=s.min_boost,
+                                  max_boost=s.max_boost, default_boost=s.default_boost),
             version=d.version, kernels=d.kernels, batching_exact=d.batching_exact)

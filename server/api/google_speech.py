@@ -24,7 +24,7 @@ from server.api.streaming import check_message_size, stream_results, streaming_c
 from server.core.service import RecognitionService
 from server.core.session import Session
 from server.errors import invalid, shown
-from server.types import Alternative, Encoding, Result, StreamConfig
+from server.types import Alternative, Encoding, Result, SpeechContext, StreamConfig
 
 log = logging.getLogger(__name__)
 API = "google"
@@ -66,7 +66,36 @@ def config_from_google(service: RecognitionService, config: RecognitionConfig,
         encoding=Encoding.LINEAR16, sample_rate_hertz=config.sample_rate_hertz,
         channels=config.audio_channel_count, method=method, beam_width=beam_width,
         max_alternatives=max_alternatives, interim_results=interim_results,
-        word_time_offsets=config.enable_word_time_offsets)
+        word_time_offsets=config.enable_word_time_offsets, speech_contexts=_speech_contexts(config))
+
+
+def _speech_contexts(config: RecognitionConfig) -> list[SpeechContext]:
+    """``speech_contexts`` and ``adaptation.phrase_sets`` as phrases with their boosts (a phrase's
+    own boost, else its set's); class tokens, custom classes, references and grammars are refused."""
+    contexts = []
+    for i, context in enumerate(config.speech_contexts):
+        for j, phrase in enumerate(context.phrases):
+            _refuse_class_token(phrase, f"config.speech_contexts[{i}].phrases[{j}]")
+        contexts.append(SpeechContext(tuple(context.phrases), context.boost))
+    adaptation = config.adaptation
+    if adaptation.phrase_set_references:
+        raise unsupported("config.adaptation.phrase_set_references",
+                          "is not supported: send the phrases inline in adaptation.phrase_sets")
+    if adaptation.custom_classes:
+        raise unsupported("config.adaptation.custom_classes")
+    if adaptation.HasField("abnf_grammar"):
+        raise unsupported("config.adaptation.abnf_grammar")
+    for i, phrase_set in enumerate(adaptation.phrase_sets):
+        for j, phrase in enumerate(phrase_set.phrases):
+            _refuse_class_token(phrase.value, f"config.adaptation.phrase_sets[{i}].phrases[{j}].value")
+            contexts.append(SpeechContext((phrase.value,), phrase.boost or phrase_set.boost))
+    return contexts
+
+
+def _refuse_class_token(phrase: str, field: str) -> None:
+    if "$" in phrase:
+        raise unsupported(f"{field} {shown(phrase)}", "has a class token ($...), which this server does not "
+                          "support; send the words themselves")
 
 
 def _refuse_unsupported(config: RecognitionConfig) -> None:
@@ -75,8 +104,6 @@ def _refuse_unsupported(config: RecognitionConfig) -> None:
         raise unsupported("config.alternative_language_codes")
     if config.profanity_filter:
         raise unsupported("config.profanity_filter")
-    if config.speech_contexts or config.HasField("adaptation"):
-        raise unsupported("config.speech_contexts / config.adaptation (phrase hints)")
     if config.HasField("transcript_normalization"):
         raise unsupported("config.transcript_normalization")
     if config.enable_separate_recognition_per_channel:

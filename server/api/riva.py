@@ -54,15 +54,14 @@ def config_from_riva(service: RecognitionService, config: rasr.RecognitionConfig
         channels=config.audio_channel_count, method=method, beam_width=beam_width,
         max_alternatives=max_alternatives, interim_results=interim_results,
         word_time_offsets=config.enable_word_time_offsets,
-        trailing_silence_ms=_trailing_silence_ms(config), request_id=request_id)
+        trailing_silence_ms=_trailing_silence_ms(config), request_id=request_id,
+        speech_contexts=config.speech_contexts)
 
 
 def _refuse_unsupported(config: rasr.RecognitionConfig) -> None:
     """Features whose absence a user would not notice from the transcript alone."""
     if config.profanity_filter:
         raise unsupported("config.profanity_filter")
-    if config.speech_contexts:
-        raise unsupported("config.speech_contexts (word boosting)")
     if config.enable_separate_recognition_per_channel:
         raise unsupported("config.enable_separate_recognition_per_channel",
                           "is not supported: channels are mixed to mono")

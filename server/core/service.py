@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -25,7 +26,8 @@ from server.model.engine import MAX_CHUNKS_PER_STREAM, ChunkWork, Engine
 from server.model.loading import LoadedModel
 from server.observability.observer import Observer, first_step_stats
 from server.types import (RIGHT_CONTEXT_SAMPLES, SAMPLE_RATE, SEGMENT_SAMPLES, WINDOW_SAMPLES, BatchRecord,
-                          DecodingMethod, Encoding, Endpointing, Result, StreamConfig)
+                          DecodingMethod, Encoding, Endpointing, Result, SpeechContext,
+                          StreamConfig)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,9 @@ class RecognitionService:
                       method: DecodingMethod | None, beam_width: int, max_alternatives: int,
                       interim_results: bool, word_time_offsets: bool, endpointing_disabled: bool = False,
                       trailing_silence_ms: int = 0, max_utterance_ms: int = 0,
-                      request_id: str = "") -> StreamConfig:
-        """A ``StreamConfig`` with the server's defaults for every zero / unset field."""
+                      request_id: str = "", speech_contexts: Sequence[SpeechContext] = ()) -> StreamConfig:
+        """A ``StreamConfig`` with the server's defaults for every zero / unset field (a speech
+        context's boost 0: ``--default-boost``)."""
         s = self.settings
         if method is None:
             method = DecodingMethod(s.decoding_method)
@@ -140,7 +143,9 @@ class RecognitionService:
             interim_results=interim_results, word_time_offsets=word_time_offsets,
             endpointing=Endpointing(not endpointing_disabled, trailing_silence_ms or s.endpoint_silence_ms,
                                     max_utterance_ms or s.max_utterance_ms),
-            request_id=request_id)
+            request_id=request_id,
+            speech_contexts=tuple(SpeechContext(tuple(c.phrases), c.boost or s.default_boost)
+                                  for c in speech_contexts if c.phrases))
 
     def open_session(self, api: str, client: str = "") -> Session:
         """A session for ``api`` charged to ``client`` (``server.api.status.client_of``)."""

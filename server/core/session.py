@@ -33,7 +33,8 @@ from server.core.admission import Admission
 from server.core.audio import AudioDecoder
 from server.core.pace import AudioPace
 from server.core.scheduler import JobTiming, Scheduler
-from server.errors import ASRError, ErrorCode
+from server.errors import ASRError, ErrorCode, invalid
+from server.model.context_graph import PhraseError
 from server.model.engine import (FRAME_SECONDS, MAX_CHUNKS_PER_STREAM, ChunkResult, ChunkWork, Endpoint, Engine,
                                  StreamState)
 from server.model.vocabulary import TokenTable
@@ -118,9 +119,31 @@ class Session:
                            "later messages must carry audio only")
         self.config = config.validate(self.settings)
         self._decoder = AudioDecoder(self.config)
-        self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width,
-                                              self.config.endpointing)
+        if not self.config.speech_contexts:
+            self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width,
+                                                  self.config.endpointing)
+        else:
+            try:
+                phrases = self.engine.context_phrases(self.config.phrases)
+            except PhraseError as exc:
+                raise invalid(f"speech_contexts: {exc}") from None
+            # the automaton takes time in proportion to the phrases' characters: built off the event
+            # loop; the stream's windows wait for it (``_top_up`` needs the stream's state)
+            built = asyncio.get_running_loop().run_in_executor(None, self.engine.context_graph, phrases)
+            built.add_done_callback(self._context_built)
         self.state = SessionState.ACTIVE
+
+    def _context_built(self, built: asyncio.Future) -> None:
+        if self.state is SessionState.CLOSED or built.cancelled():
+            return
+        if built.exception() is not None:
+            log.error("stream %d: building its phrases failed: %r", self.id, built.exception())
+            self.fail(ASRError(ErrorCode.INTERNAL, "the stream's phrases could not be prepared"))
+            return
+        self._stream = self.engine.new_stream(self.config.decoding_method, self.config.beam_width,
+                                              self.config.endpointing, built.result())
+        self._top_up()
+        self._changed.set()
 
     @property
     def buffered_seconds(self) -> float:
@@ -305,7 +328,7 @@ class Session:
                 if not self._in_flight:
                     if self._failure is not None:
                         raise self._failure
-                    if self._input_done:
+                    if self._input_done and not self._windows:  # (windows wait while phrases are built)
                         break
                     self._changed.clear()
                     await self._changed.wait()

@@ -54,11 +54,7 @@ def phrase_tokens(vocabulary, text: str) -> list[int]:
         if len(tokens) == 0 or any(t == sp.unk_id() for t in sp.encode(" ".join(words))):
             raise PhraseError(f"phrase {text!r} has characters the model has no token for")
         return tokens
-    pieces: dict[str, int] = {}
-    for token in range(vocabulary.size - 1):
-        piece = vocabulary.piece(token)
-        if piece and piece not in pieces:
-            pieces[piece] = token
+    pieces = _pieces(vocabulary)
     if not any(p != p.upper() for p in pieces) and any(p != p.lower() for p in pieces):
         words = [w.upper() for w in words]
     elif not any(p != p.lower() for p in pieces):
@@ -76,6 +72,21 @@ def phrase_tokens(vocabulary, text: str) -> list[int]:
         else:
             raise PhraseError(f"phrase {text!r} has a character the model has no token for: {spelled[i]!r}")
     return tokens
+
+
+_PIECES: dict[int, tuple[object, dict[str, int]]] = {}  # id(vocabulary) -> (vocabulary, piece -> token)
+
+
+def _pieces(vocabulary) -> dict[str, int]:
+    known = _PIECES.get(id(vocabulary))
+    if known is None or known[0] is not vocabulary:
+        pieces: dict[str, int] = {}
+        for token in range(vocabulary.size - 1):
+            piece = vocabulary.piece(token)
+            if piece and piece not in pieces:
+                pieces[piece] = token
+        known = _PIECES[id(vocabulary)] = (vocabulary, pieces)
+    return known[1]
 
 
 def separator_token(vocabulary) -> int | None:
@@ -125,31 +136,23 @@ class ContextGraph:
                 node = child
             is_end[node] = True
         n = len(children)
-        score = np.zeros(n, dtype=np.float64)  # bonus along the trie path from the root
-        locked = np.zeros(n, dtype=np.float64)  # score of the deepest completed phrase on that path
+        score = [0.0] * n  # bonus along the trie path from the root
+        locked = [0.0] * n  # score of the deepest completed phrase on that path
         fail = [0] * n
         order = []  # breadth first, root excluded
-        queue = deque()
-        for token, child in children[0].items():
-            queue.append(child)
-        parent_of = {}
-        for token, child in children[0].items():
-            parent_of[child] = (0, token)
+        queue = deque((child, 0, token) for token, child in children[0].items())
         while queue:
-            node = queue.popleft()
+            node, parent, token = queue.popleft()
             order.append(node)
-            parent, token = parent_of[node]
             score[node] = score[parent] + edge_bonus[node]
             locked[node] = score[node] if is_end[node] else locked[parent]
-            if parent != 0:
+            if parent:
                 f = fail[parent]
                 while f and token not in children[f]:
                     f = fail[f]
-                fail[node] = children[f].get(token, 0) if children[f].get(token, 0) != node else 0
-            for t, c in children[node].items():
-                parent_of[c] = (node, t)
-                queue.append(c)
-        provisional = score - locked
+                fail[node] = children[f].get(token, 0)
+            queue.extend((c, node, t) for t, c in children[node].items())
+        provisional = [s - lk for s, lk in zip(score, locked)]
         # transitions: the root's, plus per node the tokens where it differs (children of the node
         # and of its failure chain); a node's exceptions extend those of its failure target
         next_root = np.zeros(symbols, dtype=np.int64)
@@ -157,19 +160,29 @@ class ContextGraph:
         for token, child in children[0].items():
             next_root[token] = child
             base[token] = score[child]
-        exceptions: list[dict[int, tuple[int, float]]] = [dict() for _ in range(n)]
+        targets: list[dict[int, int]] = [{} for _ in range(n)]  # token -> next node, per node
         for node in order:
-            table: dict[int, tuple[int, float]] = {}
-            for token, (target, _) in exceptions[fail[node]].items():  # breaking off via the failure link
-                table[token] = (target, score[target] - provisional[node])
-            for token, child in children[node].items():  # following the phrase
-                table[token] = (child, score[child] - score[node])
-            exceptions[node] = table
-        counts = np.array([len(e) for e in exceptions], dtype=np.int64)
+            table = dict(targets[fail[node]])  # breaking off via the failure link
+            table.update(children[node])  # following the phrase
+            targets[node] = table
+        ex_token, ex_next, ex_delta = [], [], []
+        counts = [0] * n
+        for node in range(n):
+            table = targets[node]
+            counts[node] = len(table)
+            own = children[node]
+            give_back = provisional[node]
+            for token in sorted(table):
+                target = table[token]
+                ex_token.append(token)
+                ex_next.append(target)
+                ex_delta.append(score[target] - score[node] if own.get(token) == target
+                                else score[target] - give_back)
         self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.ex_token = np.array([t for e in exceptions for t in sorted(e)], dtype=np.int64)
-        self.ex_next = np.array([e[t][0] for e in exceptions for t in sorted(e)], dtype=np.int64)
-        self.ex_delta = np.array([e[t][1] for e in exceptions for t in sorted(e)], dtype=np.float32)
+        self.ex_token = np.array(ex_token, dtype=np.int32)
+        self.ex_next = np.array(ex_next, dtype=np.int32)
+        self.ex_delta = np.array(ex_delta, dtype=np.float32)
+        score, locked, provisional = (np.array(x, dtype=np.float64) for x in (score, locked, provisional))
         self.next_root = next_root
         self.base = base.astype(np.float32)
         self.provisional = provisional.astype(np.float32)
@@ -209,15 +222,18 @@ class ContextBatch:
     ``graphs``: one per stream of the step, ``None`` for a stream without phrases; a row names
     its stream by its index here (``rows_stream``) and its node by the graph's own node ids."""
 
-    def __init__(self, graphs: Sequence[ContextGraph | None], symbols: int):
+    def __init__(self, graphs: Sequence[ContextGraph | None], symbols: int, previous: "ContextBatch | None" = None):
         self.symbols = symbols
-        present = [g for g in graphs if g is not None]
-        distinct: dict[int, int] = {}
-        for g in present:
-            distinct.setdefault(id(g), len(distinct))
-        unique = {id(g): g for g in present}
-        ordered = sorted(unique.values(), key=lambda g: distinct[id(g)])
-        self.graph_of = np.array([distinct[id(g)] if g is not None else -1 for g in graphs], dtype=np.int64)
+        ordered = sorted({id(g): g for g in graphs if g is not None}.values(), key=id)
+        index = {id(g): k for k, g in enumerate(ordered)}
+        self.graph_of = np.array([index[id(g)] if g is not None else -1 for g in graphs], dtype=np.int64)
+        self.graphs = ordered  # held: their ids stay theirs while this batch may be reused
+        if previous is not None and len(previous.graphs) == len(ordered) and all(
+                a is b for a, b in zip(previous.graphs, ordered)):  # the same streams' graphs: no copy
+            for name in ("node_offset", "base", "next_root", "provisional", "ptr", "ex_token", "ex_next",
+                         "ex_delta"):
+                setattr(self, name, getattr(previous, name))
+            return
         sizes = np.array([g.num_nodes for g in ordered], dtype=np.int64)
         self.node_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         ex_sizes = np.array([g.ex_token.size for g in ordered], dtype=np.int64)
@@ -231,9 +247,12 @@ class ContextBatch:
         self.ex_delta = np.concatenate([g.ex_delta for g in ordered])
 
     @classmethod
-    def of(cls, graphs: Sequence[ContextGraph | None], symbols: int) -> "ContextBatch | None":
-        """``None`` when no stream has phrases (the decoders then take their unbiased path)."""
-        return cls(graphs, symbols) if any(g is not None for g in graphs) else None
+    def of(cls, graphs: Sequence[ContextGraph | None], symbols: int,
+           previous: "ContextBatch | None" = None) -> "ContextBatch | None":
+        """``None`` when no stream has phrases (the decoders then take their unbiased path).
+        ``previous``: the batch of an earlier step, whose joined arrays are reused when it joined
+        exactly these graphs (the usual case: the same streams step after step)."""
+        return cls(graphs, symbols, previous) if any(g is not None for g in graphs) else None
 
     def biased(self, rows_stream: np.ndarray) -> np.ndarray:
         """Which rows belong to a stream with phrases."""

@@ -15,6 +15,14 @@ the others in its batch.
   so the joiner only runs on what changed.
 
 Token 0..V-2 are symbols, V-1 the blank (torchaudio's convention).
+
+Contextual biasing (``server.model.context_graph``): a stream with phrases has a ``ContextGraph``
+in its ``DecoderState``, and each of its hypotheses the graph node it is in. Every decoder adds the
+graph's bonus rows to the scores of those hypotheses' extensions (shallow fusion), for all biased
+streams of a call at once (``ContextBatch``); beam search adds the running bonus to the hypothesis
+score (a broken match gives its bonus back), greedy decoding adds to each candidate what it earns
+(no give-back: with one hypothesis it would only hold back the tokens after a broken match).
+Rows of streams without phrases are never touched: their results are exactly those without biasing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from typing import Generator, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from server.model.context_graph import ContextBatch, ContextGraph
 
 PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h (N, H), c (N, H)]
 
@@ -161,6 +171,7 @@ class Hypothesis:
     predictor_state: PredictorState
     score: float
     token_prob_sum: float = 0.0  # sum of the emitted tokens' posteriors (for confidence)
+    context_node: int = 0  # node of the stream's ContextGraph after these tokens (streams with phrases)
 
     @property
     def rank_key(self) -> float:
@@ -182,6 +193,7 @@ class DecoderState:
     # for the extensions of the current hypotheses computed so far: an extension proposed again
     # on a later frame (most are) costs no predictor call
     predictor_cache: dict[tuple[int, ...], tuple[torch.Tensor, PredictorState]] = field(default_factory=dict)
+    context: ContextGraph | None = None  # the stream's phrases (contextual biasing), if any
 
     @property
     def best(self) -> Hypothesis:
@@ -207,9 +219,28 @@ def _score(hypothesis: Hypothesis) -> float:
     return hypothesis.score
 
 
-def _initial_hypothesis(predictor: Predictor) -> Hypothesis:
+def _initial_hypothesis(predictor: Predictor, context: ContextGraph | None = None) -> Hypothesis:
     out, state = predictor.initial()
-    return Hypothesis((), (), out, state, 0.0)
+    return Hypothesis((), (), out, state, 0.0, context_node=context.start if context is not None else 0)
+
+
+def _new_state(predictor: Predictor, context: ContextGraph | None) -> DecoderState:
+    return DecoderState([_initial_hypothesis(predictor, context)], context=context)
+
+
+def _context_rows(batch: ContextBatch | None, streams: list[int], nodes: list[int], forward_only: bool = False):
+    """For rows of ``streams`` (indices into the step's states) at graph ``nodes``: the rows of
+    streams with phrases, their bonus rows ``(R, V-1)`` and next nodes ``(R, V-1)``; ``None`` when
+    there is none."""
+    if batch is None:
+        return None
+    rows_stream = np.asarray(streams, dtype=np.int64)
+    biased = np.nonzero(batch.biased(rows_stream))[0]
+    if biased.size == 0:
+        return None
+    node = np.asarray(nodes, dtype=np.int64)[biased]
+    bonus, nxt = batch.rows(rows_stream[biased], node, forward_only)
+    return biased, bonus, nxt
 
 
 class GreedyDecoder:
@@ -219,9 +250,10 @@ class GreedyDecoder:
         self.predictor = predictor
         self.blank = predictor.blank
         self.max_symbols_per_frame = max_symbols_per_frame
+        self._context: ContextBatch | None = None  # the last step's (its joined graphs are reused)
 
-    def new_state(self) -> DecoderState:
-        return DecoderState([_initial_hypothesis(self.predictor)])
+    def new_state(self, context: ContextGraph | None = None) -> DecoderState:
+        return _new_state(self.predictor, context)
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int]) -> None:
         """Decode ``encoder_out (B, T, E)``; ``first_frames[b]`` is the stream frame of row 0.
@@ -240,6 +272,8 @@ class GreedyDecoder:
         tokens: list[list[int]] = [list(h.tokens) for h in hyps]
         frames: list[list[int]] = [list(h.frames) for h in hyps]
         prob_sums = [h.token_prob_sum for h in hyps]
+        context = self._context = ContextBatch.of([s.context for s in states], self.blank, self._context)
+        nodes = [h.context_node for h in hyps]
         device = encoder_out.device
         start = [0] * len(states)  # the next frame each stream decodes
         emitted_at_start = [0] * len(states)  # symbols it already emitted on that frame
@@ -249,7 +283,18 @@ class GreedyDecoder:
             row_stream = torch.tensor([b for b, _, n in spans for _ in range(n)], device=device)
             row_frame = torch.tensor([t for _, t0, n in spans for t in range(t0, t0 + n)], device=device)
             logits = self.predictor.join(encoder_out[row_stream, row_frame], pred[row_stream])
-            best = logits.argmax(dim=-1).tolist()
+            best_t = logits.argmax(dim=-1)
+            bias = None if context is None else _context_rows(
+                context, [b for b, _, n in spans for _ in range(n)], [nodes[b] for b, _, n in spans for _ in range(n)],
+                forward_only=True)
+            if bias is not None:  # streams with phrases: the best symbol with what each would earn
+                biased, bonus, next_nodes = bias
+                rows_b = torch.from_numpy(biased).to(device)
+                fused = logits[rows_b].float()
+                fused[:, :self.blank] += torch.from_numpy(bonus).to(device)
+                best_t[rows_b] = fused.argmax(dim=-1)
+                next_of_row = dict(zip(biased.tolist(), next_nodes))
+            best = best_t.tolist()
             emits: list[tuple[int, int, int, int]] = []  # (row, stream, frame, symbol)
             row = 0
             for b, t0, n in spans:
@@ -266,7 +311,9 @@ class GreedyDecoder:
             probs = torch.softmax(logits[rows].float(), dim=-1).gather(1, symbols[:, None])[:, 0].tolist()
             pred[streams] = self.predictor.step_rows(symbols, pstate, streams).to(pred.dtype)
             active = []
-            for (_, b, t, symbol), p in zip(emits, probs):
+            for (row_, b, t, symbol), p in zip(emits, probs):
+                if bias is not None and row_ in next_of_row:
+                    nodes[b] = int(next_of_row[row_][symbol])
                 tokens[b].append(symbol)
                 frames[b].append(first_frames[b] + t)
                 prob_sums[b] += p
@@ -278,7 +325,7 @@ class GreedyDecoder:
                     active.append(b)
         for i, state in enumerate(states):
             state.hypotheses = [Hypothesis(tuple(tokens[i]), tuple(frames[i]), pred[i:i + 1],
-                                           unstack_state(pstate, i), 0.0, prob_sums[i])]
+                                           unstack_state(pstate, i), 0.0, prob_sums[i], nodes[i])]
 
 
 @dataclass
@@ -304,12 +351,14 @@ class BeamSearchDecoder:
         self.predictor = predictor
         self.blank = predictor.blank
         self.step_max_tokens = step_max_tokens
+        self._context: ContextBatch | None = None  # this step's streams' phrases
 
-    def new_state(self) -> DecoderState:
-        return DecoderState([_initial_hypothesis(self.predictor)])
+    def new_state(self, context: ContextGraph | None = None) -> DecoderState:
+        return _new_state(self.predictor, context)
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
              beam_widths: list[int]) -> None:
+        self._context = ContextBatch.of([s.context for s in states], self.blank, self._context)
         searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], encoder_out.size(1), first_frames[i],
                                     states[i].predictor_cache)
                     for i in range(len(states))}
@@ -340,10 +389,22 @@ class BeamSearchDecoder:
             # numpy from here: the search's many small float32 sums, sorts and top-k cost a
             # fraction of torch's per-call overhead, with the same float32 roundings
             logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu().numpy()
+            bias = None if self._context is None else _context_rows(
+                self._context, [i for i, r in joins for _ in r.hypotheses],
+                [h.context_node for _, r in joins for h in r.hypotheses])
+            bonus_of_row = {}
+            if bias is not None:  # streams with phrases: bonus rows and next nodes, one gather for all
+                biased, bonus, next_nodes = bias
+                bonus_of_row = {row: k for k, row in enumerate(biased.tolist())}
             start = 0
             for i, r in joins:
-                replies[i] = logp[start:start + len(r.hypotheses)]
-                start += len(r.hypotheses)
+                n = len(r.hypotheses)
+                context = None
+                if start in bonus_of_row:  # a stream's rows are all biased or none
+                    k = bonus_of_row[start]
+                    context = (bonus[k:k + n], next_nodes[k:k + n])
+                replies[i] = (logp[start:start + n], context)
+                start += n
         if predicts:
             device = self.predictor.device
             tokens = torch.tensor([t for _, r in predicts for t in r.tokens], device=device)
@@ -366,11 +427,11 @@ class BeamSearchDecoder:
             ended_by_tokens: dict[tuple[int, ...], Hypothesis] = {}
             emitted = 0
             while expanding:
-                logp = yield _JoinRequest(stream, t, expanding)
+                logp, context = yield _JoinRequest(stream, t, expanding)
                 ended = self._close_with_blank(ended, expanding, logp, ended_by_tokens)
                 if emitted == self.step_max_tokens:
                     break
-                expanding = yield from self._expand(expanding, ended, logp, beam, first_frame + t, cache)
+                expanding = yield from self._expand(expanding, ended, logp, beam, first_frame + t, cache, context)
                 if expanding:
                     emitted += 1
             keys = np.array([h.rank_key for h in ended], dtype=np.float32)  # float32 keys, as torchaudio's
@@ -396,17 +457,21 @@ class BeamSearchDecoder:
             else:
                 score = blank
             closed = Hypothesis(hyp.tokens, hyp.frames, hyp.predictor_out, hyp.predictor_state,
-                                score, hyp.token_prob_sum)
+                                score, hyp.token_prob_sum, hyp.context_node)
             ended.append(closed)
             ended_by_tokens[hyp.tokens] = closed
         ended.sort(key=_score)  # stable, ascending; the scores are float32 values, compared exactly
         return ended
 
     def _expand(self, expanding: list[Hypothesis], ended: list[Hypothesis], logp: np.ndarray, beam: int,
-                frame: int, cache: dict) -> Generator[_Request, object, list[Hypothesis]]:
+                frame: int, cache: dict, context=None) -> Generator[_Request, object, list[Hypothesis]]:
         """The best ``beam`` one-symbol extensions that beat the ``beam``-th ended hypothesis; the
-        predictor runs only on those not in ``cache`` (token sequence -> output, state)."""
-        scores = (np.array([h.score for h in expanding], dtype=np.float32)[:, None] + logp[:, :-1]).reshape(-1)
+        predictor runs only on those not in ``cache`` (token sequence -> output, state).
+        ``context``: for a stream with phrases, the bonus rows and next graph nodes of ``expanding``."""
+        scores = np.array([h.score for h in expanding], dtype=np.float32)[:, None] + logp[:, :-1]
+        if context is not None:
+            scores += context[0]  # float32: the running bonus of each extension
+        scores = scores.reshape(-1)
         threshold = ended[-beam].score if len(ended) >= beam else -math.inf
         if float(scores.max()) <= threshold:  # no extension beats the beam-th ended hypothesis (often)
             return []
@@ -431,8 +496,9 @@ class BeamSearchDecoder:
             computed = yield _PredictRequest([tokens[k] for k in missing], [base[k] for k in missing])
             for k, output in zip(missing, computed):
                 outputs[k] = cache[keys[k]] = output
-        return [Hypothesis(key, h.frames + (frame,), out, state, score, h.token_prob_sum + math.exp(lp))
-                for lp, h, key, score, (out, state) in zip(chosen, base, keys, new_scores, outputs)]
+        nodes = context[1][rows, tokens].tolist() if context is not None else [0] * len(rows)
+        return [Hypothesis(key, h.frames + (frame,), out, state, score, h.token_prob_sum + math.exp(lp), node)
+                for lp, h, key, score, (out, state), node in zip(chosen, base, keys, new_scores, outputs, nodes)]
 
 
 class ModifiedBeamSearchDecoder:
@@ -450,13 +516,15 @@ class ModifiedBeamSearchDecoder:
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
         self.blank = predictor.blank
+        self._context: ContextBatch | None = None  # this step's streams' phrases
 
-    def new_state(self) -> DecoderState:
-        return DecoderState([_initial_hypothesis(self.predictor)])
+    def new_state(self, context: ContextGraph | None = None) -> DecoderState:
+        return _new_state(self.predictor, context)
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
              beam_widths: list[int]) -> None:
         """Decode ``encoder_out (B, T, E)`` into ``states``; ``first_frames[b]``: stream frame of row 0."""
+        self._context = ContextBatch.of([s.context for s in states], self.blank, self._context)
         hyps = [s.hypotheses for s in states]
         for t in range(encoder_out.size(1)):
             hyps = self._frame(encoder_out[:, t], hyps, [f + t for f in first_frames], beam_widths)
@@ -470,6 +538,14 @@ class ModifiedBeamSearchDecoder:
         logp = F.log_softmax(self.predictor.join(encoder_rows[owner], torch.cat([h.predictor_out for h in flat]))
                              .float(), dim=-1)
         scores = logp + torch.tensor([h.score for h in flat], device=logp.device)[:, None]
+        bias = None if self._context is None else _context_rows(
+            self._context, [b for b, mine in enumerate(hyps) for _ in mine], [h.context_node for h in flat])
+        next_of_row = {}
+        if bias is not None:  # streams with phrases: each extension's running bonus
+            biased, bonus, next_nodes = bias
+            rows_b = torch.from_numpy(biased).to(logp.device)
+            scores[rows_b, :self.blank] += torch.from_numpy(bonus).to(logp.device)
+            next_of_row = dict(zip(biased.tolist(), next_nodes))
         vocab = logp.size(1)
         # every stream's candidates in one row (padded with -inf), one top-k for all streams
         most = max(len(mine) for mine in hyps)
@@ -491,9 +567,12 @@ class ModifiedBeamSearchDecoder:
                 if score == -math.inf:
                     break
                 parent, symbol = mine[index // vocab], index % vocab
+                node = parent.context_node
                 if symbol == self.blank:
                     key, frames_, prob = parent.tokens, parent.frames, parent.token_prob_sum
                 else:
+                    if offset + index // vocab in next_of_row:
+                        node = int(next_of_row[offset + index // vocab][symbol])
                     key = parent.tokens + (symbol,)
                     frames_ = parent.frames + (frames[b],)
                     prob = parent.token_prob_sum + math.exp(float(chosen_logp[offset + index // vocab, symbol]))
@@ -501,7 +580,8 @@ class ModifiedBeamSearchDecoder:
                 if previous is not None:  # the same symbols by another path: probabilities add
                     previous.score = float(torch.tensor(previous.score).logaddexp(torch.tensor(score)))
                     continue
-                kept[key] = Hypothesis(key, frames_, parent.predictor_out, parent.predictor_state, score, prob)
+                kept[key] = Hypothesis(key, frames_, parent.predictor_out, parent.predictor_state, score, prob,
+                                       node)
                 if symbol != self.blank:
                     extend.append((b, key, symbol, parent, score))
             survivors.append(kept)

@@ -19,6 +19,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from server.kernels import native
 from server.kernels.precision import (INT8_KERNELS, BlockedLinear, PackedLinear, PrecisionError, RowwiseInt8Linear,
                                       apply_precision, check_precision, detect_cpu_features, precision_warnings,
                                       relative_error)
+from server.model.context_graph import ContextGraph, Phrase, phrase_tokens, separator_token
 from server.model.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
                                   DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,
                                   Predictor)
@@ -71,6 +73,7 @@ class StreamState:
     beam_width: int
     decoder: DecoderState
     endpointing: Endpointing | None = None  # None: one utterance for the whole stream
+    context: ContextGraph | None = None  # the stream's phrases (contextual biasing); every utterance starts fresh
     slot: int | None = None
     chunks_done: int = 0
     utterance_start_frame: int = 0  # encoder frame where the current utterance began
@@ -249,12 +252,35 @@ class Engine:
     def tokens(self):
         return self.model.tokens
 
-    def new_stream(self, method: DecodingMethod, beam_width: int,
-                   endpointing: Endpointing | None = None) -> StreamState:
-        return StreamState(method, beam_width, self._new_decoder_state(method), endpointing)
+    def new_stream(self, method: DecodingMethod, beam_width: int, endpointing: Endpointing | None = None,
+                   context: ContextGraph | None = None) -> StreamState:
+        """``context``: the stream's phrases (``context_graph``), or ``None``."""
+        return StreamState(method, beam_width, self._new_decoder_state(method, context), endpointing, context)
 
-    def _new_decoder_state(self, method: DecodingMethod) -> DecoderState:
-        return (self.greedy if method is DecodingMethod.GREEDY else self.beam).new_state()
+    def _new_decoder_state(self, method: DecodingMethod, context: ContextGraph | None = None) -> DecoderState:
+        return (self.greedy if method is DecodingMethod.GREEDY else self.beam).new_state(context)
+
+    def context_phrases(self, phrases: Sequence[tuple[str, float]]) -> list[Phrase]:
+        """``(text, boost per token)`` pairs in this model's tokens: each phrase starts at a word start;
+        where the word separator is a token of its own (the demo model's space), it opens the phrase
+        with no bonus. Raises ``PhraseError`` naming a phrase the vocabulary cannot spell."""
+        separator = separator_token(self.tokens)
+        built = []
+        for text, boost in phrases:
+            tokens = phrase_tokens(self.tokens, text)
+            bonuses = [float(boost)] * len(tokens)
+            if tokens[0] == separator:
+                bonuses[0] = 0.0
+            built.append(Phrase(tuple(tokens), tuple(bonuses)))
+        return built
+
+    def context_graph(self, phrases: Sequence[Phrase]) -> ContextGraph | None:
+        """The automaton of ``context_phrases`` for ``new_stream`` (``None`` for no phrase); pure
+        Python, any thread."""
+        if not phrases:
+            return None
+        separator = separator_token(self.tokens)
+        return ContextGraph(phrases, self.tokens.size - 1, start=[separator] if separator is not None else [])
 
     def release(self, stream: StreamState) -> None:
         """Free the stream's left-context slot (call on the inference thread)."""
@@ -333,14 +359,24 @@ class Engine:
         a fresh decoder state, begins after an endpoint)."""
         stream.chunks_done += 1
         dec = stream.decoder
+        if stream.context is not None and len(dec.hypotheses) > 1:
+            dec.hypotheses = self._rank_without_unfinished(dec.hypotheses, stream.context)
         utterance_start = stream.utterance_start_frame
         ending = endpoint(stream.endpointing, dec.best.frames, stream.frames_done, utterance_start)
         snapshot = ([self._alternative(h) for h in dec.hypotheses], dec.stability(), stream.frames_done,
                     utterance_start, ending)
         if ending is not None:
-            stream.decoder = self._new_decoder_state(stream.method)
+            stream.decoder = self._new_decoder_state(stream.method, stream.context)
             stream.utterance_start_frame = stream.frames_done
         return snapshot
+
+    @staticmethod
+    def _rank_without_unfinished(hypotheses: list[Hypothesis], context: ContextGraph) -> list[Hypothesis]:
+        """Beam hypotheses best first as if every unfinished phrase match were given back now (a
+        result must not win on a phrase it has not finished), by torchaudio's length-normalised key."""
+        keys = np.array([(h.score - float(context.provisional[h.context_node])) / (len(h.tokens) + 2)
+                         for h in hypotheses], dtype=np.float32)
+        return [hypotheses[i] for i in np.argsort(-keys, kind="stable").tolist()]
 
     @staticmethod
     def _alternative(h: Hypothesis) -> TokenAlternative:
