@@ -112,14 +112,13 @@ class ServerSettings(BaseSettings):
     max_utterance_ms: int = Field(30_000, ge=1000, le=600_000, description="longest utterance before "
                                   "a final result is forced, unless a request sets its own")
     # --- contextual biasing --------------------------------------------------------------
-    max_phrases: int = Field(500, ge=0, le=100_000, description="most phrases one request's speech "
-                             "contexts may carry, all contexts together (0: phrases are refused); more get "
-                             "INVALID_ARGUMENT. Each costs the stream memory and its set-up time in proportion "
-                             "to its characters")
+    max_phrases: int = Field(500, ge=0, le=100_000, description="most phrases (contextual biasing) one "
+                             "request may carry, all its speech contexts together (0: none); more get "
+                             "INVALID_ARGUMENT")
     max_phrase_chars: int = Field(50, ge=1, le=10_000, description="longest phrase, in characters; a longer "
                                   "one gets INVALID_ARGUMENT")
-    min_boost: float = Field(0.1, gt=0.0, le=1000.0, description="smallest boost a speech context may ask for "
-                             "(bonus per token of a phrase, in log-probability units)")
+    min_boost: float = Field(0.1, gt=0.0, le=1000.0, description="smallest boost a speech context may ask "
+                             "for (bonus per token of a phrase, in log-probability units)")
     max_boost: float = Field(20.0, gt=0.0, le=1000.0, description="largest boost a speech context may ask for")
     default_boost: float = Field(4.0, gt=0.0, le=1000.0, description="boost of a speech context that sets none "
                                  "(0)")
