@@ -105,6 +105,7 @@ def test_batch_lookups_equal_the_graph_steps():
     tokens = np.array([rng.randrange(symbols) for _ in rows])
     advanced = batch.advance(rows, nodes, tokens)
     assert advanced.tolist() == [streams[s].step(int(n), int(t))[0] for s, n, t in zip(rows, nodes, tokens)]
+    assert batch.in_match(rows, nodes).tolist() == [bool(streams[s].provisional[n] > 0) for s, n in zip(rows, nodes)]
     both = batch.rows(rows, nodes)
     assert np.array_equal(both[0], bonus) and both[1].tolist() == [
         [streams[s].step(int(n), t)[0] for t in range(symbols)] for s, n in zip(rows, nodes)]

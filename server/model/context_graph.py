@@ -279,6 +279,10 @@ class ContextBatch:
             np.maximum(out, 0.0, out=out)
         return out
 
+    def in_match(self, rows_stream: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        """Whether each row is inside an unfinished match (its node holds a provisional bonus)."""
+        return self.provisional[self.node_offset[self.graph_of[rows_stream]] + nodes] > 0
+
     def rows(self, rows_stream: np.ndarray, nodes: np.ndarray,
              forward_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``bonus`` and ``advance`` for every symbol at once: ``(R, symbols)`` float32 bonus rows

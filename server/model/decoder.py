@@ -20,8 +20,11 @@ Contextual biasing (``server.model.context_graph``): a stream with phrases has a
 in its ``DecoderState``, and each of its hypotheses the graph node it is in. Every decoder adds the
 graph's bonus rows to the scores of those hypotheses' extensions (shallow fusion), for all biased
 streams of a call at once (``ContextBatch``); beam search adds the running bonus to the hypothesis
-score (a broken match gives its bonus back), greedy decoding adds to each candidate what it earns
-(no give-back: with one hypothesis it would only hold back the tokens after a broken match).
+score (a broken match gives its bonus back); greedy decoding adds to each symbol what it earns (no
+give-back: with one hypothesis it would only hold back the tokens after a broken match), and lets a
+phrase win over the blank only inside an unfinished match: elsewhere the model alone decides whether
+a symbol comes, the bonus only which (else the bonus of every phrase's first token would insert
+symbols at every word start).
 Rows of streams without phrases are never touched: their results are exactly those without biasing.
 """
 
@@ -292,7 +295,14 @@ class GreedyDecoder:
                 rows_b = torch.from_numpy(biased).to(device)
                 fused = logits[rows_b].float()
                 fused[:, :self.blank] += torch.from_numpy(bonus).to(device)
-                best_t[rows_b] = fused.argmax(dim=-1)
+                # inside an unfinished match the phrase may win over the blank; elsewhere the model
+                # alone decides whether a symbol comes, the bonus only which one
+                in_match = torch.from_numpy(context.in_match(
+                    np.array([b for b, _, n in spans for _ in range(n)])[biased],
+                    np.array([nodes[b] for b, _, n in spans for _ in range(n)])[biased])).to(device)
+                emitting = best_t[rows_b] != self.blank
+                best_t[rows_b] = torch.where(in_match, fused.argmax(dim=-1), torch.where(
+                    emitting, fused[:, :self.blank].argmax(dim=-1), best_t[rows_b]))
                 next_of_row = dict(zip(biased.tolist(), next_nodes))
             best = best_t.tolist()
             emits: list[tuple[int, int, int, int]] = []  # (row, stream, frame, symbol)
