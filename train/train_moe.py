@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=2, help="experts per frame")
     p.add_argument("--expert-dim", type=int, default=384, help="each expert's hidden width")
     p.add_argument("--balance-weight", type=float, default=0.01, help="weight of the load-balancing loss")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (the budget)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (the budget; the learning rate "
+                   "decays over them)")
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step with the schedule of --steps "
+                   "unchanged (0: at --steps): the same shorter budget for every run of a comparison, decided "
+                   "after they started; a number in WORK_DIR/stop-at overrides it while the run goes on)")
     p.add_argument("--batch-seconds", type=float, default=60.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     log = open(args.work_dir / "train_log.jsonl", "a")
     model.train()
     last_ckpt = time.monotonic()
-    while step < args.steps:
+    limit = min(args.steps, args.stop_at or args.steps)
+    while step < limit:
         batches = td.make_batches(train, args.batch_seconds, random.Random(args.seed * 1000 + epoch))
         skip = step - sum_steps_before(args, train, epoch)
         for batch in batches[skip:]:
@@ -175,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step}: loss {loss.item():.3f}"
                       + (f", balance {balance.item():.3f}" if balance is not None else "")
                       + f", {elapsed / step:.2f} s/step", flush=True)
-            if step >= args.steps:
+            stop_file = args.work_dir / "stop-at"
+            if stop_file.exists():
+                limit = min(args.steps, int(stop_file.read_text()))
+            if step >= limit:
                 break
             if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
                 save()
