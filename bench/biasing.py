@@ -86,18 +86,19 @@ def summary(results: dict, candidates: list[str]) -> dict:
             "wrong": wrong_phrases(results, candidates), "speed_vs_real_time": results["speed_vs_real_time"]}
 
 
-async def measure(address: str, mode: str, boost: float, biasing: bool, bias: list[Utterance],
+async def measure(address: str, mode: str, boost: float | None, bias: list[Utterance],
                   heldout: list[Utterance], unrelated: list[str], concurrency: int, log) -> dict:
+    """The conditions without phrases (``boost`` None), or those with phrases at ``boost``."""
     method, beam = MODES[mode]
     base = StreamOptions(realtime=False, interim_results=False, decoding_method=method, beam_width=beam,
-                         endpointing=False, boost=boost)
+                         endpointing=False, boost=boost or 0.0)
     set_phrases = sorted({p for u in bias for p in u.phrases})
-    runs = [("bias", "none", bias, base, False), ("held-out", "none", heldout, base, False)]
-    if biasing:
-        runs[1:1] = [("bias", "own", bias, base, True),
-                     ("bias", "all", bias, replace(base, phrases=tuple(set_phrases)), False)]
-        runs.append(("held-out", "unrelated", heldout, replace(base, phrases=tuple(unrelated)),
-                     False))
+    if boost is None:
+        runs = [("bias", "none", bias, base, False), ("held-out", "none", heldout, base, False)]
+    else:
+        runs = [("bias", "own", bias, base, True),
+                ("bias", "all", bias, replace(base, phrases=tuple(set_phrases)), False),
+                ("held-out", "unrelated", heldout, replace(base, phrases=tuple(unrelated)), False)]
     out = {}
     for data, phrases, utterances, options, own in runs:
         started = time.monotonic()
@@ -107,22 +108,29 @@ async def measure(address: str, mode: str, boost: float, biasing: bool, bias: li
         row = summary(results, candidates)
         out[f"{data}, {phrases}"] = {**row, "per_utterance": results["per_utterance"]}
         recall = "" if row["recall"] is None else f" recall {row['recall'] * 100:5.1f} %"
-        log(f"{mode} boost {boost:g} {data}, {phrases}: WER {row['wer'] * 100:5.2f} %{recall} wrong {row['wrong']} "
+        log(f"{mode} boost {'-' if boost is None else f'{boost:g}'} {data}, {phrases}: WER {row['wer'] * 100:5.2f} %{recall} wrong {row['wrong']} "
             f"({time.monotonic() - started:.0f} s)")
     return out
 
 
 def table(runs: list[dict]) -> str:
-    lines = [f"{'mode':<7}{'boost':>6}  {'set, phrases':<22}{'WER':>8}{'recall':>9}{'wrong':>7}"]
+    """One line per mode and boost: recall and WER on the biasing set, the held-out WER and its rise."""
+    head = (f"{'mode':<7}{'boost':>6}  {'recall own':>10}{'WER own':>9}{'recall all':>11}{'WER all':>9}"
+            f"{'wrong all':>10}{'held-out WER':>13}{'rise':>8}{'wrong':>6}")
+    lines = [head]
+    plain = {r["mode"]: r["conditions"] for r in runs if r["boost"] is None}
     for run in runs:
-        for name, row in run["conditions"].items():
-            recall = "" if row["recall"] is None else f"{row['recall'] * 100:.1f} %"
-            lines.append(f"{run['mode']:<7}{run['boost_label']:>6}  {name:<22}{row['wer'] * 100:>6.2f} %"
-                         f"{recall:>9}{row['wrong']:>7}")
-        conds = run["conditions"]
-        if "held-out, unrelated" in conds:
-            rise = (conds["held-out, unrelated"]["wer"] - conds["held-out, none"]["wer"]) * 100
-            lines.append(f"{'':<15}held-out WER with 100 unrelated phrases: {rise:+.2f} points")
+        c = run["conditions"]
+        if run["boost"] is None:
+            b, h = c["bias, none"], c["held-out, none"]
+            lines.append(f"{run['mode']:<7}{'-':>6}  {b['recall'] * 100:>8.1f} %{b['wer'] * 100:>7.2f} %"
+                         f"{'':>11}{'':>9}{'':>10}{h['wer'] * 100:>11.2f} %{'':>8}{h['wrong']:>6}")
+            continue
+        own, every, h = c["bias, own"], c["bias, all"], c["held-out, unrelated"]
+        rise = (h["wer"] - plain[run["mode"]]["held-out, none"]["wer"]) * 100
+        lines.append(f"{run['mode']:<7}{run['boost_label']:>6}  {own['recall'] * 100:>8.1f} %{own['wer'] * 100:>7.2f} %"
+                     f"{every['recall'] * 100:>9.1f} %{every['wer'] * 100:>7.2f} %{every['wrong']:>10}"
+                     f"{h['wer'] * 100:>11.2f} %{rise:>+8.2f}{h['wrong']:>6}")
     return "\n".join(lines)
 
 
@@ -137,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boosts", nargs="+", type=float, default=[0.0],
                    help="boosts to measure; 0 is the server's default (default: 0)")
     p.add_argument("--concurrency", type=int, default=8, help="streams at once (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N utterances of each set "
+                   "(a quick check; the figures are for the whole sets)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "biasing.json")
     args = p.parse_args(argv)
 
-    bias = load_manifest(BIAS_SET / "manifest.jsonl", phrase_field="phrase")
-    heldout = load_manifest(HELDOUT)
+    bias = load_manifest(BIAS_SET / "manifest.jsonl", args.limit, phrase_field="phrase")
+    heldout = load_manifest(HELDOUT, args.limit)
     unrelated = (BIAS_SET / "unrelated.txt").read_text().split("\n")
     unrelated = [u for u in unrelated if u]
 
@@ -156,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             log("the server takes no phrases (limits.max_phrases 0): measuring without phrases only")
         runs = []
         for mode in args.modes:
-            for boost in args.boosts if biasing else [0.0]:
-                conditions = await measure(address, mode, boost, biasing, bias, heldout, unrelated,
-                                           args.concurrency, log)
+            conditions = await measure(address, mode, None, bias, heldout, unrelated, args.concurrency, log)
+            runs.append({"mode": mode, "boost": None, "boost_label": "-", "conditions": conditions})
+            for boost in args.boosts if biasing else []:
+                conditions = await measure(address, mode, boost, bias, heldout, unrelated, args.concurrency, log)
                 label = f"{boost:g}" if boost else f"{limits.default_boost:g}*"
                 runs.append({"mode": mode, "boost": boost or limits.default_boost, "boost_label": label,
                              "conditions": conditions})
@@ -184,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"model {out['model']} ({out['precision']}); {out['bias_utterances']} biasing utterances, "
-          f"{out['bias_phrases']} phrases; {out['heldout_utterances']} held-out utterances; "
-          f"* = the server's default boost")
+          f"{out['bias_phrases']} phrases; {out['heldout_utterances']} held-out utterances, "
+          f"{out['unrelated_phrases']} unrelated phrases; * = the server's default boost\n"
+          "own: each utterance with its own phrase; all: with all the set's phrases; wrong: transcripts "
+          "holding a phrase that is not the utterance's; rise: held-out WER with the unrelated phrases "
+          "minus without (points)")
     print(table(out["runs"]))
     print(f"raw results: {args.out}")
     return 0

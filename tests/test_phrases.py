@@ -225,3 +225,23 @@ async def test_asr_loadtest_sends_the_phrases_with_every_stream(tmp_path):
     for protocol in ("ws-openai", "ws-deepgram"):
         rc, _, err = await _run("asr-loadtest", "--server", "127.0.0.1:1", "--protocol", protocol, "--phrase", "x")
         assert rc == 2 and f"--protocol {protocol} carries no phrases" in err, err
+
+
+async def test_asr_client_phrase_makes_the_demo_model_recognise_a_name_it_misses():
+    """The options reach the real server: 'video call beatrice' (a held-out voice; the demo model never
+    heard 'beatrice') comes out without the name, and with ``--phrase beatrice`` it comes out right."""
+    from server.model.loading import load_model
+    from tests.conftest import running_server
+
+    row = json.loads((BIAS_SET / "manifest.jsonl").read_text().splitlines()[0])
+    assert (row["text"], row["phrase"]) == ("video call beatrice", "beatrice")
+    audio = str(BIAS_SET / row["audio"])
+    async with running_server(model=load_model("demo")) as (server, _):
+        address = f"127.0.0.1:{server.port}"
+        base = ["asr-client", audio, "--server", address, "--fast", "--no-endpointing", "--no-interim", "--beam", "4"]
+        rc, plain, err = await _run(*base)
+        assert rc == 0, err
+        rc, biased, err = await _run(*base, "--phrase", "beatrice", "--boost", "8")
+        assert rc == 0, err
+    assert "beatrice" not in plain.split(), plain
+    assert biased.strip() == "video call beatrice", biased

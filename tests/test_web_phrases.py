@@ -5,15 +5,19 @@ bridge makes (recorded by a servicer on a real port)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import soundfile
+
 from client import web
+from server.model.loading import load_model
 from tests.browser import chromium_page, padded_wav
-from tests.conftest import SAMPLES
+from tests.conftest import ROOT, SAMPLES, running_server
 from tests.test_phrases import recording_server
 
 
-async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float = 1.5,
+async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float = 1.5, decoding: str = "0",
                         timeout_s: float = 60) -> tuple[str, list[str]]:
     """Open the page, type ``phrases`` and ``boost``, stream ``seconds`` of the microphone, stop;
     returns the page's final state and its final transcripts."""
@@ -33,6 +37,7 @@ async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float 
         await page.wait_for_function("document.body.dataset.backend", timeout=timeout_s * 1000)
         await page.fill("#phrases", phrases)
         await page.fill("#boost", boost)
+        await page.select_option("#decoding", decoding)
         await page.click("#toggle")
         await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
         deadline = time.monotonic() + timeout_s
@@ -64,3 +69,29 @@ async def test_page_sends_its_phrases_and_boost_through_the_bridge(tmp_path):
             await runner.cleanup()
     sent = [[(list(c.phrases), c.boost) for c in config.speech_contexts] for config in servicer.configs]
     assert sent == [[(["harriet", "home depot"], 3.5)], [], [(["ikea"], 0.0)]]
+
+
+async def test_page_phrase_makes_the_demo_model_recognise_a_name_it_misses(tmp_path):
+    """The phrases reach the real server: the fake microphone says 'video call beatrice' (a held-out
+    voice; the demo model never heard 'beatrice'); with beam 4 the page shows the name only when
+    'beatrice' is in its phrases field."""
+    bias_set = ROOT / "tests" / "data" / "bias-phrases"
+    row = json.loads((bias_set / "manifest.jsonl").read_text().splitlines()[0])
+    assert (row["text"], row["phrase"]) == ("video call beatrice", "beatrice")
+    speech = tmp_path / "speech.wav"
+    audio, rate = soundfile.read(str(bias_set / row["audio"]), dtype="int16")
+    soundfile.write(str(speech), audio, rate, subtype="PCM_16")
+    wav = tmp_path / "microphone.wav"
+    seconds = padded_wav(speech, wav)
+    async with running_server(model=load_model("demo")) as (server, _):
+        runner, port = await web.start(web.create_app(f"127.0.0.1:{server.port}"))
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            # stop inside the trailing silence, after endpointing's 800 ms
+            plain_state, plain = await _page_session(url, wav, "", "", seconds=seconds - 0.8, decoding="4")
+            state, biased = await _page_session(url, wav, "beatrice", "8", seconds=seconds - 0.8, decoding="4")
+        finally:
+            await runner.cleanup()
+    assert plain_state == "done: done" and state == "done: done", (plain_state, state)
+    assert plain and "beatrice" not in " ".join(plain).split(), plain
+    assert biased == ["video call beatrice"], biased
