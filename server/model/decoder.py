@@ -243,6 +243,8 @@ def _context_rows(batch: ContextBatch | None, streams: list[int], nodes: list[in
         return None
     node = np.asarray(nodes, dtype=np.int64)[biased]
     bonus, nxt = batch.rows(rows_stream[biased], node, forward_only)
+    if forward_only:  # greedy: also whether each row is inside an unfinished match
+        return biased, bonus, nxt, batch.in_match(rows_stream[biased], node)
     return biased, bonus, nxt
 
 
@@ -283,28 +285,26 @@ class GreedyDecoder:
         active = list(range(len(states)))
         while active:
             spans = [(b, start[b], num_frames - start[b]) for b in active]
-            row_stream = torch.tensor([b for b, _, n in spans for _ in range(n)], device=device)
+            stream_of_row = [b for b, _, n in spans for _ in range(n)]
+            row_stream = torch.tensor(stream_of_row, device=device)
             row_frame = torch.tensor([t for _, t0, n in spans for t in range(t0, t0 + n)], device=device)
             logits = self.predictor.join(encoder_out[row_stream, row_frame], pred[row_stream])
             best_t = logits.argmax(dim=-1)
             bias = None if context is None else _context_rows(
-                context, [b for b, _, n in spans for _ in range(n)], [nodes[b] for b, _, n in spans for _ in range(n)],
-                forward_only=True)
+                context, stream_of_row, [nodes[b] for b in stream_of_row], forward_only=True)
+            best = best_t.tolist()
             if bias is not None:  # streams with phrases: the best symbol with what each would earn
-                biased, bonus, next_nodes = bias
-                rows_b = torch.from_numpy(biased).to(device)
-                fused = logits[rows_b].float()
-                fused[:, :self.blank] += torch.from_numpy(bonus).to(device)
+                biased, bonus, next_nodes, in_match = bias
+                scores = logits[torch.from_numpy(biased).to(device)].float().cpu().numpy()
+                fused = scores[:, :self.blank] + bonus
+                symbol = fused.argmax(axis=1)
                 # inside an unfinished match the phrase may win over the blank; elsewhere the model
                 # alone decides whether a symbol comes, the bonus only which one
-                in_match = torch.from_numpy(context.in_match(
-                    np.array([b for b, _, n in spans for _ in range(n)])[biased],
-                    np.array([nodes[b] for b, _, n in spans for _ in range(n)])[biased])).to(device)
-                emitting = best_t[rows_b] != self.blank
-                best_t[rows_b] = torch.where(in_match, fused.argmax(dim=-1), torch.where(
-                    emitting, fused[:, :self.blank].argmax(dim=-1), best_t[rows_b]))
+                emits_symbol = np.where(in_match, fused[np.arange(len(biased)), symbol] >= scores[:, self.blank],
+                                        np.asarray(best)[biased] != self.blank)
+                for row_, k in zip(biased.tolist(), np.where(emits_symbol, symbol, self.blank).tolist()):
+                    best[row_] = k
                 next_of_row = dict(zip(biased.tolist(), next_nodes))
-            best = best_t.tolist()
             emits: list[tuple[int, int, int, int]] = []  # (row, stream, frame, symbol)
             row = 0
             for b, t0, n in spans:
