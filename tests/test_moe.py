@@ -236,3 +236,56 @@ async def test_moe_streams_through_grpc_equal_their_solo_runs(waves, options, pr
         assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
         for i, (alone, batched) in enumerate(zip(solo, together)):
             assert batched == alone, f"stream {i} changed when batched"
+
+
+def test_training_recipe_builds_the_compared_models_trains_resumes_and_exports_an_moe_model(tmp_path, capsys):
+    """``train/train_moe.py``: the three compared models' sizes, a few MoE steps with the
+    load-balancing loss logged, a resume cut short by ``stop-at``, and an export that
+    ``--model demo:DIR`` loads as an MoE model."""
+    import argparse
+    import shutil
+    import sys
+
+    from tests.conftest import SAMPLES
+
+    sys.path.insert(0, str(ROOT / "train"))
+    import train_moe
+
+    counts = {}
+    for name, (experts, dim) in {"dense": (0, 384), "active": (8, 384), "total": (8, 96)}.items():
+        model, config = train_moe.build(argparse.Namespace(experts=experts, top_k=2, expert_dim=dim), 29)
+        counts[name] = train_moe.parameter_counts(model, config)
+        assert any(k.startswith("moe_") for k in config) == bool(experts)
+    assert counts["dense"]["parameters"] == counts["dense"]["active_parameters_per_frame"] == 4224285
+    # same active parameters per frame but for each layer's router (192 x 8 + 8) and the second active
+    # expert's output bias (192); same total parameters within 1 %
+    assert counts["active"]["active_parameters_per_frame"] - counts["dense"]["parameters"] == 8 * (192 * 8 + 8 + 192)
+    assert abs(counts["total"]["parameters"] / counts["dense"]["parameters"] - 1) < 0.01
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    rows = []
+    for wav in sorted(SAMPLES.glob("*.wav")):
+        shutil.copy(wav, data / wav.name)
+        rows.append({"audio": wav.name, "text": wav.with_suffix(".txt").read_text().strip()})
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    work = tmp_path / "work"
+    common = ["--data", str(data), "--work-dir", str(work), "--experts", "4", "--top-k", "2", "--expert-dim", "64",
+              "--steps", "6", "--batch-seconds", "8", "--warmup", "2", "--clean-steps", "100",
+              "--dev-utterances", "1", "--threads", "1", "--checkpoint-minutes", "0"]
+    assert train_moe.main(common + ["--stop-at", "3"]) == 0
+    log = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["balance"] >= 1.0 - 1e-6 and abs(sum(r["expert_share"]) - 1) < 0.01 for r in steps)
+    capsys.readouterr()
+    assert train_moe.main(common) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+    out = tmp_path / "model"
+    assert train_moe.main(["--work-dir", str(work), "--export", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["step"] == 6 and summary["recipe"] == "train/train_moe.py"
+    loaded = load_model(f"demo:{out}")
+    assert (loaded.config.moe_experts, loaded.config.moe_top_k, loaded.config.moe_ffn_dim) == (4, 2, 64)
+    assert sum(isinstance(m, MoEFeedForward) for m in loaded.rnnt.modules()) == 8
