@@ -142,3 +142,18 @@ def test_synthetic_vocabulary_longest_piece_first():
     table = SyntheticTokenTable(64)
     text = table.text([0, 1, 2])
     assert table.text(phrase_tokens(table, text)) == text
+
+
+def test_beam_results_rank_without_unfinished_matches():
+    """A hypothesis ahead only by the bonus of a phrase it has not finished ranks behind one without."""
+    from server.model.decoder import Hypothesis
+    from server.model.engine import Engine
+
+    graph = ContextGraph([phrase([0, 1, 2], 3.0)], symbols=4)
+    unfinished, _ = graph.walk([3, 0, 1], node=0)  # provisional bonus 6
+    finished, _ = graph.walk([3, 0, 1, 2], node=0)
+    plain = Hypothesis((3, 3, 3), (), None, None, -2.0, context_node=0)
+    partial = Hypothesis((3, 0, 1), (), None, None, -2.0 + 4.0, context_node=unfinished)
+    complete = Hypothesis((3, 0, 1, 2), (), None, None, -2.0 + 4.0, context_node=finished)
+    assert Engine._rank_without_unfinished([partial, plain], graph) == [plain, partial]
+    assert Engine._rank_without_unfinished([plain, complete], graph) == [complete, plain]
