@@ -71,9 +71,9 @@ class ServerSettings(BaseSettings):
                                                     "browser page's WebSocket connection may send (a second's "
                                                     "worth at once)")
     # --- model ---------------------------------------------------------------------------
-    model: str = Field("demo", description="model: demo (embedded), random-base (full size, seeded random "
-                       "weights, for benchmarks), random-small (tiny, for tests), demo:DIR (exported by "
-                       "train/train_demo.py) or bundle:DIR (torchaudio's LibriSpeech files)")
+    model: str = Field("demo", description="model: demo (embedded), random-base, random-base-moe (full size, "
+                       "random weights, for benchmarks; -moe: MoE feed-forward), random-small (tiny, for tests), "
+                       "demo:DIR (train/ exports) or bundle:DIR (torchaudio's files)")
     seed: int = Field(0, description="seed of the random-* models")
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
         "fp32", description="numeric precision of the model, applied once at load time: fp32; bf16 "
