@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from server.model.loading import LoadedModel, RANDOM_SMALL_BLANK_BIAS, SMALL_CON
 from server.model.vocabulary import CharTokenTable  # noqa: E402
 
 SAMPLES = ROOT / "samples"
-KERNEL_PATHS = [*native.BACKENDS, "torch"]  # every --kernels path but auto
+# every --kernels path but auto; ASR_TEST_KERNELS=active (make test-fast) keeps only the one this CPU
+# selects, ASR_TEST_KERNELS=avx2,torch (a comma list) the ones named
+_ALL_KERNEL_PATHS = [*native.BACKENDS, "torch"]
+_CHOSEN = os.environ.get("ASR_TEST_KERNELS", "")
+KERNEL_PATHS = ([native.active()] if _CHOSEN == "active" else
+                [k for k in _ALL_KERNEL_PATHS if k in _CHOSEN.split(",")] if _CHOSEN else _ALL_KERNEL_PATHS)
+if not KERNEL_PATHS:
+    raise ValueError(f"ASR_TEST_KERNELS={_CHOSEN!r} names none of {', '.join(_ALL_KERNEL_PATHS)} (or 'active')")
 
 
 def why_cpu_cannot_run(backend: str) -> str | None:

@@ -230,6 +230,7 @@ async def test_three_times_the_stream_limit_at_once(speech):
     assert metrics.value("asr_streams_total", api="asr.v1", outcome="rejected") == 2 * limit
 
 
+@pytest.mark.slow
 async def test_load_shedding_on_a_slow_engine_keeps_the_admitted_streams_in_budget(speech, monkeypatch):
     """Every engine step also sleeps 30 ms + 8 ms per stream (plus the tiny model's own cost): the
     model admits about 8 streams (two steps T = c0 / (1 - rho) within 80 % of the chunk period).

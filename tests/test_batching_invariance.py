@@ -78,6 +78,7 @@ async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, optio
         assert server.active_sessions == 0
 
 
+@pytest.mark.slow
 def test_encoder_output_at_staggered_positions_with_slot_reuse_matches_torchaudio(waves):
     """Engine-level: encoder outputs of every stream within 1e-4 of its solo torchaudio run."""
     model = small_model(seed=5)

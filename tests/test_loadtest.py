@@ -170,6 +170,7 @@ class SlowsDownWithLoad(asr_pb2_grpc.SpeechRecognitionServicer):
         return asr_pb2.StreamingRecognizeResponse(results=[result])
 
 
+@pytest.mark.slow
 async def test_capacity_search_through_run_load_finds_where_a_fake_server_gets_too_slow(tmp_path):
     # 80 ms per open stream against a 200 ms bound: 1 and 2 streams fit (80, 160 ms), 3 do not
     # (240 ms); the median (robust on a busy machine) keeps 40 ms from the bound either side.

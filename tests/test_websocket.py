@@ -96,6 +96,7 @@ async def test_openai_committed_buffers_give_the_asr_v1_transcripts(server):
     await wait_sessions_freed(srv)
 
 
+@pytest.mark.slow
 async def test_openai_server_vad_turns_are_the_asr_v1_endpointed_finals(server):
     """server_vad (the default): each utterance the endpointing ends is speech_started ...
     speech_stopped, committed, completed, with asr.v1's endpointed final transcripts."""
