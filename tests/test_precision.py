@@ -259,7 +259,7 @@ def test_int8_passes_the_self_check_and_is_batch_exact_on_every_path(model_name,
 
 
 def test_start_up_probes_leave_torchs_global_random_state_alone(kernels):
-    from server import precision
+    from server.kernels import precision
     from server.model.encoder import _probed_ring_attention
 
     probes = [precision._probed_linear_f32, precision._probed_quantize_u8, precision._probed_int8,
@@ -269,8 +269,8 @@ def test_start_up_probes_leave_torchs_global_random_state_alone(kernels):
         probe.cache_clear()
     torch.manual_seed(1234)
     state = torch.random.get_rng_state()
-    for precision in ("int8", "fp32"):
-        engine = Engine(small_model(), precision=precision)
+    for mode in ("int8", "fp32"):
+        engine = Engine(small_model(), precision=mode)
         engine.check_batching()
         engine.self_check(max_error=1.0)
     assert torch.equal(torch.random.get_rng_state(), state)
