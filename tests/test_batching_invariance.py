@@ -19,11 +19,11 @@ import soundfile
 import torch
 
 from asr.v1 import asr_pb2
-from client.stream import StreamOptions, pcm16, stream_audio
 from server.model.encoder import StreamingEncoder
 from server.model.features import FeatureFrontEnd, utterance_windows
 from tests import reference
 from tests.conftest import ROOT, running_server, small_model
+from tests.helpers import final_words
 
 BENCH_AUDIO = ROOT / "bench" / "audio"
 
@@ -41,22 +41,6 @@ def waves(speech) -> list[np.ndarray]:
     return out
 
 
-async def _words(stub, audio: np.ndarray, options: dict, delay: float = 0.0, batch_sizes: list | None = None):
-    """(transcript, word timings) of one stream sent as fast as possible after ``delay``."""
-    await asyncio.sleep(delay)
-    opts = StreamOptions(realtime=False, interim_results=True, endpointing=False, word_time_offsets=True, **options)
-    final = []
-    async for event in stream_audio(stub, pcm16(audio), 16000, opts):
-        for r in event.response.results:
-            if batch_sizes is not None:
-                batch_sizes.append(r.timing.batch_size)
-            if r.is_final:
-                alt = r.alternatives[0]
-                final.append((alt.transcript, [(w.word, w.start_time.ToNanoseconds(), w.end_time.ToNanoseconds())
-                                               for w in alt.words]))
-    return final
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("options", [{"decoding_method": asr_pb2.GREEDY},
                                      {"decoding_method": asr_pb2.BEAM_SEARCH, "beam_width": 4}],
@@ -66,12 +50,12 @@ async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, optio
         info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
         assert (info.kernels, info.precision) == (kernels, precision)
         assert info.batching_exact, "the start-up probe should find batching bit-exact on this path"
-        solo = [await _words(stub, a, options) for a in waves]
+        solo = [await final_words(stub, a, options) for a in waves]
         assert sum(len(t) for s in solo for t, _ in s) > 50, "the model should emit text"
         rng = random.Random(7)
         delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
         sizes: list[int] = []
-        together = await asyncio.gather(*(_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
+        together = await asyncio.gather(*(final_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
         assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
         for i, (alone, batched) in enumerate(zip(solo, together)):
             assert batched == alone, f"stream {i} changed when batched"

@@ -18,8 +18,6 @@ import soundfile
 import torch
 
 from asr.v1 import asr_pb2
-from client.stream import StreamOptions, pcm16, stream_audio
-from server.kernels.precision import apply_precision
 from server.model.encoder import StreamingEncoder
 from server.model.engine import Engine
 from server.model.features import FeatureFrontEnd, utterance_windows
@@ -29,6 +27,7 @@ from server.model.moe import MoEFeedForward, route
 from server.model.vocabulary import CharTokenTable
 from tests import reference
 from tests.conftest import ROOT, running_server
+from tests.helpers import final_words
 
 SMALL_MOE = dataclasses.replace(SMALL_CONFIG, moe_experts=4, moe_top_k=2, moe_ffn_dim=128)
 
@@ -204,21 +203,6 @@ def test_equal_router_logits_route_to_the_lower_experts_alone_and_batched():
             assert layer.last_counts.tolist() == [1, 1, 0, 0]
 
 
-async def _words(stub, audio, options, delay=0.0, sizes=None):
-    await asyncio.sleep(delay)
-    opts = StreamOptions(realtime=False, interim_results=True, endpointing=False, word_time_offsets=True, **options)
-    final = []
-    async for event in stream_audio(stub, pcm16(audio), 16000, opts):
-        for r in event.response.results:
-            if sizes is not None:
-                sizes.append(r.timing.batch_size)
-            if r.is_final:
-                alt = r.alternatives[0]
-                final.append((alt.transcript, [(w.word, w.start_time.ToNanoseconds(), w.end_time.ToNanoseconds())
-                                               for w in alt.words]))
-    return final
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("options", [{"decoding_method": asr_pb2.GREEDY},
                                      {"decoding_method": asr_pb2.BEAM_SEARCH, "beam_width": 4}],
@@ -227,12 +211,12 @@ async def test_moe_streams_through_grpc_equal_their_solo_runs(waves, options, pr
     async with running_server(small_moe_model(seed=7), max_batch=16, precision=precision) as (server, stub):
         info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
         assert info.batching_exact
-        solo = [await _words(stub, a, options) for a in waves]
+        solo = [await final_words(stub, a, options) for a in waves]
         assert sum(len(t) for s in solo for t, _ in s) > 30, "the model should emit text"
         rng = random.Random(7)
         delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
         sizes: list[int] = []
-        together = await asyncio.gather(*(_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
+        together = await asyncio.gather(*(final_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
         assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
         for i, (alone, batched) in enumerate(zip(solo, together)):
             assert batched == alone, f"stream {i} changed when batched"
