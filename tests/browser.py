@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,9 @@ async def chromium_page(wav: Path):
             await browser.close()
 
 
-async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screenshot: Path | None = None,
-                                timeout_s: float = 90) -> PageRun:
-    """Open the page, wait for its backend check, press Start, press Stop once ``stop_after_s``
-    seconds of audio were sent, wait for the last result; return what the page shows."""
+def count_sent_audio(page) -> Callable[[], int]:
+    """Count the binary (audio) bytes ``page`` sends over its WebSockets from now on; returns a
+    function that reads the count. The page sends 16 kHz int16 audio: 32000 bytes a second."""
     sent = 0
 
     def on_websocket(ws):
@@ -73,30 +73,56 @@ async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screen
 
         ws.on("framesent", on_frame)
 
+    page.on("websocket", on_websocket)
+    return lambda: sent
+
+
+async def stream_from_microphone(page, sent: Callable[[], int], seconds: float, timeout_s: float = 90,
+                                 on_poll: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Press Start, wait until ``seconds`` of audio went out (``sent``, from ``count_sent_audio``),
+    awaiting ``on_poll`` every 50 ms meanwhile, press Stop and wait until the page is done or in
+    error (the caller checks which)."""
+    await page.click("#toggle")
+    await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
+    deadline = time.monotonic() + timeout_s
+    while sent() < seconds * 32000:
+        assert time.monotonic() < deadline, f"the page sent only {sent()} bytes of audio in time"
+        if on_poll:
+            await on_poll()
+        await asyncio.sleep(0.05)
+    await page.click("#toggle")
+    await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)",
+                                 timeout=timeout_s * 1000)
+
+
+async def transcribe_in_browser(url: str, wav: Path, stop_after_s: float, screenshot: Path | None = None,
+                                timeout_s: float = 90,
+                                before_start: Callable[[object], Awaitable[None]] | None = None) -> PageRun:
+    """Open the page, wait for its backend check, await ``before_start(page)`` (to fill in fields),
+    press Start, press Stop once ``stop_after_s`` seconds of audio were sent, wait for the last
+    result; return what the page shows."""
     async with chromium_page(wav) as page:
-        page.on("websocket", on_websocket)
+        sent = count_sent_audio(page)
         await page.goto(url)
         await page.wait_for_function("document.body.dataset.backend", timeout=timeout_s * 1000)
         backend = await page.text_content("#backend")
-        await page.click("#toggle")
-        await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
+        if before_start:
+            await before_start(page)
         saw_interim, levels, warnings = False, [], set()
-        deadline = time.monotonic() + timeout_s
-        while sent < stop_after_s * 32000:
-            assert time.monotonic() < deadline, f"the page sent only {sent} bytes of audio in time"
+
+        async def watch() -> None:
+            nonlocal saw_interim
             state = await page.evaluate("document.body.dataset.state")
             assert state == "streaming", await page.text_content("#status")
             saw_interim = saw_interim or bool((await page.text_content("#interim")).strip())
             levels.append(await page.evaluate("document.getElementById('level').value"))
             warnings.add(await page.text_content("#warning"))
-            await asyncio.sleep(0.05)
-        await page.click("#toggle")
-        await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)",
-                                     timeout=timeout_s * 1000)
+
+        await stream_from_microphone(page, sent, stop_after_s, timeout_s, on_poll=watch)
         assert await page.evaluate("document.body.dataset.state") == "done", await page.text_content("#status")
         run = PageRun(finals=await page.locator("#finals li .text").all_text_contents(),
                       final_latencies=await page.locator("#finals li .latency").all_text_contents(),
-                      saw_interim=saw_interim, stats=await page.text_content("#stats"), sent_bytes=sent,
+                      saw_interim=saw_interim, stats=await page.text_content("#stats"), sent_bytes=sent(),
                       backend=backend, levels=levels, warnings=warnings - {""})
         if screenshot:
             screenshot.parent.mkdir(parents=True, exist_ok=True)

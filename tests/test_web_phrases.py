@@ -4,51 +4,29 @@ bridge makes (recorded by a servicer on a real port)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import soundfile
 
 from client import web
 from server.model.loading import load_model
-from tests.browser import chromium_page, padded_wav
+from tests.browser import padded_wav, transcribe_in_browser
 from tests.conftest import ROOT, SAMPLES, running_server
 from tests.test_phrases import recording_server
 
 
 async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float = 1.5, decoding: str = "0",
-                        timeout_s: float = 60) -> tuple[str, list[str]]:
+                        timeout_s: float = 60) -> list[str]:
     """Open the page, type ``phrases`` and ``boost``, stream ``seconds`` of the microphone, stop;
-    returns the page's final state and its final transcripts."""
-    sent = 0
+    returns the page's final transcripts (the page must end done, not in error)."""
 
-    def on_websocket(ws):
-        def on_frame(payload):
-            nonlocal sent
-            if isinstance(payload, bytes):
-                sent += len(payload)
-
-        ws.on("framesent", on_frame)
-
-    async with chromium_page(wav) as page:
-        page.on("websocket", on_websocket)
-        await page.goto(url)
-        await page.wait_for_function("document.body.dataset.backend", timeout=timeout_s * 1000)
+    async def fill_in(page) -> None:
         await page.fill("#phrases", phrases)
         await page.fill("#boost", boost)
         await page.select_option("#decoding", decoding)
-        await page.click("#toggle")
-        await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=timeout_s * 1000)
-        deadline = time.monotonic() + timeout_s
-        while sent < seconds * 32000:
-            assert time.monotonic() < deadline, f"the page sent only {sent} bytes of audio in time"
-            await asyncio.sleep(0.05)
-        await page.click("#toggle")
-        await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)",
-                                     timeout=timeout_s * 1000)
-        state = await page.evaluate("document.body.dataset.state") + ": " + await page.text_content("#status")
-        return state, await page.locator("#finals li .text").all_text_contents()
+
+    run = await transcribe_in_browser(url, wav, stop_after_s=seconds, timeout_s=timeout_s, before_start=fill_in)
+    return run.finals
 
 
 async def test_page_sends_its_phrases_and_boost_through_the_bridge(tmp_path):
@@ -58,13 +36,12 @@ async def test_page_sends_its_phrases_and_boost_through_the_bridge(tmp_path):
         runner, port = await web.start(web.create_app(address))
         try:
             url = f"http://127.0.0.1:{port}/"
-            state, finals = await _page_session(url, wav, "harriet\n\n   home  depot \n", "3.5")
-            assert state == "done: done" and finals == ["heard"], (state, finals)
-            state, finals = await _page_session(url, wav, "", "")
-            assert state == "done: done" and finals == ["heard"], (state, finals)
+            finals = await _page_session(url, wav, "harriet\n\n   home  depot \n", "3.5")
+            assert finals == ["heard"], finals
+            finals = await _page_session(url, wav, "", "")
+            assert finals == ["heard"], finals
             # a boost of 0 (or none) is the server's default: the page sends none
-            state, _ = await _page_session(url, wav, "ikea", "0")
-            assert state == "done: done", state
+            await _page_session(url, wav, "ikea", "0")
         finally:
             await runner.cleanup()
     sent = [[(list(c.phrases), c.boost) for c in config.speech_contexts] for config in servicer.configs]
@@ -88,10 +65,9 @@ async def test_page_phrase_makes_the_demo_model_recognise_a_name_it_misses(tmp_p
         try:
             url = f"http://127.0.0.1:{port}/"
             # stop inside the trailing silence, after endpointing's 800 ms
-            plain_state, plain = await _page_session(url, wav, "", "", seconds=seconds - 0.8, decoding="4")
-            state, biased = await _page_session(url, wav, "beatrice", "8", seconds=seconds - 0.8, decoding="4")
+            plain = await _page_session(url, wav, "", "", seconds=seconds - 0.8, decoding="4")
+            biased = await _page_session(url, wav, "beatrice", "8", seconds=seconds - 0.8, decoding="4")
         finally:
             await runner.cleanup()
-    assert plain_state == "done: done" and state == "done: done", (plain_state, state)
     assert plain and "beatrice" not in " ".join(plain).split(), plain
     assert biased == ["video call beatrice"], biased

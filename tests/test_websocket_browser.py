@@ -27,7 +27,7 @@ from client.connection import Connection
 from client.stream import channel, pcm16
 from server.api.browser import OriginPolicy
 from server.model.loading import load_demo
-from tests.browser import chromium_page, padded_wav
+from tests.browser import chromium_page, count_sent_audio, padded_wav, stream_from_microphone
 from tests.conftest import SAMPLES, running_server
 from tests.test_bad_input import wait_sessions_freed
 from tests.test_websocket import WAVS, asr_v1_finals, deepgram_client, deepgram_messages, load
@@ -297,16 +297,7 @@ async def test_the_page_served_by_the_server_transcribes_and_refusals_are_clear(
     async with running_server(model=load_demo(), ws_port=0, auth_token_file=keys, ws_token_ttl_seconds=30,
                               ws_allow_origin=[f"http://127.0.0.1:{other_origin_port}"]) as (srv, _), \
             other_origin(other_origin_port), chromium_page(wav) as page:
-        sent = 0
-
-        def on_websocket(ws):
-            def on_frame(payload):
-                nonlocal sent
-                if isinstance(payload, bytes):
-                    sent += len(payload)
-            ws.on("framesent", on_frame)
-
-        page.on("websocket", on_websocket)
+        sent = count_sent_audio(page)
         base = f"http://127.0.0.1:{srv.ws_port}"
         await page.goto(base + "/")
         await page.wait_for_function("document.body.dataset.backend")
@@ -317,13 +308,7 @@ async def test_the_page_served_by_the_server_transcribes_and_refusals_are_clear(
         await page.wait_for_function("document.body.dataset.state === 'error'")
         assert "needs an API key" in await page.text_content("#status")
         await page.fill("#key", KEY)
-        await page.click("#toggle")
-        await page.wait_for_function("document.body.dataset.state === 'streaming'", timeout=30_000)
-        async with asyncio.timeout(60):
-            while sent < (seconds - 0.8) * 32000:
-                await asyncio.sleep(0.05)
-        await page.click("#toggle")
-        await page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=60_000)
+        await stream_from_microphone(page, sent, seconds - 0.8, timeout_s=60)
         assert await page.evaluate("document.body.dataset.state") == "done", await page.text_content("#status")
         finals = await page.locator("#finals li .text").all_text_contents()
         assert finals and finals[0] == sample.with_suffix(".txt").read_text().strip(), finals
