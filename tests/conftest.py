@@ -128,7 +128,7 @@ LAYERS = {
              "test_scheduler", "test_session", "test_threads", "test_moe", "test_compose"},
     "integration": {"test_abuse", "test_admission", "test_bad_input", "test_batching_invariance", "test_biasing",
                     "test_cli",
-                    "test_client_connection", "test_compat", "test_docs", "test_drain", "test_equivalence",
+                    "test_client_connection", "test_compat", "test_deepgram_keepalive", "test_docs", "test_drain", "test_equivalence",
                     "test_google_speech", "test_health", "test_interim_results", "test_limits", "test_loadtest",
                     "test_loadtest_ws", "test_metrics", "test_phrases", "test_proto", "test_riva", "test_security",
                     "test_websocket", "test_websocket_limits"},
