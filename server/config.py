@@ -70,6 +70,10 @@ class ServerSettings(BaseSettings):
     ws_browser_max_messages_per_second: int = Field(50, ge=1, le=100_000, description="messages a second a "
                                                     "browser page's WebSocket connection may send (a second's "
                                                     "worth at once)")
+    ws_max_keepalive_seconds: float = Field(300.0, gt=0.0, le=86_400.0, description="Deepgram KeepAlive "
+                                            "holds a stream open without audio for at most this long since its "
+                                            "last audio (or its opening); the next KeepAlive after it ends the "
+                                            "stream with its final result, then OUT_OF_RANGE (close code 1008)")
     # --- model ---------------------------------------------------------------------------
     model: str = Field("demo", description="model: demo (embedded), random-base, random-base-moe (full size, "
                        "random weights, for benchmarks; -moe: MoE feed-forward), random-small (tiny, for tests), "

@@ -31,7 +31,7 @@ from server.api.compat import AudioIntake, check_language, parse_wav_header
 from server.api.websocket import Idle, Segment, WsStream, close_code, http_status, json_response
 from server.core.service import RecognitionService
 from server.errors import ASRError, ErrorCode, invalid, shown
-from server.types import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, Result
+from server.types import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, LimitReason, Result
 
 log = logging.getLogger(__name__)
 API = "deepgram"
@@ -160,6 +160,8 @@ class Connection:
         self.service = stream.service
         self.o = options
         self.total_s = 0.0
+        self.audio_at = time.monotonic()  # the last audio (or the opening): bounds KeepAlive
+        self.kept_too_long = False
 
     async def error(self, error: ASRError) -> None:
         await self.stream.send_json(error_event(error))
@@ -202,6 +204,7 @@ class Connection:
                     segment = stream.current or stream.open_segment()
                     if not segment.started:
                         self.start(segment, message)
+                    self.audio_at = time.monotonic()
                     await stream.feed(segment, message)
                     continue
                 try:
@@ -209,9 +212,7 @@ class Connection:
                 except (ValueError, AttributeError):
                     kind = None
                 if kind == "KeepAlive":
-                    segment = stream.current
-                    if segment is not None and segment.started:
-                        segment.session.pace.refill(time.monotonic())  # keeps the stream open
+                    self.keep_alive(stream.current)
                 elif kind == "Finalize":
                     segment = stream.end_segment()
                     if segment is not None:
@@ -229,6 +230,25 @@ class Connection:
             await self.error(exc)
         finally:
             output.cancel()
+
+    def keep_alive(self, segment: Segment | None) -> None:
+        """KeepAlive keeps the stream open without audio (its idle credit full), for at most
+        ``--ws-max-keepalive-seconds`` since the last audio: the first KeepAlive after that ends the
+        stream, with the final result of its audio, then OUT_OF_RANGE."""
+        if self.kept_too_long:
+            return
+        now, limit = time.monotonic(), self.service.settings.ws_max_keepalive_seconds
+        started = segment is not None and segment.started
+        if now - self.audio_at <= limit:
+            if started:
+                segment.session.pace.refill(now)
+            return
+        self.kept_too_long = True
+        self.service.observer.limit_hit(LimitReason.IDLE_TIMEOUT)
+        error = ASRError(ErrorCode.OUT_OF_RANGE, f"no audio for {now - self.audio_at:.0f} s: KeepAlive holds a "
+                         f"stream open without audio for at most {limit:g} s (--ws-max-keepalive-seconds)")
+        if not (started and segment.session.end_input(error)):  # else: the final result, then the error
+            raise error
 
     async def output(self) -> None:
         try:
