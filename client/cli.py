@@ -73,12 +73,35 @@ class Printer:
             self.out.write("\n")
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number, 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
+def positive(kind):
+    """An argparse type: ``kind`` (int or float) parsed from the text, more than 0."""
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+    return parse
+
+
+def non_negative(kind):
+    """An argparse type: ``kind`` (int or float) parsed from the text, 0 or more."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+        return value
+    return parse
+
+
+def add_recognition_args(p: argparse.ArgumentParser, end: str) -> None:
+    """The decoding and reporting options asr-client and asr-mic share; ``end`` says when the one
+    final result of --no-endpointing comes."""
+    p.add_argument("--beam", type=int, default=0, metavar="N",
+                   help="beam search with N hypotheses (default: the server's decoding method)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--no-endpointing", action="store_true", help=f"one final result {end}")
+    p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
+    p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,16 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="localhost:50051", help="server address HOST:PORT (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time")
     p.add_argument("--json", action="store_true", help="print one JSON object per response")
-    p.add_argument("--beam", type=int, default=0, metavar="N",
-                   help="beam search with N hypotheses (default: the server's decoding method)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    add_recognition_args(p, end="at the end of the stream")
     p.add_argument("--no-interim", action="store_true", help="final results only")
-    p.add_argument("--no-endpointing", action="store_true", help="one final result at the end of the stream")
     p.add_argument("--words", action="store_true", help="ask for word time offsets (shown with --json)")
-    p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
-    p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
     p.add_argument("--chunk-ms", type=int, default=160, help="audio per message (default: %(default)s)")
-    p.add_argument("--retries", type=non_negative_int, default=Retry().attempts, metavar="N",
+    p.add_argument("--retries", type=non_negative(int), default=Retry().attempts, metavar="N",
                    help="start the stream again up to N times when it fails with UNAVAILABLE before its first "
                         "response (0: never; default %(default)s)")
     add_phrase_args(p)

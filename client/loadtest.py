@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import Connection, add_connection_args, parse_args
-from client.cli import non_negative_int, read_wav
+from client.cli import non_negative, positive, read_wav
 from client.phrases import PhraseError, Phrases, add_phrase_args, check_with_server, phrases_from_args
 from client.spawn import spawned_server
 from client.stream import Retry, SendLog, StreamOptions, channel, decoding_method, stream_audio
@@ -490,22 +490,6 @@ def plot(result: LoadResult, directory: Path, sweep: list[dict] | None = None) -
     return out
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        return value
-    return parse
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asr-loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -516,24 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpc (asr.v1), or the WebSocket port's OpenAI Realtime (ws-openai) or Deepgram "
                         "(ws-deepgram) protocol, --server then naming the WebSocket port; client-side "
                         "timing only for those (default: %(default)s)")
-    p.add_argument("--streams", type=_positive(int), default=4, help="concurrent streams (default: %(default)s)")
-    p.add_argument("--duration", type=_positive(float), default=20.0,
+    p.add_argument("--streams", type=positive(int), default=4, help="concurrent streams (default: %(default)s)")
+    p.add_argument("--duration", type=positive(float), default=20.0,
                    help="seconds measured after the ramp-up (default: %(default)s)")
-    p.add_argument("--ramp-up", type=_non_negative, default=2.0,
+    p.add_argument("--ramp-up", type=non_negative(float), default=2.0,
                    help="seconds over which the streams start (default: %(default)s)")
     p.add_argument("--audio", type=Path, default=DEFAULT_AUDIO, help="directory of WAV files (default: samples/)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="beam search with N hypotheses")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
     p.add_argument("--find-capacity", action="store_true",
                    help="search the largest N whose p99 chunk latency stays under --threshold-ms")
-    p.add_argument("--threshold-ms", type=_positive(float), default=CHUNK_PERIOD_MS,
+    p.add_argument("--threshold-ms", type=positive(float), default=CHUNK_PERIOD_MS,
                    help="p99 chunk latency bound of --find-capacity (default: one chunk period, %(default)s)")
-    p.add_argument("--max-streams", type=_positive(int), default=256,
+    p.add_argument("--max-streams", type=positive(int), default=256,
                    help="upper bound of the capacity search (default: %(default)s)")
     p.add_argument("--repeat-within", type=float, default=0.15,
                    help="--find-capacity runs a trial again when its p99 lies within this fraction of "
                         "--threshold-ms, and judges by the mean of the two (0: once; default %(default)s)")
-    p.add_argument("--retries", type=non_negative_int, default=Retry().attempts, metavar="N",
+    p.add_argument("--retries", type=non_negative(int), default=Retry().attempts, metavar="N",
                    help="a new stream that fails with UNAVAILABLE before its first response (a server that drains "
                         "or went away) is tried again up to N times, on another server where --server names "
                         "several (0: never; default %(default)s)")

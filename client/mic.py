@@ -20,7 +20,7 @@ import grpc
 from asr.v1 import asr_pb2_grpc
 from client.connection import add_connection_args, connection_from_args, parse_args
 from client.capture import Capture, CaptureError, SoundDeviceCapture, input_devices
-from client.cli import Printer
+from client.cli import Printer, add_recognition_args
 from client.stream import StreamOptions, channel, decoding_method, stream_chunks
 
 
@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="localhost:50051", help="server address HOST:PORT (default: %(default)s)")
     p.add_argument("--list-devices", action="store_true", help="list the audio input devices and exit")
     p.add_argument("--device", help="input device: index or part of its name (default: the system's default)")
-    p.add_argument("--beam", type=int, default=0, metavar="N",
-                   help="beam search with N hypotheses (default: the server's decoding method)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding")
-    p.add_argument("--no-endpointing", action="store_true", help="one final result when you stop")
-    p.add_argument("--timing", action="store_true", help="show the server's chunk latency next to results")
-    p.add_argument("--request-id", default="", help="request id echoed in responses and server logs")
+    add_recognition_args(p, end="when you stop")
     add_connection_args(p)
     return p
 
