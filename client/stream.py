@@ -9,6 +9,9 @@ async iterator of LINEAR16 chunks; when it ends, the stream is half-closed.
 With a ``Retry``, ``stream_audio`` tries a new stream again when it fails with
 ``UNAVAILABLE`` before its first response (a server that drains, stopped or
 cannot be reached): on a channel to several servers the next try goes to another.
+With a ``Resume`` (opt-in), ``stream_audio`` and ``stream_chunks`` also go on with a
+stream cut mid-way: a new stream, the audio since the last final result sent again,
+its results' times shifted so that they read as one stream.
 It never imports server code.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -89,6 +93,138 @@ class Retry:
 NO_RETRY = Retry(attempts=0)
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Going on with a stream that is cut mid-way, on a new stream (opt-in).
+
+    The client keeps the audio it has sent since the end of the last final result (that result's
+    ``result_end_time``), at most ``keep_s`` seconds of it. When the stream ends with one of
+    ``codes``, it opens a new stream with the same config (through a proxy or a round-robin
+    channel, to another server), sends the kept audio again, as fast as it goes, and goes on with
+    the rest. Final results received before the cut stand; the new stream's results have their
+    times (``result_start_time``, ``result_end_time``, word offsets) shifted by where its audio
+    starts in the whole stream, and their ``utterance_index`` by the utterances before, so the
+    caller sees one stream. Codes: ``UNAVAILABLE`` (a server gone under the stream without a
+    proxy, one that drained past its timeout, a new stream refused), ``CANCELLED`` (HAProxy's
+    reset of a stream whose server died), ``INTERNAL`` (nginx's). The new stream's recogniser
+    starts with a fresh state at the replay's start, which can change a word near it.
+
+    Up to ``attempts`` new streams in a row that fail before their first response; ``pause_s``
+    before the first, doubled before each next. A cut with more than ``keep_s`` of audio since
+    the last final result is not resumed: the stream fails with the cut's status, and its details
+    say why (``ResumeLimitError``). Without endpointing a stream has one final result, at its
+    end, so all of its audio counts."""
+
+    keep_s: float = 30.0
+    attempts: int = 3
+    pause_s: float = 0.05
+    codes: tuple = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait before new stream ``attempt`` (1 for the first after a cut)."""
+        return self.pause_s * 2 ** (attempt - 1)
+
+
+class ResumeLimitError(grpc.aio.AioRpcError):
+    """A cut stream that ``Resume`` did not go on with: more audio since its last final result
+    than it keeps. The status is the cut's."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, unfinished_s: float, keep_s: float):
+        super().__init__(error.code(), error.initial_metadata(), error.trailing_metadata(),
+                         f"{error.details()} (not resumed: {unfinished_s:.1f} s of audio since the last final "
+                         f"result, more than the {keep_s:g} s kept)", error.debug_error_string())
+
+
+class _Tape:
+    """A stream's audio as it comes from its source, kept from the end of the last final result
+    (``final``), at most about ``keep_bytes`` of it, so that a new stream can send it again
+    (``read`` from that offset). Reading pulls the source on demand; a read cancelled mid-way
+    (the call it fed ended) loses no chunk: the next read gets it."""
+
+    def __init__(self, source: AsyncIterator[bytes], frame: int, keep_bytes: int):
+        self.source = source.__aiter__()
+        self.frame = frame
+        self.keep_bytes = keep_bytes
+        self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, chunk)
+        self.end = 0  # bytes taken from the source
+        self.resume_at = 0  # end of the last final result
+        self.ended = False
+        self.pending: asyncio.Task | None = None
+
+    @property
+    def start(self) -> int:
+        """Offset of the first byte kept."""
+        return self.chunks[0][0] if self.chunks else self.end
+
+    @property
+    def resumable(self) -> bool:
+        return self.start <= self.resume_at
+
+    def final(self, end_s: float, bytes_per_second: int) -> None:
+        """A final result ends at ``end_s``: the audio before it is no longer needed."""
+        offset = min(self.end, int(round(end_s * bytes_per_second)) // self.frame * self.frame)
+        self.resume_at = max(self.resume_at, offset)
+        self._trim()
+
+    def _trim(self) -> None:
+        while self.chunks:
+            offset, chunk = self.chunks[0]
+            if offset + len(chunk) > self.resume_at and self.end - offset <= self.keep_bytes:
+                break
+            self.chunks.popleft()
+
+    async def _next(self) -> bytes:
+        return await self.source.__anext__()
+
+    async def read(self, pos: int) -> AsyncIterator[bytes]:
+        """The audio from offset ``pos`` on, then what the source gives, until it ends."""
+        while True:
+            if pos < self.end:
+                assert pos >= self.start, (pos, self.start)
+                offset, chunk = next((o, c) for o, c in self.chunks if o + len(c) > pos)
+                piece = chunk[pos - offset:]
+                pos += len(piece)
+                yield piece
+                continue
+            if self.ended:
+                return
+            if self.pending is None:
+                self.pending = asyncio.create_task(self._next())
+            try:
+                chunk = await asyncio.shield(self.pending)
+            except StopAsyncIteration:
+                self.pending, self.ended = None, True
+                return
+            except asyncio.CancelledError:
+                if self.pending.done():
+                    self.pending = None
+                raise
+            except BaseException:
+                self.pending = None
+                raise
+            self.pending = None
+            if chunk:
+                self.chunks.append((self.end, bytes(chunk)))
+                self.end += len(chunk)
+                self._trim()
+
+    def close(self) -> None:
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()
+
+
+def _shift(response: asr_pb2.StreamingRecognizeResponse, nanos: int, utterances: int) -> None:
+    """Move ``response``'s results ``nanos`` later and ``utterances`` on (a resumed stream's)."""
+    for result in response.results:
+        for duration in (result.result_start_time, result.result_end_time):
+            duration.FromNanoseconds(duration.ToNanoseconds() + nanos)
+        for alternative in result.alternatives:
+            for word in alternative.words:
+                word.start_time.FromNanoseconds(word.start_time.ToNanoseconds() + nanos)
+                word.end_time.FromNanoseconds(word.end_time.ToNanoseconds() + nanos)
+        result.utterance_index += utterances
+
+
 @dataclass
 class StreamEvent:
     response: asr_pb2.StreamingRecognizeResponse
@@ -125,9 +261,9 @@ async def _paced(audio: bytes, bytes_per_second: int, chunk_bytes: int, realtime
 
 
 async def _requests(config: asr_pb2.StreamingRecognitionConfig, chunks: AsyncIterator[bytes],
-                    bytes_per_second: int, log: SendLog):
+                    bytes_per_second: int, log: SendLog, sent: int = 0):
+    """The config, then ``chunks``; ``sent``: the offset in the whole stream the first chunk starts at."""
     yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
-    sent = 0
     async for chunk in chunks:
         yield asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
         sent += len(chunk)
@@ -140,16 +276,26 @@ async def stream_audio(stub: asr_pb2_grpc.SpeechRecognitionStub, pcm: bytes, sam
                        options: StreamOptions, channels: int = 1, metadata=None,
                        send_log: SendLog | None = None, retry: Retry = NO_RETRY,
                        on_retry: Callable[[grpc.aio.AioRpcError, int], None] | None = None,
+                       resume: Resume | None = None,
+                       on_resume: Callable[[grpc.aio.AioRpcError, float, int], None] | None = None,
                        ) -> AsyncIterator[StreamEvent]:
     """Stream LINEAR16 ``pcm`` and yield each response with its client-side timing.
 
     ``retry``: a stream that fails as ``Retry`` says starts again from the first sample on a new
     call (``send_log`` then starts over too); ``on_retry(error, attempt)`` hears of each retry.
-    The error of the last try, or of a stream that had responses, is raised."""
+    ``resume``: a stream cut as ``Resume`` says goes on on a new call (``stream_chunks``); it
+    takes the place of ``retry`` (a stream refused before its first result is resumed from its
+    first sample). The error of the last try, or of a stream that had responses, is raised."""
     bytes_per_second = sample_rate * 2 * channels
     frame = 2 * channels
     chunk_bytes = max(frame, int(bytes_per_second * options.chunk_ms / 1000) // frame * frame)
     log = send_log if send_log is not None else SendLog()
+    if resume is not None:
+        chunks = _paced(pcm, bytes_per_second, chunk_bytes, options.realtime)
+        async for event in stream_chunks(stub, chunks, sample_rate, options, channels, metadata, log,
+                                         resume=resume, on_resume=on_resume):
+            yield event
+        return
     attempt = 0
     while True:
         answered = False
@@ -173,18 +319,68 @@ async def stream_audio(stub: asr_pb2_grpc.SpeechRecognitionStub, pcm: bytes, sam
 
 async def stream_chunks(stub: asr_pb2_grpc.SpeechRecognitionStub, chunks: AsyncIterator[bytes],
                         sample_rate: int, options: StreamOptions, channels: int = 1, metadata=None,
-                        send_log: SendLog | None = None) -> AsyncIterator[StreamEvent]:
+                        send_log: SendLog | None = None, resume: Resume | None = None,
+                        on_resume: Callable[[grpc.aio.AioRpcError, float, int], None] | None = None,
+                        ) -> AsyncIterator[StreamEvent]:
     """Stream LINEAR16 ``chunks`` as they come (whole samples each); half-close when they end.
 
     Yields each response with its client-side timing, until the server ends the stream.
+    ``resume``: a stream cut as ``Resume`` says goes on on a new call, from the end of its last
+    final result; ``on_resume(error, from_s, attempt)`` hears of each new call (``from_s``: where
+    in the whole stream its audio starts).
     """
     log = send_log if send_log is not None else SendLog()
-    call = stub.StreamingRecognize(
-        _requests(options.config(sample_rate, channels), chunks, sample_rate * 2 * channels, log),
-        metadata=metadata)
+    bytes_per_second = sample_rate * 2 * channels
+    config = options.config(sample_rate, channels)
+    if resume is None:
+        async for event in _call(stub, _requests(config, chunks, bytes_per_second, log), log, metadata):
+            yield event
+        return
+    tape = _Tape(chunks, 2 * channels, int(resume.keep_s * sample_rate) * 2 * channels)
+    start = 0  # where the current call's audio starts in the whole stream (bytes)
+    utterances = 0  # utterances finished before it
+    failures = 0  # new calls in a row that failed before their first response
+    try:
+        while True:
+            try:
+                async for event in _call(stub, _requests(config, tape.read(start), bytes_per_second, log, start),
+                                         log, metadata, start * 1_000_000_000 // bytes_per_second, utterances):
+                    failures = 0
+                    for result in event.response.results:
+                        if result.is_final:
+                            tape.final(result.result_end_time.ToNanoseconds() / 1e9, bytes_per_second)
+                            utterances = max(utterances, result.utterance_index + 1)
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in resume.codes or failures >= resume.attempts:
+                    raise
+                if not tape.resumable:
+                    raise ResumeLimitError(exc, (tape.end - tape.resume_at) / bytes_per_second,
+                                           resume.keep_s) from exc
+                failures += 1
+                start = tape.resume_at
+                if on_resume is not None:
+                    on_resume(exc, start / bytes_per_second, failures)
+            await asyncio.sleep(resume.pause(failures))
+            # the chunks after the replay's start are sent again: their times start over
+            keep = bisect.bisect_right(log.chunk_end_s, start / bytes_per_second + 1e-9)
+            del log.chunk_end_s[keep:], log.sent_at[keep:]
+            log.finished_at = None
+    finally:
+        tape.close()
+
+
+async def _call(stub: asr_pb2_grpc.SpeechRecognitionStub, requests, log: SendLog, metadata=None,
+                shift_ns: int = 0, utterances: int = 0) -> AsyncIterator[StreamEvent]:
+    """One StreamingRecognize call: its responses (shifted by ``shift_ns`` and ``utterances``,
+    ``_shift``) with their client-side timing."""
+    call = stub.StreamingRecognize(requests, metadata=metadata)
     try:
         async for response in call:
             now = time.monotonic()
+            if shift_ns or utterances:
+                _shift(response, shift_ns, utterances)
             latency = None
             if response.results and log.sent_at:
                 end = response.results[0].result_end_time

@@ -125,7 +125,7 @@ async def small_server():
 # `make test-fast` runs unit and integration; a test may carry its own layer mark instead.
 LAYERS = {
     "unit": {"test_boundaries", "test_context_graph", "test_decoder", "test_features", "test_mic", "test_models",
-             "test_scheduler", "test_session", "test_threads", "test_moe", "test_compose"},
+             "test_scheduler", "test_session", "test_threads", "test_moe", "test_compose", "test_resume"},
     "integration": {"test_abuse", "test_admission", "test_bad_input", "test_batching_invariance", "test_biasing",
                     "test_cli",
                     "test_client_connection", "test_compat", "test_deepgram_keepalive", "test_docs", "test_drain", "test_equivalence",
@@ -134,7 +134,8 @@ LAYERS = {
                     "test_websocket", "test_websocket_limits"},
     "system": {"test_alerting", "test_bias_data", "test_demo_model", "test_deploy", "test_fleet", "test_gc_pauses",
                "test_hostile_clients", "test_http2_abuse", "test_k8s", "test_packaging", "test_precision",
-               "test_prometheus", "test_read_only", "test_scale_in", "test_training", "test_web", "test_web_phrases",
+               "test_prometheus", "test_read_only", "test_scale_in", "test_nginx", "test_training", "test_web",
+               "test_web_phrases",
                "test_websocket_browser"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

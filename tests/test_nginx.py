@@ -1,0 +1,267 @@
+"""nginx (Debian's, running deploy/nginx/nginx.conf with its listen address and servers replaced)
+in front of three real ``asr-server`` processes (tests.test_scale_in's fleet: 127.0.0.1, .2 and
+.3, one port): streams spread across all three with their right transcripts, SIGTERM to one
+mid-stream loses no final result, and a SIGKILLed server's open streams end at once with the
+status nginx gives them (asserted below; docs/scaling.md quotes it). With no server up, a new
+stream ends UNAVAILABLE.
+
+nginx runs as the test's user, with its prefix, pid file and logs in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile
+from google.protobuf import json_format
+
+from asr.v1 import asr_pb2
+from client.stream import Resume, StreamOptions, pcm16, stream_audio
+from tests.conftest import ROOT
+from tests.observability import free_port
+from tests.test_scale_in import BIN, HOSTS, Fleet, ServerProcess, client, kill_one, spread_and_drain
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+
+
+def nginx_conf(listen: str, servers: list[str]) -> str:
+    """deploy/nginx/nginx.conf listening on ``listen`` with ``servers`` as its upstream, and
+    nothing else changed."""
+    text = NGINX_CONF.read_text()
+    text, listens = re.subn(r"^(\s*)listen \S+ http2;", rf"\1listen {listen} http2;", text, flags=re.M)
+    match = re.search(r"^(\s*)server \S+( [^;\n]*);\n", text, flags=re.M)
+    assert listens == 1 and match, "deploy/nginx/nginx.conf: one listen line and one upstream server line expected"
+    lines = "".join(f"{match.group(1)}server {s}{match.group(2)};\n" for s in servers)
+    return text[:match.start()] + lines + text[match.end():]
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
+    if path is None:
+        pytest.fail("nginx is not installed: `make test-apt` installs Debian's nginx package")
+    return path
+
+
+class NginxFleet(Fleet):
+    """tests.test_scale_in's fleet (three servers behind HAProxy, by DNS) with nginx in front of
+    the same three too (their addresses in its upstream)."""
+
+    def __init__(self, tmp: Path):
+        super().__init__()
+        self.tmp = tmp
+        self.log = tmp / "error.log"
+        self.nginx_port = free_port()
+        self.nginx: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(nginx_conf(f"127.0.0.1:{self.nginx_port}", [f"{h}:{self.port}" for h in HOSTS]))
+        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.tmp / temp).mkdir()
+        # workers as the test's user too (nginx started by root would switch them to nobody)
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        self.nginx = subprocess.Popen(
+            [nginx_binary(), "-p", str(self.tmp), "-c", str(conf), "-e", str(self.log),
+             "-g", f"daemon off; pid {self.tmp}/nginx.pid; {user}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        super().start()  # the servers and HAProxy; ensure_up waits for nginx too
+
+    def ensure_up(self) -> None:
+        super().ensure_up()
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.nginx.poll() is None, f"nginx exited: {self.log.read_text()[-2000:]}"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.nginx_port)) == 0:
+                    return
+            assert time.monotonic() < deadline, "nginx does not listen"
+            time.sleep(0.1)
+
+    @property
+    def nginx_target(self) -> str:
+        return f"127.0.0.1:{self.nginx_port}"
+
+    def close(self) -> None:
+        super().close()
+        if self.nginx is not None:
+            self.nginx.terminate()
+            self.nginx.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def nginx_fleet(tmp_path_factory):
+    fleet = NginxFleet(tmp_path_factory.mktemp("nginx"))
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.close()
+
+
+async def test_streams_spread_through_nginx_and_a_drain_loses_no_final_result(nginx_fleet, speech):
+    await spread_and_drain(nginx_fleet, nginx_fleet.nginx_target, "pick_first", speech, "nginx")
+
+
+async def test_a_killed_servers_streams_end_internal_at_once_through_nginx(nginx_fleet, speech):
+    """nginx resets the client's stream with RST_STREAM INTERNAL_ERROR when its connection to the
+    server dies under it: the client reads INTERNAL. New streams after the kill go to the other
+    two without a retry (grpc_next_upstream)."""
+    failed, after = await kill_one(nginx_fleet, nginx_fleet.nginx_target, "pick_first", speech, "nginx")
+    assert {o.code for o in failed} == {grpc.StatusCode.INTERNAL}, failed
+    assert all("RST_STREAM with error code 2" in o.details for o in failed), failed
+    assert max(after) < 1.0, after
+
+
+# --- resuming a stream cut mid-way -----------------------------------------------------------
+PAUSE_S = 1.5  # silence between two utterances: longer than the servers' endpointing (0.8 s)
+KILL_AFTER_S = 1.0  # the kill comes this long after the first final result: in the second utterance
+
+
+def two_utterances(speech) -> np.ndarray:
+    """The first two samples with a pause between them (so a final result ends the first) and
+    half a second of silence after."""
+    silence = np.zeros(int(PAUSE_S * 16000), dtype=np.float32)
+    return np.concatenate([speech[0][1], silence, speech[1][1], silence[:8000]])
+
+
+@dataclass
+class Final:
+    text: str
+    start_s: float
+    end_s: float
+    utterance: int
+
+
+def final_of(result) -> Final:
+    return Final(result.alternatives[0].transcript, result.result_start_time.ToNanoseconds() / 1e9,
+                 result.result_end_time.ToNanoseconds() / 1e9, result.utterance_index)
+
+
+def victim_of(fleet: NginxFleet) -> ServerProcess:
+    """The one server with an open stream."""
+    busy = [server for server in fleet.servers if server.running and server.active() >= 1]
+    assert len(busy) == 1, [server.active() for server in fleet.servers]
+    return busy[0]
+
+
+def kill_later(fleet: NginxFleet, killed: dict) -> None:
+    """SIGKILL, KILL_AFTER_S from now, to the server the stream is on."""
+    victim = victim_of(fleet)
+
+    def kill():
+        victim.proc.kill()
+        killed["at"] = time.monotonic()
+    asyncio.get_running_loop().call_later(KILL_AFTER_S, kill)
+    killed["server"] = victim
+
+
+async def finals_of_stream(target: str, audio: np.ndarray, resume: Resume | None = None,
+                           fleet: NginxFleet | None = None) -> tuple[list[Final], list[tuple], dict]:
+    """The final results of one real-time stream of ``audio`` with endpointing; with ``fleet``,
+    the server it is on is killed KILL_AFTER_S after its first final result. Also returns each
+    resume (code, from_s) and when the kill came."""
+    options = StreamOptions(realtime=True, interim_results=True, endpointing=True)
+    finals: list[Final] = []
+    resumes: list[tuple] = []
+    killed: dict = {}
+    async with client(target, "pick_first") as stub:
+        async for event in stream_audio(stub, pcm16(audio), 16000, options, resume=resume,
+                                        on_resume=lambda error, from_s, attempt: resumes.append(
+                                            (error.code(), from_s, time.monotonic()))):
+            finals += [final_of(r) for r in event.response.results if r.is_final]
+            if fleet is not None and finals and not killed:
+                kill_later(fleet, killed)
+    killed["ended"] = time.monotonic()
+    return finals, resumes, killed
+
+
+def check_resumed(finals: list[Final], whole: list[Final], resumes: list[tuple], killed: dict,
+                  code: grpc.StatusCode, label: str) -> None:
+    print(f"{label}: killed {killed['ended'] - killed['at']:.1f} s before the stream's end; resumed "
+          f"{[(c.name, round(s, 2), round(t - killed['at'], 3)) for c, s, t in resumes]} (code, from s, "
+          f"s after the kill); finals {[(f.text, f.start_s, f.end_s, f.utterance) for f in finals]}; "
+          f"uninterrupted {[(f.text, f.start_s, f.end_s) for f in whole]}")
+    assert killed["at"] < killed["ended"] - 1.0, "the kill came after the stream"
+    # one cut, resumed from the end of the first final result
+    assert [c for c, _, _ in resumes] == [code], resumes
+    assert resumes[0][1] == pytest.approx(finals[0].end_s, abs=1e-3), (resumes, finals)
+    # the same final results as the uninterrupted stream, none twice, in order
+    assert [f.text for f in finals] == [f.text for f in whole] == [f.text for f in finals if f.text], finals
+    assert [f.utterance for f in finals] == list(range(len(finals))), finals
+    for before, after in zip(finals, finals[1:]):
+        assert before.end_s <= after.start_s < after.end_s, finals
+    # where they are in the whole stream: as without the cut, to within a chunk or two
+    for got, want in zip(finals, whole):
+        assert got.end_s == pytest.approx(want.end_s, abs=0.35), (finals, whole)
+
+
+@pytest.mark.parametrize("proxy, code", [("nginx", grpc.StatusCode.INTERNAL), ("haproxy", grpc.StatusCode.CANCELLED)])
+async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet, speech, proxy, code):
+    nginx_fleet.ensure_up()
+    target = nginx_fleet.nginx_target if proxy == "nginx" else nginx_fleet.proxy_target
+    audio = two_utterances(speech)
+    whole, _, _ = await finals_of_stream(target, audio)
+    assert [f.text for f in whole] == [speech[0][2], speech[1][2]], whole
+    finals, resumes, killed = await finals_of_stream(target, audio, Resume(), nginx_fleet)
+    check_resumed(finals, whole, resumes, killed, code, proxy)
+
+
+async def asr_client(fleet: NginxFleet, target: str, wav: Path, *flags: str) -> tuple[int, list[Final], str, dict]:
+    """``asr-client --resume --json`` streaming ``wav`` in real time; the server its stream is on
+    is killed KILL_AFTER_S after the first final result. Exit code, final results, stderr, the kill."""
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "asr-client"), str(wav), "--server", target, "--json", "--no-interim", "--resume", *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    finals: list[Final] = []
+    killed: dict = {}
+    async for line in proc.stdout:
+        response = json_format.Parse(line, asr_pb2.StreamingRecognizeResponse(), ignore_unknown_fields=True)
+        finals += [final_of(r) for r in response.results if r.is_final]
+        if finals and not killed:
+            kill_later(fleet, killed)
+    stderr = (await proc.stderr.read()).decode()
+    code = await proc.wait()
+    killed["ended"] = time.monotonic()
+    return code, finals, stderr, killed
+
+
+async def test_asr_client_resume_goes_on_after_a_killed_server(nginx_fleet, speech, tmp_path):
+    nginx_fleet.ensure_up()
+    audio = two_utterances(speech)
+    wav = tmp_path / "two.wav"
+    soundfile.write(wav, audio, 16000, subtype="PCM_16")
+    whole, _, _ = await finals_of_stream(nginx_fleet.proxy_target, audio)
+    code, finals, stderr, killed = await asr_client(nginx_fleet, nginx_fleet.proxy_target, wav)
+    print(f"asr-client --resume: exit {code}; {stderr.strip()}")
+    assert code == 0, stderr
+    resumed = re.findall(r"asr-client: (\w+): .*; going on with a new stream from ([0-9.]+) s \(1 of 3\)", stderr)
+    resumes = [(grpc.StatusCode[name], float(from_s), killed["at"]) for name, from_s in resumed]
+    check_resumed(finals, whole, resumes, killed, grpc.StatusCode.CANCELLED, "asr-client --resume, HAProxy")
+
+
+async def test_asr_client_does_not_resume_past_its_kept_audio(nginx_fleet, speech, tmp_path):
+    """--resume-keep-s 0.5 and a cut a second after the last final result: the stream fails with
+    the cut's status (nginx: INTERNAL), and says why."""
+    nginx_fleet.ensure_up()
+    wav = tmp_path / "two.wav"
+    soundfile.write(wav, two_utterances(speech), 16000, subtype="PCM_16")
+    code, finals, stderr, killed = await asr_client(nginx_fleet, nginx_fleet.nginx_target, wav, "--resume-keep-s", "0.5")
+    print(f"asr-client --resume --resume-keep-s 0.5: exit {code}; {stderr.strip()}")
+    assert code == 1
+    assert [f.text for f in finals] == [speech[0][2]]  # the final result before the cut stands
+    assert re.fullmatch(r"asr-client: INTERNAL: .*RST_STREAM with error code 2.* \(not resumed: [12]\.\d s of audio since "
+                        r"the last final result, more than the 0\.5 s kept\)\n", stderr), stderr
