@@ -247,14 +247,9 @@ async def fuzzed():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(sequence=sequences, ending=st.sampled_from(["half-close", "cancel", "leave open"]))
-async def test_fuzzed_request_sequences_get_documented_statuses_and_free_their_sessions(fuzzed, sequence, ending):
-    server, stub, codes = fuzzed
-    codes.clear()
-    call = stub.StreamingRecognize()
+async def play(call, sequence, ending: str) -> tuple[grpc.StatusCode, str]:
+    """Write ``sequence`` on the streaming ``call`` while it is open, end it as ``ending`` says
+    ("half-close", "cancel" or "leave open"), read it out; returns its status code and details."""
     try:
         for request in sequence:
             if call.done():
@@ -268,8 +263,17 @@ async def test_fuzzed_request_sequences_get_documented_statuses_and_free_their_s
             pass
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.CancelledError):
         pass
-    code = await call.code()
-    details = await call.details()
+    return await call.code(), await call.details()
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sequence=sequences, ending=st.sampled_from(["half-close", "cancel", "leave open"]))
+async def test_fuzzed_request_sequences_get_documented_statuses_and_free_their_sessions(fuzzed, sequence, ending):
+    server, stub, codes = fuzzed
+    codes.clear()
+    code, details = await play(stub.StreamingRecognize(), sequence, ending)
     assert code in DOCUMENTED or (code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE), (code, details)
     assert code != grpc.StatusCode.CANCELLED or ending == "cancel", details  # the server never cancels
     assert all(c.name in {s.name for s in DOCUMENTED} for c in codes), codes  # the statuses the server sent
@@ -317,21 +321,7 @@ async def test_fuzzed_riva_streams_too(fuzzed, sequence, ending):
     server, _, codes = fuzzed
     codes.clear()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = rasr_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize()
-        try:
-            for request in sequence:
-                if call.done():
-                    break
-                await call.write(request)
-            if ending == "half-close" and not call.done():
-                await call.done_writing()
-            if ending == "cancel":
-                call.cancel()
-            async for _ in call:
-                pass
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.CancelledError):
-            pass
-        code, details = await call.code(), await call.details()
+        code, details = await play(rasr_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(), sequence, ending)
     assert code in DOCUMENTED or (code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE), (code, details)
     assert all(c.name in {s.name for s in DOCUMENTED} for c in codes), codes
     deadline = time.monotonic() + 10
