@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import numpy as np
 
@@ -49,3 +50,18 @@ def beam_options(width: int) -> dict:
 
 
 GREEDY = {"decoding_method": asr_pb2.GREEDY}
+
+
+async def assert_staggered_streams_equal_solo(stub, waves: list[np.ndarray], options: dict, min_chars: int) -> None:
+    """Each of ``waves`` alone, then all at once with staggered starts (0-40 ms apart): every
+    stream's final words and offsets must be the same both ways, at least ``min_chars`` of text must
+    come out, and the streams must have shared steps of 4 or more."""
+    solo = [await final_words(stub, a, options) for a in waves]
+    assert sum(len(t) for s in solo for t, _ in s) > min_chars, "the model should emit text"
+    rng = random.Random(7)
+    delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
+    sizes: list[int] = []
+    together = await asyncio.gather(*(final_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
+    assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
+    for i, (alone, batched) in enumerate(zip(solo, together)):
+        assert batched == alone, f"stream {i} changed when batched"

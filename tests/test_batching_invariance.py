@@ -10,7 +10,6 @@ same encoder output as torchaudio's single-stream ``transcribe_streaming``.
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import numpy as np
@@ -23,7 +22,7 @@ from server.model.encoder import StreamingEncoder
 from server.model.features import FeatureFrontEnd, utterance_windows
 from tests import reference
 from tests.conftest import ROOT, running_server, small_model
-from tests.helpers import final_words
+from tests.helpers import assert_staggered_streams_equal_solo
 
 BENCH_AUDIO = ROOT / "bench" / "audio"
 
@@ -50,15 +49,7 @@ async def test_staggered_streams_through_grpc_equal_their_solo_runs(waves, optio
         info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
         assert (info.kernels, info.precision) == (kernels, precision)
         assert info.batching_exact, "the start-up probe should find batching bit-exact on this path"
-        solo = [await final_words(stub, a, options) for a in waves]
-        assert sum(len(t) for s in solo for t, _ in s) > 50, "the model should emit text"
-        rng = random.Random(7)
-        delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
-        sizes: list[int] = []
-        together = await asyncio.gather(*(final_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
-        assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
-        for i, (alone, batched) in enumerate(zip(solo, together)):
-            assert batched == alone, f"stream {i} changed when batched"
+        await assert_staggered_streams_equal_solo(stub, waves, options, min_chars=50)
         assert server.active_sessions == 0
 
 

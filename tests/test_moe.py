@@ -7,7 +7,6 @@ other frames of the step, in fp32 and int8, exactly as for the dense model
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import random
@@ -27,7 +26,7 @@ from server.model.moe import MoEFeedForward, route
 from server.model.vocabulary import CharTokenTable
 from tests import reference
 from tests.conftest import ROOT, running_server
-from tests.helpers import final_words
+from tests.helpers import assert_staggered_streams_equal_solo
 
 SMALL_MOE = dataclasses.replace(SMALL_CONFIG, moe_experts=4, moe_top_k=2, moe_ffn_dim=128)
 
@@ -211,15 +210,7 @@ async def test_moe_streams_through_grpc_equal_their_solo_runs(waves, options, pr
     async with running_server(small_moe_model(seed=7), max_batch=16, precision=precision) as (server, stub):
         info = await stub.GetModelInfo(asr_pb2.GetModelInfoRequest())
         assert info.batching_exact
-        solo = [await final_words(stub, a, options) for a in waves]
-        assert sum(len(t) for s in solo for t, _ in s) > 30, "the model should emit text"
-        rng = random.Random(7)
-        delays = [i * 0.02 + rng.random() * 0.02 for i in range(len(waves))]
-        sizes: list[int] = []
-        together = await asyncio.gather(*(final_words(stub, a, options, d, sizes) for a, d in zip(waves, delays)))
-        assert max(sizes) >= 4, f"streams were never batched together (batch sizes {sorted(set(sizes))})"
-        for i, (alone, batched) in enumerate(zip(solo, together)):
-            assert batched == alone, f"stream {i} changed when batched"
+        await assert_staggered_streams_equal_solo(stub, waves, options, min_chars=30)
 
 
 def test_training_recipe_builds_the_compared_models_trains_resumes_and_exports_an_moe_model(tmp_path, capsys):

@@ -13,9 +13,7 @@ import contextlib
 import json
 import socket
 
-import numpy as np
 import pytest
-import soundfile
 import websockets
 from aiohttp import web as aioweb
 from deepgram.core.api_error import ApiError
