@@ -6,7 +6,11 @@ sent as it is in the file (any sample rate, mono or multi-channel): the server
 resamples and downmixes. Exits non-zero with the server's status on errors.
 A stream that fails with UNAVAILABLE before its first response (a server that
 drains or went away) starts again, up to ``--retries`` times: on a ``--server``
-that names several servers, on another one.
+that names several servers, on another one. ``--resume`` also goes on with a
+stream cut mid-way (its server died or drained past its timeout): a new stream,
+the audio since the last final result sent again (at most ``--resume-keep-s``),
+and the results' times shifted so that they read as one stream
+(``client.stream.Resume``, docs/scaling.md).
 ``--phrase TEXT`` (repeatable), ``--phrases-file FILE`` and ``--boost X`` name
 phrases the server favours in decoding (contextual biasing, docs/biasing.md).
 """
@@ -26,7 +30,7 @@ from google.protobuf import json_format
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.connection import add_connection_args, connection_from_args, parse_args
 from client.phrases import PhraseError, add_phrase_args, check_with_server, phrases_from_args
-from client.stream import Retry, StreamOptions, channel, decoding_method, pcm16, stream_audio
+from client.stream import Resume, Retry, StreamOptions, channel, decoding_method, pcm16, stream_audio
 
 
 def read_wav(path: Path) -> tuple[bytes, int, int]:
@@ -118,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=non_negative(int), default=Retry().attempts, metavar="N",
                    help="start the stream again up to N times when it fails with UNAVAILABLE before its first "
                         "response (0: never; default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with a stream cut mid-way (UNAVAILABLE, CANCELLED, INTERNAL) on a new stream, sending "
+                        "the audio since the last final result again")
+    p.add_argument("--resume-keep-s", type=positive(float), default=Resume().keep_s, metavar="S",
+                   help="with --resume: the most audio since the last final result kept to send again; a cut with "
+                        "more is not resumed (default %(default)s)")
     add_phrase_args(p)
     add_connection_args(p)
     return p
@@ -148,6 +158,11 @@ async def run(args: argparse.Namespace) -> int:
         print(f"asr-client: {error.code().name}: {error.details()}; trying again ({attempt} of {args.retries})",
               file=sys.stderr, flush=True)
 
+    def resuming(error: grpc.aio.AioRpcError, from_s: float, attempt: int) -> None:
+        print(f"asr-client: {error.code().name}: {error.details()}; going on with a new stream from "
+              f"{from_s:.2f} s ({attempt} of {resume.attempts})", file=sys.stderr, flush=True)
+
+    resume = Resume(keep_s=args.resume_keep_s, attempts=max(args.retries, 1)) if args.resume else None
     async with channel(getattr(args, "connection", None) or connection_from_args(args)) as ch:
         stub = asr_pb2_grpc.SpeechRecognitionStub(ch)
         try:
@@ -157,7 +172,8 @@ async def run(args: argparse.Namespace) -> int:
             return 2
         try:
             async for event in stream_audio(stub, pcm, rate, options, channels=channels,
-                                            retry=Retry(attempts=args.retries), on_retry=retrying):
+                                            retry=Retry(attempts=args.retries), on_retry=retrying,
+                                            resume=resume, on_resume=resuming):
                 if args.json:
                     doc = json_format.MessageToDict(event.response, preserving_proto_field_name=True)
                     if event.client_latency_s is not None:

@@ -1,18 +1,26 @@
 """nginx (Debian's, running deploy/nginx/nginx.conf with its listen address and servers replaced)
-in front of three real ``asr-server`` processes (tests.test_scale_in's fleet: 127.0.0.1, .2 and
-.3, one port): streams spread across all three with their right transcripts, SIGTERM to one
-mid-stream loses no final result, and a SIGKILLed server's open streams end at once with the
-status nginx gives them (asserted below; docs/scaling.md quotes it). With no server up, a new
-stream ends UNAVAILABLE.
+and HAProxy (deploy/haproxy/haproxy.cfg) in front of three real ``asr-server`` processes
+(tests.test_scale_in's fleet: 127.0.0.1, .2 and .3, one port).
 
-nginx runs as the test's user, with its prefix, pid file and logs in a temporary directory.
+- Through nginx streams spread across all three with their right transcripts, SIGTERM to one
+  mid-stream loses no final result, and a SIGKILLed server's open streams end at once with
+  INTERNAL (nginx's RST_STREAM INTERNAL_ERROR; HAProxy's is CANCEL, tests/test_scale_in.py).
+- With no server up, both proxies answer a call with UNAVAILABLE and their own message.
+- A stream with a pause (a final result before the cut) whose server is killed a second into
+  its second utterance goes on on another server with ``client.stream.Resume`` and
+  ``asr-client --resume``, through nginx and HAProxy: the same final transcripts as without the
+  cut, none twice, times in order; past ``--resume-keep-s`` it fails with the cut's status and
+  says why.
+
+Each test prints what it measured (docs/scaling.md quotes it). nginx runs as the test's user,
+with its prefix, pid file and logs in a temporary directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
-import asyncio
 import re
 import shutil
 import socket
@@ -26,12 +34,14 @@ import numpy as np
 import pytest
 import soundfile
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asr.v1 import asr_pb2
-from client.stream import Resume, StreamOptions, pcm16, stream_audio
+from client.stream import Resume, StreamOptions, channel, pcm16, stream_audio
 from tests.conftest import ROOT
 from tests.observability import free_port
-from tests.test_scale_in import BIN, HOSTS, Fleet, ServerProcess, client, kill_one, spread_and_drain
+from tests.test_scale_in import (BIN, HAPROXY_CFG, HOSTS, Fleet, ServerProcess, client, haproxy_binary, kill_one,
+                                 spread_and_drain)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -56,6 +66,29 @@ def nginx_binary() -> str:
     return path
 
 
+def start_nginx(tmp: Path, port: int, servers: list[str]) -> subprocess.Popen:
+    """nginx with deploy/nginx/nginx.conf on 127.0.0.1:``port`` in front of ``servers``, its
+    prefix, pid file and error log (``error.log``) in ``tmp``; returns once it listens."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(nginx_conf(f"127.0.0.1:{port}", servers))
+    for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / temp).mkdir(exist_ok=True)
+    # workers as the test's user too (nginx started by root would switch them to nobody)
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    log = tmp / "error.log"
+    proc = subprocess.Popen([nginx_binary(), "-p", str(tmp), "-c", str(conf), "-e", str(log),
+                             "-g", f"daemon off; pid {tmp}/nginx.pid; {user}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, f"nginx exited: {log.read_text()[-2000:]}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        assert time.monotonic() < deadline, "nginx does not listen"
+        time.sleep(0.1)
+
+
 class NginxFleet(Fleet):
     """tests.test_scale_in's fleet (three servers behind HAProxy, by DNS) with nginx in front of
     the same three too (their addresses in its upstream)."""
@@ -68,28 +101,12 @@ class NginxFleet(Fleet):
         self.nginx: subprocess.Popen | None = None
 
     def start(self) -> None:
-        conf = self.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(f"127.0.0.1:{self.nginx_port}", [f"{h}:{self.port}" for h in HOSTS]))
-        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.tmp / temp).mkdir()
-        # workers as the test's user too (nginx started by root would switch them to nobody)
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-        self.nginx = subprocess.Popen(
-            [nginx_binary(), "-p", str(self.tmp), "-c", str(conf), "-e", str(self.log),
-             "-g", f"daemon off; pid {self.tmp}/nginx.pid; {user}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        super().start()  # the servers and HAProxy; ensure_up waits for nginx too
+        self.nginx = start_nginx(self.tmp, self.nginx_port, [f"{h}:{self.port}" for h in HOSTS])
+        super().start()  # the servers and HAProxy; ensure_up checks nginx too
 
     def ensure_up(self) -> None:
         super().ensure_up()
-        deadline = time.monotonic() + 10
-        while True:
-            assert self.nginx.poll() is None, f"nginx exited: {self.log.read_text()[-2000:]}"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.nginx_port)) == 0:
-                    return
-            assert time.monotonic() < deadline, "nginx does not listen"
-            time.sleep(0.1)
+        assert self.nginx.poll() is None, f"nginx exited: {self.log.read_text()[-2000:]}"
 
     @property
     def nginx_target(self) -> str:
@@ -110,6 +127,41 @@ def nginx_fleet(tmp_path_factory):
         yield fleet
     finally:
         fleet.close()
+
+
+async def test_with_no_server_up_both_proxies_answer_unavailable(tmp_path):
+    """A call that reaches no server gets a gRPC answer from the proxy: UNAVAILABLE with the
+    proxy's message for a unary call; a stream whose client is still sending when it comes ends
+    with one of the codes client.stream.Resume goes on after (the gRPC Python client reports the
+    proxy's reset or its own write failure, CANCELLED or INTERNAL, in some of them)."""
+    dead = free_port()  # nothing listens there
+    nginx_port, haproxy_port = free_port(), free_port()
+    nginx = start_nginx(tmp_path, nginx_port, [f"127.0.0.1:{dead}"])
+    haproxy = subprocess.Popen([haproxy_binary(), "-db", "-f", str(HAPROXY_CFG)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "ASR_PROXY_BIND": f"127.0.0.1:{haproxy_port}",
+                                    "ASR_BACKEND": f"127.0.0.1:{dead}"})
+    try:
+        for name, port, message in (("nginx", nginx_port, "no asr-server reachable"),
+                                    ("HAProxy", haproxy_port, "no asr-server available")):
+            async with client(f"127.0.0.1:{port}", "pick_first") as stub, \
+                    channel(f"127.0.0.1:{port}") as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as unary:
+                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert (unary.value.code(), unary.value.details()) == (grpc.StatusCode.UNAVAILABLE, message)
+                codes = []
+                for _ in range(10):
+                    with pytest.raises(grpc.aio.AioRpcError) as stream:
+                        async for _ in stream_audio(stub, bytes(32000), 16000, StreamOptions(realtime=False)):
+                            pass
+                    codes.append(stream.value.code())
+                print(f"{name}, no server up: a health check UNAVAILABLE ({message!r}); 10 streams "
+                      f"{sorted((c.name, codes.count(c)) for c in set(codes))}")
+                assert set(codes) <= set(Resume().codes), codes
+    finally:
+        for proc in (nginx, haproxy):
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 async def test_streams_spread_through_nginx_and_a_drain_loses_no_final_result(nginx_fleet, speech):
@@ -192,7 +244,7 @@ async def finals_of_stream(target: str, audio: np.ndarray, resume: Resume | None
 def check_resumed(finals: list[Final], whole: list[Final], resumes: list[tuple], killed: dict,
                   code: grpc.StatusCode, label: str) -> None:
     print(f"{label}: killed {killed['ended'] - killed['at']:.1f} s before the stream's end; resumed "
-          f"{[(c.name, round(s, 2), round(t - killed['at'], 3)) for c, s, t in resumes]} (code, from s, "
+          f"{[(c.name, round(s, 2), t and round(t - killed['at'], 3)) for c, s, t in resumes]} (code, from s, "
           f"s after the kill); finals {[(f.text, f.start_s, f.end_s, f.utterance) for f in finals]}; "
           f"uninterrupted {[(f.text, f.start_s, f.end_s) for f in whole]}")
     assert killed["at"] < killed["ended"] - 1.0, "the kill came after the stream"
@@ -249,7 +301,7 @@ async def test_asr_client_resume_goes_on_after_a_killed_server(nginx_fleet, spee
     print(f"asr-client --resume: exit {code}; {stderr.strip()}")
     assert code == 0, stderr
     resumed = re.findall(r"asr-client: (\w+): .*; going on with a new stream from ([0-9.]+) s \(1 of 3\)", stderr)
-    resumes = [(grpc.StatusCode[name], float(from_s), killed["at"]) for name, from_s in resumed]
+    resumes = [(grpc.StatusCode[name], float(from_s), None) for name, from_s in resumed]  # when: not known
     check_resumed(finals, whole, resumes, killed, grpc.StatusCode.CANCELLED, "asr-client --resume, HAProxy")
 
 
