@@ -130,11 +130,11 @@ LAYERS = {
                     "test_cli",
                     "test_client_connection", "test_compat", "test_deepgram_keepalive", "test_docs", "test_drain", "test_equivalence",
                     "test_google_speech", "test_health", "test_interim_results", "test_limits", "test_loadtest",
-                    "test_loadtest_ws", "test_metrics", "test_phrases", "test_proto", "test_riva", "test_security",
+                    "test_loadtest_ws", "test_metrics", "test_phrases", "test_proto", "test_refusal_pacing", "test_riva", "test_security",
                     "test_websocket", "test_websocket_limits"},
     "system": {"test_alerting", "test_bias_data", "test_demo_model", "test_deploy", "test_fleet", "test_gc_pauses",
                "test_hostile_clients", "test_http2_abuse", "test_k8s", "test_packaging", "test_precision",
-               "test_prometheus", "test_read_only", "test_scale_in", "test_nginx", "test_training", "test_web",
+               "test_prometheus", "test_proxy_auth", "test_read_only", "test_scale_in", "test_nginx", "test_training", "test_web",
                "test_web_phrases",
                "test_websocket_browser"},
 }

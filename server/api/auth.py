@@ -12,6 +12,13 @@ until it pauses (grpcio's asyncio client otherwise reports ``INTERNAL``, grpc/gr
 ``MAX_DRAINING_REFUSALS`` refused calls at a time, and ``DRAINED_REFUSALS_PER_S`` a second, are read
 for up to ``REFUSAL_DRAIN_BYTES`` each; the others (a flood) are refused without reading a message.
 
+Refusals are paced per client address (``RefusalPacer``): each costs the server about a millisecond
+of its event loop (grpc.aio's call machinery, not this check), which every stream shares, so past
+``FREE_REFUSALS_PER_S`` a second from one address a refused call waits ``PACED_REFUSAL_DELAY_S``
+before its status (by at most ``MAX_PACED_REFUSALS`` calls at a time; beyond that, at once). A
+flood of callers that re-open their call when it ends then costs one refusal per caller and delay,
+not one per round trip; an authorised call is never delayed.
+
 Tokens are compared in constant time: the server keeps only their SHA-256 digests and
 compares the presented token's digest with every one of them (``hmac.compare_digest``,
 no early exit), so neither content nor length leaks through timing. No token, accepted
@@ -20,6 +27,7 @@ or refused, is ever logged or put into a metric or a status message.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -48,6 +56,11 @@ STREAM_METHODS = ("StreamingRecognize", "Recognize")
 REFUSAL_DRAIN_BYTES = 256 * 1024
 MAX_DRAINING_REFUSALS = 4
 DRAINED_REFUSALS_PER_S = 2.0
+# Refusals one client address gets at once each second; past that its refused calls wait before
+# their status, by at most this many at a time (the rest are answered at once).
+FREE_REFUSALS_PER_S = 20.0
+PACED_REFUSAL_DELAY_S = 1.0
+MAX_PACED_REFUSALS = 256
 
 
 
@@ -68,6 +81,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self.observer = observer or Observer()
         self._log = ThrottledLog(log)  # one line per method and reason every 10 s, not per call
         self._drains = DrainBudget(MAX_DRAINING_REFUSALS, DRAINED_REFUSALS_PER_S)
+        self._pacer = RefusalPacer(FREE_REFUSALS_PER_S, PACED_REFUSAL_DELAY_S, MAX_PACED_REFUSALS)
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is one of the accepted ones (constant time over all of them)."""
@@ -94,7 +108,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             self.observer.stream_ended(STREAM_APIS[service], StreamOutcome.REJECTED, None)
         self._log(f"{handler_call_details.method}: {problem}", "refused %s: %s", handler_call_details.method,
                   problem)
-        return _refusing(handler, problem, self._drains)
+        return _refusing(handler, problem, self._drains, self._pacer)
 
     def _problem(self, metadata) -> str | None:
         """None when the call carries an accepted token, else what is wrong (no token in it)."""
@@ -136,9 +150,47 @@ class DrainBudget:
         self.active -= 1
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str, drains: DrainBudget) -> grpc.RpcMethodHandler:
+class RefusalPacer:
+    """Whether a refused call waits before its status: per client address a token bucket of
+    ``free_per_s`` refusals a second (as many at once); past it, ``delay_s``, by at most ``max_held``
+    calls at a time over all addresses."""
+
+    def __init__(self, free_per_s: float, delay_s: float, max_held: int, clock: Callable[[], float] = time.monotonic):
+        self.free_per_s, self.delay_s, self.max_held, self.clock = free_per_s, delay_s, max_held, clock
+        self.held = 0
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+
+    def take(self, address: str) -> bool:
+        """True when this refusal is to wait (then ``give_back`` after it)."""
+        now = self.clock()
+        tokens, at = self._buckets.get(address, (self.free_per_s, now))
+        tokens = min(self.free_per_s, tokens + (now - at) * self.free_per_s)
+        if len(self._buckets) > 4096:  # forget addresses whose bucket has refilled
+            full = self.free_per_s
+            self._buckets = {a: (t, w) for a, (t, w) in self._buckets.items()
+                             if t + (now - w) * self.free_per_s < full}
+        if tokens >= 1:
+            self._buckets[address] = (tokens - 1, now)
+            return False
+        self._buckets[address] = (tokens, now)
+        if self.held >= self.max_held:
+            return False
+        self.held += 1
+        return True
+
+    def give_back(self) -> None:
+        self.held -= 1
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5000`` -> ``ipv4:10.0.0.1``, ``ipv6:[::1]:5000`` -> ``ipv6:[::1]`` (others as given)."""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str, drains: DrainBudget,
+              pacer: RefusalPacer) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind that ends the call with UNAUTHENTICATED, parsing nothing
-    (``drains``: whether a streaming call is read first; module docstring)."""
+    (``drains``: whether a streaming call is read first; ``pacer``: whether it waits; module docstring)."""
 
     async def refuse(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
         if handler.request_streaming and drains.take():
@@ -146,6 +198,11 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str, drains: DrainBudget)
                 await let_client_finish_writing(context, REFUSAL_DRAIN_BYTES, size=lambda n: n)
             finally:
                 drains.give_back()
+        elif pacer.take(peer_address(context.peer() or "")):
+            try:
+                await asyncio.sleep(pacer.delay_s)
+            finally:
+                pacer.give_back()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
