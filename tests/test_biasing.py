@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from urllib.parse import urlencode
 
 import grpc
 import numpy as np
 import pytest
 import soundfile
 import torch
+import websockets
 
 from asr.v1 import asr_pb2
 from server.model.loading import load_model
@@ -177,3 +179,53 @@ async def test_riva_and_google_speech_contexts_are_honoured(demo, bias_set):
         weak = speech.PhraseSet(phrases=[speech.PhraseSet.Phrase(value="beatrice")], boost=0.5)
         assert "beatrice" not in (await asyncio.to_thread(
             google_text, adaptation=speech.SpeechAdaptation(phrase_sets=[weak]))).split()
+
+
+async def test_deepgram_keyterm_and_keywords_are_phrases(demo, bias_set):
+    """Deepgram's own SDK on the WebSocket port: ``keyterm`` (repeatable, the server's default boost)
+    and ``keywords=WORD:BOOST`` carry phrases as asr.v1's speech contexts do (the same transcript as
+    asr.v1 with the same phrase and boost); past the limits, a boost outside them, a boost that is
+    not a number or a character the model cannot spell get HTTP 400 naming the parameter."""
+    from deepgram.core.api_error import ApiError
+
+    from client.stream import pcm16
+    from tests.test_websocket import deepgram_messages
+
+    item, audio = bias_set[0]
+    pcm = pcm16(audio)
+    async with running_server(model=demo, ws_port=0, decoding_method="beam", beam_width=4, default_boost=8,
+                              max_phrases=3, max_phrase_chars=20) as (srv, stub):
+        async def deepgram_text(**params) -> str:
+            messages = await deepgram_messages(srv, pcm, encoding="linear16", sample_rate=16000,
+                                               endpointing="false", **params)
+            return " ".join(m.channel.alternatives[0].transcript for m in messages
+                            if getattr(m, "type", None) == "Results" and m.is_final
+                            and m.channel.alternatives[0].transcript)
+
+        plain = await deepgram_text()
+        assert "beatrice" not in plain.split(), plain
+        with_phrase = await transcript(stub, audio, **with_phrases(["beatrice"], 8.0, **beam_options(4)))
+        assert "beatrice" in with_phrase.split()
+        assert await deepgram_text(keyterm=["beatrice", "harriet"]) == with_phrase
+        assert await deepgram_text(keywords="beatrice:8") == with_phrase
+        assert await deepgram_text(keywords=["beatrice:0.5"]) == await transcript(
+            stub, audio, **with_phrases(["beatrice"], 0.5, **beam_options(4)))
+        for params, message in [
+            ({"keyterm": ["a", "b"], "keywords": ["c", "d"]}, "4 phrases; the limit is 3 per request (--max-phrases)"),
+            ({"keywords": "beatrice:99"}, "boost 99 is outside [0.1, 20]"),
+            ({"keywords": "beatrice:-2"}, "boost -2 is outside"),
+            ({"keywords": "beatrice:loud"}, "must be WORD or WORD:BOOST"),
+            ({"keyterm": "beatrice:2"}, "no token for: ':'"),
+            ({"keyterm": "caf\u00e9"}, "no token for: '\u00e9'"),
+            ({"keyterm": "x" * 21}, "longer than the limit of 20 (--max-phrase-chars)"),
+        ]:
+            with pytest.raises(ApiError) as refused:
+                await deepgram_messages(srv, b"", **params)
+            assert refused.value.status_code == 400, params
+            with pytest.raises(websockets.InvalidStatus) as raw:  # the message, in Deepgram's header and body
+                async with websockets.connect(f"ws://127.0.0.1:{srv.ws_port}/v1/listen?{urlencode(params, doseq=True)}"):
+                    pass
+            response = raw.value.response
+            text = json.loads(response.body)["err_msg"]
+            assert response.status_code == 400 and response.headers["dg-error"].startswith(tuple(params))
+            assert message in text and text.startswith(tuple(params)), (params, text)

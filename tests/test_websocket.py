@@ -255,7 +255,7 @@ async def test_deepgram_wav_without_encoding_bearer_token_and_finalize(server):
 
 
 @pytest.mark.parametrize("params, field", [
-    ({"diarize": "true"}, "diarize"), ({"encoding": "opus"}, "encoding"), ({"keywords": "john:2"}, "keywords"),
+    ({"diarize": "true"}, "diarize"), ({"encoding": "opus"}, "encoding"), ({"search": "john"}, "search"),
     ({"language": "fr"}, "language"), ({"sample_rate": "96000", "encoding": "linear16"}, "sample_rate"),
 ])
 async def test_deepgram_refused_parameters_get_400_naming_them(server, params, field):

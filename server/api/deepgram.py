@@ -11,6 +11,12 @@ utterance's final result) and, once the stream is closed, ``Metadata``. An error
 ``Error`` message, then the connection closes (1008 for a client's error, 1011 for the server's,
 1001 when it shuts down).
 
+Phrases to favour (contextual biasing, docs/biasing.md): ``keyterm`` (repeatable, Nova-3's key
+term prompting: the whole value is the phrase, at the server's default boost) and ``keywords``
+(repeatable, ``WORD`` or ``WORD:BOOST``, the older models' form; the boost in the server's units)
+become the stream's speech contexts, under the same limits as the gRPC APIs', checked at the
+handshake (HTTP 400 naming the parameter).
+
 What maps and what is refused: docs/compatibility.md.
 """
 
@@ -31,7 +37,9 @@ from server.api.compat import AudioIntake, check_language, parse_wav_header
 from server.api.websocket import Idle, Segment, WsStream, close_code, http_status, json_response
 from server.core.service import RecognitionService
 from server.errors import ASRError, ErrorCode, invalid, shown
-from server.types import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, LimitReason, Result
+from server.model.context_graph import PhraseError
+from server.types import (MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Encoding, LimitReason, Result, SpeechContext,
+                          StreamConfig)
 
 log = logging.getLogger(__name__)
 API = "deepgram"
@@ -44,7 +52,7 @@ MODEL_UUID = "00000000-0000-0000-0000-000000000000"
 _NO_EFFECT = ("model", "punctuate", "smart_format", "numerals", "dictation", "filler_words", "tag", "extra",
               "mip_opt_out", "version")
 _HONOURED = ("encoding", "sample_rate", "channels", "interim_results", "endpointing", "utterance_end_ms",
-             "vad_events", "language")
+             "vad_events", "language", "keyterm", "keywords")
 _FALSE_ONLY = ("multichannel", "profanity_filter", "diarize", "detect_entities")  # refused when true
 
 
@@ -60,6 +68,7 @@ class Options:
     vad_events: bool = False
     model: str = ""
     request_id: str = ""
+    speech_contexts: tuple[SpeechContext, ...] = ()  # keyterm / keywords (boost 0: --default-boost)
 
 
 def _bool(query: dict, name: str) -> bool:
@@ -116,7 +125,37 @@ def prepare(service: RecognitionService, query: dict[str, list[str]]) -> Options
     if "language" in query:
         check_language(query["language"][-1], "language")
     o.model = query.get("model", [""])[-1]
+    o.speech_contexts = _speech_contexts(service, query)
     return o
+
+
+def _speech_contexts(service: RecognitionService, query: dict[str, list[str]]) -> tuple[SpeechContext, ...]:
+    """``keyterm`` (each value one phrase, at the default boost: Deepgram takes the whole value as the
+    term, a ``:weight`` included) and ``keywords`` (``WORD`` or ``WORD:BOOST``) as speech contexts,
+    checked against the server's phrase limits and the model's vocabulary."""
+    contexts = [SpeechContext((term,)) for term in query.get("keyterm", [])]
+    for value in query.get("keywords", []):
+        word, colon, boost = value.rpartition(":")
+        if not colon:
+            word, boost = value, ""
+        try:
+            number = float(boost) if boost else 0.0
+        except ValueError:
+            raise invalid(f"keywords: {shown(value)} must be WORD or WORD:BOOST with a number as the boost") from None
+        contexts.append(SpeechContext((word,), number))
+    if not contexts:
+        return ()
+    names = " / ".join(n for n in ("keyterm", "keywords") if n in query)
+    s = service.settings
+    resolved = tuple(SpeechContext(c.phrases, c.boost or s.default_boost) for c in contexts)
+    try:
+        StreamConfig(speech_contexts=resolved).validate(s)
+        service.engine.context_phrases([(c.phrases[0], c.boost) for c in resolved])
+    except ASRError as exc:
+        raise invalid(f"{names}: {exc.message.removeprefix('speech_contexts: ')}") from None
+    except PhraseError as exc:
+        raise invalid(f"{names}: {exc}") from None
+    return tuple(contexts)
 
 
 def http_error(connection: ServerConnection, error: ASRError) -> Response:
@@ -182,7 +221,7 @@ class Connection:
             encoding=Encoding.LINEAR16, sample_rate_hertz=rate, channels=channels, method=None, beam_width=0,
             max_alternatives=1, interim_results=o.interim_results, word_time_offsets=True,
             endpointing_disabled=not o.endpointing, trailing_silence_ms=o.endpointing_ms,
-            request_id=o.request_id))
+            request_id=o.request_id, speech_contexts=o.speech_contexts))
         segment.intake = AudioIntake(segment.session, "encoding linear16", None)  # a WAV header: checked, skipped
         log.info("deepgram stream %d started (%s)", segment.session.id, segment.session.config)
 
