@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.kernels import native  # noqa: E402
-from server.kernels.precision import (BlockedLinear, PackedLinear, RowwiseInt8Linear, exact_torch_int8_gemms,
-    torch_int8_weight_max)
+from server.kernels.cpu import cpu_flags  # noqa: E402
+from server.kernels.linear import BlockedLinear, PackedLinear, RowwiseInt8Linear  # noqa: E402
+from server.kernels.probes import exact_torch_int8_gemms, torch_int8_weight_max  # noqa: E402
 
 SHAPES = ((512, 2048), (2048, 512), (512, 1536), (1024, 4097))  # ff1, ff2, qkv, joiner
 
@@ -105,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         runs = step_costs()
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"isa": sorted(native.cpu_flags() & {"avx2", "avx512f", "avx512_vnni",
-                                                                           "amx_int8"}), "runs": runs}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"isa": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni",
+                                                                    "amx_int8"}), "runs": runs}, indent=2) + "\n")
         print(f"\nresults: {args.out}")
         return 0
-    flags = native.cpu_flags()
+    flags = cpu_flags()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     print(f"CPU: {' '.join(isa)}; {torch.get_num_threads()} threads; native back ends: "
           f"{', '.join(native.runnable()) or 'none'}; torch int8 weight range +-{torch_int8_weight_max()}")

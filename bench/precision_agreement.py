@@ -26,7 +26,7 @@ from server.types import DecodingMethod  # noqa: E402
 from server.model.engine import ChunkWork, Engine  # noqa: E402
 from server.model.features import utterance_windows  # noqa: E402
 from server.model.loading import load_model  # noqa: E402
-from server.kernels.precision import relative_error  # noqa: E402
+from server.kernels.probes import relative_error  # noqa: E402
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,6 @@
 """Which kernels to use for each precision: one engine step, every candidate, one run.
 
-The choices behind ``server/kernels/precision.py``, measured on the full-size model
+The choices behind ``server/kernels/precision.py`` and ``server/kernels/linear.py``, measured on the full-size model
 (``random-base``), greedy, streams past their left-context warm-up:
 
 * fp32 on oneDNN with packed weights (``PackedLinear``)  vs  MKL (``nn.Linear``);
@@ -32,14 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.types import DecodingMethod  # noqa: E402
-from server.model.decoder import DecodingNetwork  # noqa: E402
+from server.model.decoder import DecodingNetwork, GreedyDecoder, Predictor  # noqa: E402
 from server.model.encoder import StreamingEncoder  # noqa: E402
 from server.model.engine import ChunkWork, Engine  # noqa: E402
 from server.types import WINDOW_SAMPLES  # noqa: E402
 from server.model.loading import load_model  # noqa: E402
+from server.kernels.linear import RowwiseInt8Linear, replace_linears  # noqa: E402
 from server.kernels.precision import apply_precision  # noqa: E402
 
-# name -> (precision given to apply_precision, int8 backend, autocast dtype)
+# name -> (precision given to apply_precision, int8 backend, autocast dtype); the int8 backends
+# "rowwise-onednn" and "torchao" exist here only (``convert_network``), the others are the server's
 CANDIDATES = {
     "fp32": ("fp32", None, None),
     "fp32 on MKL (nn.Linear, unpacked)": ("fp32-unpacked", None, None),
@@ -53,18 +55,31 @@ CANDIDATES = {
 }
 
 
+def convert_network(network: torch.nn.Module, precision: str, backend: str | None) -> torch.nn.Module:
+    """``network`` in ``precision`` with the int8 ``backend`` (bypassing the server's refusals):
+    ``fp32-unpacked``: plain ``nn.Linear`` on MKL, what ``fp32`` ran before ``PackedLinear``;
+    ``rowwise-onednn``: ``RowwiseInt8Linear`` forced onto oneDNN's GEMM; ``torchao``: torchao's
+    ``Int8DynamicActivationInt8WeightConfig``; else the server's ``apply_precision``."""
+    if precision == "fp32-unpacked":
+        return network
+    if backend == "rowwise-onednn":
+        return replace_linears(network, lambda linear: RowwiseInt8Linear(linear, "onednn"))
+    if backend == "torchao":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(network, Int8DynamicActivationInt8WeightConfig())
+        return network
+    return apply_precision(network, precision, backend or "rowwise")
+
+
 def convert(engine: Engine, precision: str, backend: str | None) -> None:
-    """Give an engine fresh copies of the networks in ``precision`` (bypassing the server's refusals);
-    ``fp32-unpacked``: plain ``nn.Linear`` on MKL, what ``fp32`` ran before ``PackedLinear``."""
-    def fresh(network: torch.nn.Module) -> torch.nn.Module:
-        network = network.to(engine.device)
-        return network if precision == "fp32-unpacked" else apply_precision(network, precision, backend or "rowwise")
-    engine.encoder = fresh(StreamingEncoder(engine.rnnt.transcriber))
+    """Give an engine fresh copies of the networks in ``precision`` (``convert_network``), and a
+    predictor and greedy decoder on them (the step measured is greedy)."""
+    engine.encoder = convert_network(StreamingEncoder(engine.rnnt.transcriber).to(engine.device), precision, backend)
     engine.pool = engine.encoder.new_pool(engine.encoder.dtype, engine.device)
-    engine.decoding = fresh(DecodingNetwork(engine.rnnt))
-    engine.predictor.network = engine.decoding
-    engine.predictor.joiner_linear = engine.decoding.joiner.linear
-    engine.predictor._initial = None
+    engine.decoding = convert_network(DecodingNetwork(engine.rnnt).to(engine.device), precision, backend)
+    engine.predictor = Predictor(engine.decoding, engine.model.blank, engine.device)
+    engine.greedy = GreedyDecoder(engine.predictor, engine.greedy.max_symbols_per_frame)
     with torch.inference_mode():
         engine.predictor.initial()
 
@@ -101,7 +116,7 @@ def matmul_peaks(rows: int = 160, repeats: int = 30) -> dict:
         warnings.simplefilter("ignore")
         variants["int8 rowwise"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "rowwise"), x)
         variants["int8 torch.ao"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "torch.ao"), x)
-        variants["int8 torchao"] = (apply_precision(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "torchao"), x)
+        variants["int8 torchao"] = (convert_network(torch.nn.Sequential(copy.deepcopy(lin)), "int8", "torchao"), x)
     with torch.inference_mode():
         for name, (m, inp) in variants.items():
             for _ in range(5):

@@ -12,9 +12,11 @@ from asr.v1 import asr_pb2
 from server.app import AsrServer
 from server.config import ServerSettings
 from server.kernels import native
-from server.kernels.precision import (CpuFeatures, PackedLinear, PrecisionError, RowwiseInt8Linear, check_precision,
-                                      detect_cpu_features, packed_linear_available, precision_warnings,
-                                      relative_error)
+from server.kernels.cpu import CpuFeatures, cpu_flags, detect_cpu_features
+from server.kernels.linear import PackedLinear, RowwiseInt8Linear
+from server.kernels.packing import packed_linear_available
+from server.kernels.precision import PrecisionError, check_precision, precision_warnings
+from server.kernels.probes import relative_error
 from server.model.engine import Engine
 from tests.conftest import (KERNEL_PATHS, kernels_selected, running_server, skip_unless_cpu_runs, small_model,
                             why_cpu_cannot_run)
@@ -70,7 +72,7 @@ def test_int8_quantises_every_linear_and_leaves_the_loaded_model_fp32():
 def _int8_gemms() -> list[str]:
     """The row-wise int8 GEMMs of the torch path this machine runs exactly (at
     ``torch_int8_weight_max``), then each native back end's (``native:<backend>``)."""
-    from server.kernels.precision import exact_torch_int8_gemms
+    from server.kernels.probes import exact_torch_int8_gemms
 
     return exact_torch_int8_gemms() + [f"native:{b}" for b in native.BACKENDS]
 
@@ -107,8 +109,8 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
     weights, scaled the same way: bit for bit ``exact_rowwise_int8`` (the hybrid's small and large
     batches must agree, or batching would change a stream's result). Every native back end at its
     own weight range, the torch GEMMs at the range they are exact at here."""
-    from server.kernels.precision import (_fbgemm_pack, _fbgemm_range_row, _fbgemm_unit_product, exact_rowwise_int8,
-                                          fbgemm_rowwise_exact, torch_int8_weight_max)
+    from server.kernels.packing import exact_rowwise_int8, fbgemm_pack, fbgemm_range_row, fbgemm_unit_product
+    from server.kernels.probes import fbgemm_rowwise_exact, torch_int8_weight_max
 
     torch.manual_seed(rows)
     linear = torch.nn.Linear(2048, 70)
@@ -118,7 +120,7 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
         for gemm in _int8_gemms():
             if gemm.startswith("native:"):
                 backend = gemm.partition(":")[2]
-                if any(f not in native.cpu_flags() for f in native.REQUIRED_FLAGS[backend]):
+                if any(f not in cpu_flags() for f in native.REQUIRED_FLAGS[backend]):
                     continue  # the CPU lacks its instructions (the tests above say which)
                 int8 = _rowwise(linear, gemm)
                 if int8.weight_max != weight_max:
@@ -136,7 +138,7 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
             w = torch.randint(-weight_max, weight_max + 1, (70, 300), dtype=torch.int8)
             units = torch.randint(-127, 128, (9, 300)).float()
             units[0], units[1] = 127.0, -127.0
-            got = _fbgemm_unit_product(units, _fbgemm_pack(w, torch.ones(70)), _fbgemm_range_row(300))
+            got = fbgemm_unit_product(units, fbgemm_pack(w, torch.ones(70)), fbgemm_range_row(300))
             assert torch.equal(got, (units.double() @ w.double().t()).float())
     assert compared or weight_max == 127, "at 63 the avx2 back end, at least, runs on every x86-64 CPU with AVX2"
 
@@ -144,9 +146,9 @@ def test_rowwise_int8_gemms_give_the_exact_bits(rows, weight_max):
 def test_int8_weight_range_is_seven_bits_where_pairs_are_summed_in_16_bits():
     """u8 x s8 pairs summed in 16 bits (vpmaddubsw: AVX2, AVX-512 without VNNI) saturate at
     2 x 255 x 127; 63 keeps them exact. VNNI and the portable loops sum in int32."""
-    from server.kernels.precision import torch_int8_weight_max
+    from server.kernels.probes import torch_int8_weight_max
 
-    expected = {"avx512": 127 if "avx512_vnni" in native.cpu_flags() else 63, "avx2": 63, "portable": 127}
+    expected = {"avx512": 127 if "avx512_vnni" in cpu_flags() else 63, "avx2": 63, "portable": 127}
     for backend in native.runnable():
         with kernels_selected(backend):
             assert native.int8_weight_max() == expected[backend], backend
@@ -157,7 +159,8 @@ def test_int8_weight_range_is_seven_bits_where_pairs_are_summed_in_16_bits():
 
 @pytest.mark.skipif(not packed_linear_available(), reason="this torch build has no oneDNN packed linear")
 def test_fp32_runs_every_linear_on_the_native_kernel_else_on_onednn(kernels):
-    from server.kernels.precision import BlockedLinear, apply_precision
+    from server.kernels.linear import BlockedLinear
+    from server.kernels.precision import apply_precision
 
     net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512),
                               torch.nn.Sequential(torch.nn.Linear(512, 29)))
@@ -179,7 +182,8 @@ def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_ba
     """Each native back end's fp32 kernel (the fp32 default where one runs): within float rounding
     of ``F.linear``, and each row's result the same bits alone as in any batch, for widths that are
     not whole blocks and row counts that are not whole register tiles; avx2 gives avx512's bits."""
-    from server.kernels.precision import BlockedLinear, blocked_f32_weight
+    from server.kernels.linear import BlockedLinear
+    from server.kernels.packing import blocked_f32_weight
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -201,7 +205,7 @@ def test_native_fp32_kernel_matches_linear_and_each_row_is_independent_of_the_ba
             op(torch.randn(2, in_features), weight, None, out_features + 16)
         with pytest.raises(RuntimeError, match="float32"):
             op(torch.randn(2, in_features), weight.double(), None, out_features)
-        if backend == "avx2" and "avx512f" in native.cpu_flags():  # the same fma chains, 8 lanes at a time
+        if backend == "avx2" and "avx512f" in cpu_flags():  # the same fma chains, 8 lanes at a time
             native.select("avx512")
             assert torch.equal(BlockedLinear(linear)(x), batched)
 
@@ -259,14 +263,11 @@ def test_int8_passes_the_self_check_and_is_batch_exact_on_every_path(model_name,
 
 
 def test_start_up_probes_leave_torchs_global_random_state_alone(kernels):
-    from server.kernels import precision
+    from server.kernels import probes
     from server.model.encoder import _probed_ring_attention
 
-    probes = [precision._probed_linear_f32, precision._probed_quantize_u8, precision._probed_int8,
-              _probed_ring_attention, precision.fbgemm_rowwise_exact, precision.onednn_rowwise_exact,
-              precision.torch_int8_weight_max, precision.hybrid_int8_available]
-    for probe in probes:
-        probe.cache_clear()
+    probes.clear()
+    _probed_ring_attention.cache_clear()
     torch.manual_seed(1234)
     state = torch.random.get_rng_state()
     for mode in ("int8", "fp32"):
@@ -302,7 +303,7 @@ async def test_reduced_precision_server_transcribes_and_reports_its_precision(sp
 
 
 def test_row_buckets_cover_every_row_count_with_few_kernels():
-    from server.kernels.precision import row_bucket
+    from server.kernels.packing import row_bucket
 
     buckets = [row_bucket(n) for n in range(1, 2049)]
     assert all(b >= n for n, b in zip(range(1, 2049), buckets))
@@ -313,7 +314,8 @@ def test_row_buckets_cover_every_row_count_with_few_kernels():
 
 
 def test_bf16_linears_run_at_bucketed_row_counts_with_the_same_result():
-    from server.kernels.precision import BucketedLinear, apply_precision
+    from server.kernels.linear import BucketedLinear
+    from server.kernels.precision import apply_precision
 
     linear = torch.nn.Linear(64, 96)
     net = apply_precision(torch.nn.Sequential(torch.nn.Linear(64, 96)), "bf16")
@@ -334,7 +336,7 @@ def test_native_int8_kernel_gives_the_exact_bits(rows, in_features, out_features
     row-wise products (``exact_rowwise_int8``, to the bit) at its weight range, for widths that
     are not whole blocks and row counts that are not whole register tiles, extreme values
     included; each row independent of the batch; bad shapes refused."""
-    from server.kernels.precision import block_pack_int8, exact_rowwise_int8
+    from server.kernels.packing import block_pack_int8, exact_rowwise_int8
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -375,7 +377,7 @@ def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in
     """Each native back end's one-pass activation quantisation (used by the oneDNN GEMM) equals the
     composed torch ops bit for bit (ties round to even, padding rows are zero point 128), and a
     RowwiseInt8Linear using it equals one without it."""
-    from server.kernels.precision import _onednn_int8_available, _quantize_u8
+    from server.kernels.packing import onednn_int8_available, quantize_u8
 
     skip_unless_cpu_runs(backend)
     native.select(backend)
@@ -384,16 +386,16 @@ def test_native_int8_quantisation_gives_the_composed_paths_bits(rows, padded, in
     x = (torch.randn(rows, in_features * 2) * torch.logspace(-4, 4, rows)[:, None])[:, ::2]  # not contiguous
     x[0] = 0.0
     x[-1, :4] = torch.tensor([0.5, 1.5, -2.5, 126.5]) * (x[-1].abs().max() / 127.0)  # ties at the row's scale
-    want_q, want_s = _quantize_u8(x, padded)
+    want_q, want_s = quantize_u8(x, padded)
     got_q, got_s = op(x, padded)
     assert got_q.dtype == torch.uint8 and got_q.shape == (padded, in_features)
     assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
     assert (got_q[rows:] == 128).all()
-    if _onednn_int8_available():  # the GEMM that uses it
+    if onednn_int8_available():  # the GEMM that uses it
         linear = torch.nn.Linear(in_features, 96)
-        fused, composed = RowwiseInt8Linear(linear, "onednn"), RowwiseInt8Linear(linear, "onednn")
-        composed._quantize_u8 = _quantize_u8
-        assert fused._quantize_u8 is op
+        fused = RowwiseInt8Linear(linear, "onednn")
+        composed = RowwiseInt8Linear(linear, "onednn", quantize_rows=quantize_u8)
+        assert fused.quantize_rows is op and composed.quantize_rows is quantize_u8
         with torch.inference_mode():
             assert torch.equal(fused(x), composed(x))
 

@@ -1,2 +1,3 @@
-"""Numeric kernels: the precision policy and Linear back ends (``precision``) and the native
-operators built ahead of time at install (``native``)."""
+"""Numeric kernels: the CPU's features (``cpu``), the precision policy (``precision``), the
+Linear back ends (``linear``) and their operands (``packing``), the start-up probes that pick
+their kernels (``probes``), and the native operators built ahead of time at install (``native``)."""

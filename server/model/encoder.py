@@ -316,7 +316,7 @@ class FusedLayers:
     @classmethod
     def wrap(cls, encoder: "StreamingEncoder") -> "FusedLayers | None":
         from server.kernels import native
-        from server.kernels.precision import native_layer_norm_args, native_linear_args
+        from server.kernels.linear import native_layer_norm_args, native_linear_args
 
         op = native.emformer_layers()
         if op is None or encoder.ring_attention is None or (encoder.dim // encoder.heads) % 8:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from server.kernels import native
-from server.kernels.precision import (INT8_KERNELS, BlockedLinear, PackedLinear, PrecisionError, RowwiseInt8Linear,
-                                      apply_precision, check_precision, detect_cpu_features, precision_warnings,
-                                      relative_error)
+from server.kernels.cpu import detect_cpu_features
+from server.kernels.linear import BlockedLinear, PackedLinear, RowwiseInt8Linear
+from server.kernels.precision import INT8_KERNELS, PrecisionError, apply_precision, check_precision, precision_warnings
+from server.kernels.probes import relative_error
 from server.model.context_graph import ContextGraph, Phrase, phrase_tokens, separator_token
 from server.model.decoder import (BEAM_SEARCHES, BEAM_STEP_MAX_TOKENS, GREEDY_MAX_SYMBOLS, BeamSearchDecoder,
                                   DecoderState, DecodingNetwork, GreedyDecoder, Hypothesis, ModifiedBeamSearchDecoder,

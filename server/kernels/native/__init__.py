@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from server.kernels.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("avx512", "avx2", "portable")  # native back ends, fastest first
@@ -52,17 +54,6 @@ _active: str | None = None
 
 class KernelError(ValueError):
     """A ``--kernels`` value that cannot run here; the message says why."""
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
 
 
 def library(backend: str) -> Path | None:

@@ -5,7 +5,8 @@ building, so that a back end that failed to compile is an error, not a silent fa
 
 import sys
 
-from server.kernels.native import BACKENDS, REQUIRED_FLAGS, cpu_flags, library, resolve, why_unavailable
+from server.kernels.cpu import cpu_flags
+from server.kernels.native import BACKENDS, REQUIRED_FLAGS, library, resolve, why_unavailable
 
 missing = []
 for backend in BACKENDS:
