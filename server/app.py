@@ -60,6 +60,7 @@ class AsrServer:
         self.service: RecognitionService | None = None
         self.server: grpc.aio.Server | None = None
         self.health = BoundedHealthServicer(settings.max_health_watchers)  # Watch streams capped
+        self.serving = False  # what health says: SERVING (also on the metrics port's /healthz)
         self.port = 0
         self.metrics: Metrics | None = None  # None when --metrics-port is -1
         self.metrics_port = 0  # the bound /metrics port once started (0: no endpoint)
@@ -85,7 +86,7 @@ class AsrServer:
         if s.metrics_port >= 0:
             self.metrics = Metrics(version=__version__, model=self.model.name if self.model else s.model,
                                    precision=s.precision, device=s.device)
-            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port, lambda: self.serving)
         observer = self.metrics.observer if self.metrics else Observer()
         self.health.observer = observer
         interceptors = []
@@ -162,6 +163,7 @@ class AsrServer:
         return self.port
 
     async def _set_health(self, status) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ("", ASR_SERVICE):
             result = self.health.set(name, status)
             if asyncio.iscoroutine(result):

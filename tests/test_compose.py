@@ -97,6 +97,7 @@ def test_servers_publish_no_host_port_and_run_read_only():
 def test_the_proxy_balances_over_every_server_by_dns(tmp_path):
     proxy = services()["proxy"]
     assert env("proxy")["ASR_BACKEND_DNS"] == f"asr:{env('asr')['ASR_PORT']}"
+    assert env("proxy")["ASR_BACKEND_HEALTH_PORT"] == env("asr")["ASR_METRICS_PORT"]  # its /healthz
     # the haproxy image reads /usr/local/etc/haproxy/haproxy.cfg: deploy/haproxy's file
     assert mounts("proxy")["/usr/local/etc/haproxy"] / "haproxy.cfg" == DEPLOY / "haproxy" / "haproxy.cfg"
     assert "command" not in proxy and proxy["image"].startswith("haproxy:2.6")

@@ -25,7 +25,10 @@ import re
 import shutil
 import socket
 import subprocess
+import signal
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +40,12 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asr.v1 import asr_pb2
-from client.stream import Resume, StreamOptions, channel, pcm16, stream_audio
+from client.stream import NO_RETRY, Resume, StreamOptions, channel, pcm16, stream_audio
 from tests.conftest import ROOT
 from tests.observability import free_port
-from tests.test_scale_in import (BIN, HAPROXY_CFG, HOSTS, Fleet, ServerProcess, client, haproxy_binary, kill_one,
-                                 spread_and_drain)
+from tests.test_scale_in import (BIN, HAPROXY_CFG, HOSTS, NAME, Fleet, ServerProcess, client, clip_set,
+                                 common_free_port, haproxy_binary, kill_one, one_stream, spread_and_drain,
+                                 until_every_server_serves)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -99,14 +103,30 @@ class NginxFleet(Fleet):
         self.log = tmp / "error.log"
         self.nginx_port = free_port()
         self.nginx: subprocess.Popen | None = None
+        # the metrics port, the same on every server, and a second HAProxy that checks its /healthz
+        self.health_port = common_free_port()
+        for server in self.servers:
+            server.extra_args = ("--metrics-port", str(self.health_port))
+        self.checking_port = free_port()
+        self.checking: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.nginx = start_nginx(self.tmp, self.nginx_port, [f"{h}:{self.port}" for h in HOSTS])
-        super().start()  # the servers and HAProxy; ensure_up checks nginx too
+        env = {**os.environ, "ASR_PROXY_BIND": f"127.0.0.1:{self.checking_port}",
+               "ASR_BACKEND_DNS": f"{NAME}:{self.port}", "ASR_PROXY_RESOLVER": f"127.0.0.1:{self.dns.port}",
+               "ASR_BACKEND_HEALTH_PORT": str(self.health_port)}
+        self.checking = subprocess.Popen([haproxy_binary(), "-db", "-f", str(HAPROXY_CFG)], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        super().start()  # the servers and HAProxy; ensure_up checks nginx and the second HAProxy too
 
     def ensure_up(self) -> None:
         super().ensure_up()
         assert self.nginx.poll() is None, f"nginx exited: {self.log.read_text()[-2000:]}"
+        assert self.checking.poll() is None, "the HAProxy that checks /healthz exited"
+
+    @property
+    def checking_target(self) -> str:
+        return f"127.0.0.1:{self.checking_port}"
 
     @property
     def nginx_target(self) -> str:
@@ -114,9 +134,10 @@ class NginxFleet(Fleet):
 
     def close(self) -> None:
         super().close()
-        if self.nginx is not None:
-            self.nginx.terminate()
-            self.nginx.wait(timeout=10)
+        for proc in (self.nginx, self.checking):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -315,5 +336,53 @@ async def test_asr_client_does_not_resume_past_its_kept_audio(nginx_fleet, speec
     print(f"asr-client --resume --resume-keep-s 0.5: exit {code}; {stderr.strip()}")
     assert code == 1
     assert [f.text for f in finals] == [speech[0][2]]  # the final result before the cut stands
-    assert re.fullmatch(r"asr-client: INTERNAL: .*RST_STREAM with error code 2.* \(not resumed: [12]\.\d s of audio since "
-                        r"the last final result, more than the 0\.5 s kept\)\n", stderr), stderr
+    said = re.fullmatch(r"asr-client: INTERNAL: .*RST_STREAM with error code 2.* \(not resumed: (\d+\.\d) s of audio "
+                        r"since the last final result, more than the 0\.5 s kept\)\n", stderr)
+    assert said and float(said.group(1)) > 0.5, stderr
+
+
+# --- HAProxy checking /healthz --------------------------------------------------------------
+def healthz(server: ServerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/healthz", timeout=5) as reply:
+            return reply.status, reply.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode().strip()
+
+
+async def test_haproxy_checking_healthz_sends_a_draining_server_no_new_stream(nginx_fleet, speech):
+    """HAProxy with ASR_BACKEND_HEALTH_PORT asks each server's GET /healthz: a server draining
+    after SIGTERM answers 503 NOT_SERVING and leaves the turn within two checks, so the new
+    streams sent while it drains all go to the other two, none refused, none retried."""
+    fleet = nginx_fleet
+    fleet.ensure_up()
+    long_audio = np.concatenate([audio for _, audio, _ in speech[:3]])  # about 11 s
+    async with client(fleet.checking_target, "pick_first") as stub:
+        await until_every_server_serves(fleet, stub, speech[0][1])
+        assert [healthz(server) for server in fleet.servers] == [(200, "SERVING")] * len(HOSTS)
+        started = [asyncio.Event() for _ in HOSTS]
+        running = [asyncio.create_task(one_stream(stub, long_audio, started=event)) for event in started]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
+        active = [server.active() for server in fleet.servers]
+        assert active == [1.0] * len(HOSTS), active
+        victim = fleet.servers[0]
+        victim.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while healthz(victim) != (503, "NOT_SERVING"):
+            assert time.monotonic() - signalled < 2, healthz(victim)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # two checks at 1 s
+        before = victim.streams()
+        new_clips = clip_set(speech, 9)
+        new = await asyncio.gather(*(one_stream(stub, audio, realtime=False, retry=NO_RETRY)
+                                     for audio, _ in new_clips))
+        during = time.monotonic() - signalled
+        assert victim.running, "the victim's open stream ended before the new streams did"
+        reached = victim.streams() - before
+        drained = await asyncio.gather(*running)
+    print(f"HAProxy checking /healthz: SIGTERM to {victim.host}; {len(new)} new streams {2.5:g}-{during:.1f} s "
+          f"after it: {sum(o.code == grpc.StatusCode.OK for o in new)} OK without a retry, {reached:.0f} reached "
+          f"the draining server")
+    assert [(o.code, o.text, o.retries) for o in new] == [(grpc.StatusCode.OK, ref, 0) for _, ref in new_clips], new
+    assert reached == 0
+    assert [o.code for o in drained] == [grpc.StatusCode.OK] * len(HOSTS), drained

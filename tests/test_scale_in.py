@@ -61,6 +61,7 @@ class ServerProcess:
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
     lines: list[str] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()  # more asr-server arguments (a later one wins)
 
     def start(self) -> None:
         env = {**os.environ, "ASR_LOG_LEVEL": "info"}
@@ -69,7 +70,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [str(BIN / "asr-server"), "--model", "demo", "--host", self.host, "--port", str(self.port),
              "--metrics-host", self.host, "--metrics-port", "0", "--threads", "1", "--latency-budget-ms", "0",
-             "--drain-timeout", str(DRAIN_TIMEOUT_S)],
+             "--drain-timeout", str(DRAIN_TIMEOUT_S), *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
 

@@ -3,7 +3,7 @@
 ``PrometheusObserver`` implements the ``server.observability.observer.Observer`` hooks the hot path
 calls and maps them onto metrics; ``Metrics`` owns a private registry (so several
 servers can live in one process, as in the tests), the live gauges read at scrape
-time and the HTTP ``/metrics`` endpoint.
+time and the HTTP endpoint: ``/metrics``, and ``/healthz`` for proxies that check over HTTP/1.
 
 Conventions: ``asr_<what>_<unit>``, base units (seconds), counters end in
 ``_total``; every label value comes from a closed set in ``server.observability.observer`` and is
@@ -14,12 +14,15 @@ in the README (section "Metrics"); ``METRIC_NAMES`` lists them for the tests.
 
 from __future__ import annotations
 
+import socket
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from server.errors import ErrorCode
@@ -188,6 +191,13 @@ class _LiveGauges(Collector):
             f"last {self.observer.engine_load.window_s:g} s (0 when idle)", value=self.observer.engine_load.rtf())
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per request (scrapes and health checks come every few seconds)."""
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
 class Metrics:
     """A server's metrics: registry, observer for the hot path, live gauges, ``/metrics`` endpoint."""
 
@@ -217,13 +227,31 @@ class Metrics:
         """The current metrics in Prometheus text format."""
         return prometheus_client.generate_latest(self.registry)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (``/metrics``) on a daemon thread; return the bound port."""
+    def serve(self, host: str, port: int, serving: Callable[[], bool] = lambda: False) -> int:
+        """Start the HTTP endpoint on a daemon thread; return the bound port. ``/healthz``: 200
+        ``SERVING`` while ``serving()``, else 503 ``NOT_SERVING`` (what grpc.health.v1 says, for
+        a proxy whose checks speak only HTTP/1); any other path: the metrics."""
+        metrics = prometheus_client.make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics(environ, start_response)
+            up = serving()
+            body = b"SERVING\n" if up else b"NOT_SERVING\n"
+            start_response("200 OK" if up else "503 Service Unavailable",
+                           [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
         try:
-            self._httpd, self._thread = prometheus_client.start_http_server(port, host, registry=self.registry)
+            self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(f"cannot listen for metrics on {host}:{port} (--metrics-port / "
                           f"ASR_METRICS_PORT; -1 turns the endpoint off): {exc.strerror or exc}") from exc
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         return self._httpd.server_port
 
     def close(self) -> None:
