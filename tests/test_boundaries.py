@@ -130,3 +130,40 @@ def test_a_boundary_violation_is_detected(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    import grpc\n    from server.core import session\n")
     assert {"grpc", "server.core.session"} <= imported(probe)
+
+
+def cpuinfo_readers(paths: dict[str, Path]) -> list[str]:
+    """The modules that open ``/proc/cpuinfo`` or parse its ``flags`` line (string constants)."""
+    return [m for m, p in paths.items() if any(isinstance(n, ast.Constant) and n.value in ("/proc/cpuinfo", "flags")
+                                               for n in ast.walk(ast.parse(p.read_text())))]
+
+
+def test_one_module_reads_the_cpus_flags(tmp_path):
+    """``server/kernels/cpu.py`` is the one reader of ``/proc/cpuinfo``; the precision policy and the
+    native back ends ask it."""
+    assert cpuinfo_readers(MODULES) == ["server.kernels.cpu"]
+    second = tmp_path / "second.py"
+    second.write_text("def f(text):\n    return [l for l in text.splitlines() if l.startswith('flags')]\n")
+    assert cpuinfo_readers({"second": second}) == ["second"]
+
+
+def private_writes(path: Path) -> list[str]:
+    """Assignments in ``path`` to another object's private attribute (``other._name = ...``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for target in targets:
+            for a in ast.walk(target):
+                if (isinstance(a, ast.Attribute) and a.attr.startswith("_") and not a.attr.startswith("__")
+                        and not (isinstance(a.value, ast.Name) and a.value.id in ("self", "cls"))):
+                    found.append(f"{path.name}:{node.lineno} {ast.unparse(target)}")
+    return found
+
+
+def test_no_module_writes_another_objects_private_fields(tmp_path):
+    """Objects change each other through public methods and constructor arguments."""
+    assert [w for p in MODULES.values() for w in private_writes(p)] == []
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(linear, q):\n    linear._quantize = q\n    self_like = linear\n    self_like._n += 1\n")
+    assert private_writes(probe) == ["probe.py:2 linear._quantize", "probe.py:4 self_like._n"]
