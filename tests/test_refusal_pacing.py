@@ -48,6 +48,16 @@ def test_the_pacer_holds_refusals_past_the_free_rate_per_address():
     assert pacer.held == 0 and pacer.take("a")
 
 
+def test_the_pacer_forgets_addresses_whose_bucket_has_refilled():
+    clock = Clock()
+    pacer = RefusalPacer(free_per_s=5.0, delay_s=1.0, max_held=3, clock=clock)
+    for n in range(5000):
+        pacer.take(f"ipv4:10.0.{n // 256}.{n % 256}")
+    clock.now = 2.0  # every bucket full again: the next refusal forgets them
+    assert not pacer.take("ipv4:192.0.2.1")
+    assert len(pacer._buckets) == 1
+
+
 def test_peer_addresses_drop_the_port():
     assert peer_address("ipv4:10.0.0.1:5000") == "ipv4:10.0.0.1"
     assert peer_address("ipv6:[::1]:41000") == "ipv6:[::1]"

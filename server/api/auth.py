@@ -159,14 +159,15 @@ class RefusalPacer:
         self.free_per_s, self.delay_s, self.max_held, self.clock = free_per_s, delay_s, max_held, clock
         self.held = 0
         self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+        self._pruned_at = clock()
 
     def take(self, address: str) -> bool:
         """True when this refusal is to wait (then ``give_back`` after it)."""
         now = self.clock()
         tokens, at = self._buckets.get(address, (self.free_per_s, now))
         tokens = min(self.free_per_s, tokens + (now - at) * self.free_per_s)
-        if len(self._buckets) > 4096:  # forget addresses whose bucket has refilled
-            full = self.free_per_s
+        if len(self._buckets) > 4096 and now - self._pruned_at >= 1.0:  # forget refilled buckets
+            self._pruned_at, full = now, self.free_per_s
             self._buckets = {a: (t, w) for a, (t, w) in self._buckets.items()
                              if t + (now - w) * self.free_per_s < full}
         if tokens >= 1:
