@@ -8,7 +8,8 @@ and HAProxy (deploy/haproxy/haproxy.cfg) in front of three real ``asr-server`` p
 - With no server up, both proxies answer a call with UNAVAILABLE and their own message.
 - A stream with a pause (a final result before the cut) whose server is killed a second into
   its second utterance goes on on another server with ``client.stream.Resume`` and
-  ``asr-client --resume``, through nginx and HAProxy: the same final transcripts as without the
+  ``asr-client --resume``, through nginx and HAProxy and with client-side round robin (an
+  ``ipv4:`` target naming the three): the same final transcripts as without the
   cut, none twice, times in order; past ``--resume-keep-s`` it fails with the cut's status and
   says why.
 
@@ -243,7 +244,8 @@ def kill_later(fleet: NginxFleet, killed: dict) -> None:
 
 
 async def finals_of_stream(target: str, audio: np.ndarray, resume: Resume | None = None,
-                           fleet: NginxFleet | None = None) -> tuple[list[Final], list[tuple], dict]:
+                           fleet: NginxFleet | None = None, lb: str = "pick_first",
+                           ) -> tuple[list[Final], list[tuple], dict]:
     """The final results of one real-time stream of ``audio`` with endpointing; with ``fleet``,
     the server it is on is killed KILL_AFTER_S after its first final result. Also returns each
     resume (code, from_s) and when the kill came."""
@@ -251,7 +253,7 @@ async def finals_of_stream(target: str, audio: np.ndarray, resume: Resume | None
     finals: list[Final] = []
     resumes: list[tuple] = []
     killed: dict = {}
-    async with client(target, "pick_first") as stub:
+    async with client(target, lb) as stub:
         async for event in stream_audio(stub, pcm16(audio), 16000, options, resume=resume,
                                         on_resume=lambda error, from_s, attempt: resumes.append(
                                             (error.code(), from_s, time.monotonic()))):
@@ -282,15 +284,17 @@ def check_resumed(finals: list[Final], whole: list[Final], resumes: list[tuple],
         assert got.end_s == pytest.approx(want.end_s, abs=0.35), (finals, whole)
 
 
-@pytest.mark.parametrize("proxy, code", [("nginx", grpc.StatusCode.INTERNAL), ("haproxy", grpc.StatusCode.CANCELLED)])
-async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet, speech, proxy, code):
+@pytest.mark.parametrize("via, code", [("nginx", grpc.StatusCode.INTERNAL), ("haproxy", grpc.StatusCode.CANCELLED),
+                                       ("round robin", grpc.StatusCode.UNAVAILABLE)])
+async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet, speech, via, code):
     nginx_fleet.ensure_up()
-    target = nginx_fleet.nginx_target if proxy == "nginx" else nginx_fleet.proxy_target
+    target, lb = {"nginx": (nginx_fleet.nginx_target, "pick_first"), "haproxy": (nginx_fleet.proxy_target, "pick_first"),
+                  "round robin": (nginx_fleet.round_robin_target, "round_robin")}[via]
     audio = two_utterances(speech)
-    whole, _, _ = await finals_of_stream(target, audio)
+    whole, _, _ = await finals_of_stream(target, audio, lb=lb)
     assert [f.text for f in whole] == [speech[0][2], speech[1][2]], whole
-    finals, resumes, killed = await finals_of_stream(target, audio, Resume(), nginx_fleet)
-    check_resumed(finals, whole, resumes, killed, code, proxy)
+    finals, resumes, killed = await finals_of_stream(target, audio, Resume(), nginx_fleet, lb)
+    check_resumed(finals, whole, resumes, killed, code, via)
 
 
 async def asr_client(fleet: NginxFleet, target: str, wav: Path, *flags: str) -> tuple[int, list[Final], str, dict]:
