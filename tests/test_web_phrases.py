@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import soundfile
 
 from client import web
@@ -15,7 +16,7 @@ from tests.conftest import ROOT, SAMPLES, running_server
 from tests.test_phrases import recording_server
 
 
-async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float = 1.5, decoding: str = "0",
+async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float = 1.5, decoding: str | None = "0",
                         timeout_s: float = 60) -> list[str]:
     """Open the page, type ``phrases`` and ``boost``, stream ``seconds`` of the microphone, stop;
     returns the page's final transcripts (the page must end done, not in error)."""
@@ -23,7 +24,8 @@ async def _page_session(url: str, wav, phrases: str, boost: str, seconds: float 
     async def fill_in(page) -> None:
         await page.fill("#phrases", phrases)
         await page.fill("#boost", boost)
-        await page.select_option("#decoding", decoding)
+        if decoding is not None:  # the page served by the server's WebSocket port has no decoding choice
+            await page.select_option("#decoding", decoding)
 
     run = await transcribe_in_browser(url, wav, stop_after_s=seconds, timeout_s=timeout_s, before_start=fill_in)
     return run.finals
@@ -71,3 +73,28 @@ async def test_page_phrase_makes_the_demo_model_recognise_a_name_it_misses(tmp_p
             await runner.cleanup()
     assert plain and "beatrice" not in " ".join(plain).split(), plain
     assert biased == ["video call beatrice"], biased
+
+
+@pytest.mark.slow
+async def test_page_served_by_the_server_sends_its_phrases_as_deepgram_keyterm_and_keywords(tmp_path):
+    """The page on the server's WebSocket port (Deepgram to /v1/listen): a phrase without a boost
+    goes as ``keyterm`` (the server's default boost, 8 here), with one as ``keywords=PHRASE:BOOST``;
+    the demo model (the server's default beam 4) shows 'beatrice' only with the phrase."""
+    bias_set = ROOT / "tests" / "data" / "bias-phrases"
+    row = json.loads((bias_set / "manifest.jsonl").read_text().splitlines()[0])
+    speech = tmp_path / "speech.wav"
+    audio, rate = soundfile.read(str(bias_set / row["audio"]), dtype="int16")
+    soundfile.write(str(speech), audio, rate, subtype="PCM_16")
+    wav = tmp_path / "microphone.wav"
+    seconds = padded_wav(speech, wav)
+    async with running_server(model=load_model("demo"), ws_port=0, decoding_method="beam", beam_width=4,
+                              default_boost=8) as (server, _):
+        url = f"http://127.0.0.1:{server.ws_port}/"
+        plain = await _page_session(url, wav, "", "", seconds=seconds - 0.8, decoding=None)
+        keyterm = await _page_session(url, wav, "beatrice", "", seconds=seconds - 0.8, decoding=None)
+        keywords = await _page_session(url, wav, "harriet\nbeatrice", "8", seconds=seconds - 0.8, decoding=None)
+        weak = await _page_session(url, wav, "beatrice", "0.5", seconds=seconds - 0.8, decoding=None)
+    assert plain and "beatrice" not in " ".join(plain).split(), plain
+    assert keyterm == ["video call beatrice"], keyterm
+    assert keywords == ["video call beatrice"], keywords
+    assert "beatrice" not in " ".join(weak).split(), weak

@@ -9,7 +9,8 @@
 // document.body.dataset.backend: up | down, from /api/status on load (and the bridge's 'ready').
 // Warnings (#warning): audio dropped because the WebSocket backs up by over 1 s of audio, and
 // results that lag the audio by over 1 s. Every message shown is one line.
-// The phrases field (one per line) and the boost go with the config: contextual biasing.
+// The phrases field (one per line) and the boost go with the bridge's config, or as Deepgram's keyterm /
+// keywords to the server's WebSocket port: contextual biasing.
 
 const $ = (id) => document.getElementById(id);
 const RATE = 16000;
@@ -58,8 +59,7 @@ async function checkBackend() {
     const s = await response.json();
     direct = s.websocket ? {path: s.websocket, grant: s.grant, auth: s.auth} : null;
     $('key').hidden = !(direct && direct.auth);
-    $('decoding').hidden = Boolean(direct);  // the Deepgram protocol carries no beam and no phrases
-    $('biasing').hidden = Boolean(direct);
+    $('decoding').hidden = Boolean(direct);  // the Deepgram protocol carries no beam (phrases: keyterm / keywords)
     if (s.reachable) showBackend(true, `Server: ${s.model} (${s.precision}, ${s.device}), reachable.`);
     else showBackend(false, `Server unreachable: ${s.error}`);
   } catch (err) {
@@ -194,7 +194,13 @@ async function grantToken() {
 function openSocket(token) {
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   if (!direct) return new WebSocket(`${scheme}://${location.host}/ws`);
-  const query = `encoding=linear16&sample_rate=${RATE}&interim_results=true`;
+  let query = `encoding=linear16&sample_rate=${RATE}&interim_results=true`;
+  // the phrases as Deepgram's keywords (PHRASE:BOOST), or keyterm without a boost (the server's default)
+  const config = streamConfig();
+  for (const phrase of config.phrases || []) {
+    query += config.boost ? `&keywords=${encodeURIComponent(`${phrase}:${config.boost}`)}`
+      : `&keyterm=${encodeURIComponent(phrase)}`;
+  }
   const url = `${scheme}://${location.host}${direct.path}?${query}`;
   return token ? new WebSocket(url, ['bearer', token]) : new WebSocket(url);
 }
