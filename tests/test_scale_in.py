@@ -281,6 +281,20 @@ def clip_set(speech, n: int):
     return [(speech[i % len(speech)][1], speech[i % len(speech)][2]) for i in range(n)]
 
 
+async def open_streams(fleet: Fleet, stub, clips) -> tuple[list[asyncio.Task], list[float], int, list, list[float]]:
+    """Start a real-time stream per clip and wait until each has sent audio. Returns the running
+    streams, the open streams per server, the server with the most (the one to stop), the other
+    servers, and the streams each of those had completed OK so far."""
+    started = [asyncio.Event() for _ in clips]
+    running = [asyncio.create_task(one_stream(stub, audio, started=event))
+               for (audio, _), event in zip(clips, started)]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
+    active = [server.active() for server in fleet.servers]
+    victim = max(range(len(HOSTS)), key=lambda i: active[i])
+    others = [s for i, s in enumerate(fleet.servers) if i != victim]
+    return running, active, victim, others, [s.streams("ok") for s in others]
+
+
 async def spread_and_drain(fleet: Fleet, target: str, lb: str, speech, label: str) -> None:
     fleet.ensure_up()
     async with client(target, lb) as stub:
@@ -297,14 +311,7 @@ async def spread_and_drain(fleet: Fleet, target: str, lb: str, speech, label: st
         assert sum(spread) == STREAMS and max(spread) - min(spread) <= 1, spread
 
         # Drain: SIGTERM to one server while STREAMS streams are open, then new streams.
-        started = [asyncio.Event() for _ in clips]
-        running = [asyncio.create_task(one_stream(stub, audio, started=event))
-                   for (audio, _), event in zip(clips, started)]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
-        active = [server.active() for server in fleet.servers]
-        victim = max(range(len(HOSTS)), key=lambda i: active[i])
-        others = [s for i, s in enumerate(fleet.servers) if i != victim]
-        ok_before = [s.streams("ok") for s in others]
+        running, active, victim, others, ok_before = await open_streams(fleet, stub, clips)
         fleet.servers[victim].proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         await asyncio.sleep(0.3)  # the signal has reached it: it refuses new streams
@@ -347,14 +354,7 @@ async def kill_one(fleet: Fleet, target: str, lb: str, speech, label: str) -> tu
     async with client(target, lb) as stub:
         await until_every_server_serves(fleet, stub, speech[0][1])
         clips = clip_set(speech, STREAMS)
-        started = [asyncio.Event() for _ in clips]
-        running = [asyncio.create_task(one_stream(stub, audio, started=event))
-                   for (audio, _), event in zip(clips, started)]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
-        active = [server.active() for server in fleet.servers]
-        victim = max(range(len(HOSTS)), key=lambda i: active[i])
-        others = [s for i, s in enumerate(fleet.servers) if i != victim]
-        ok_before = [s.streams("ok") for s in others]
+        running, active, victim, others, ok_before = await open_streams(fleet, stub, clips)
         fleet.servers[victim].proc.kill()
         killed = time.monotonic()
         outcomes = await asyncio.gather(*running)
