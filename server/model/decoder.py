@@ -368,63 +368,108 @@ class BeamSearchDecoder:
 
     def step(self, encoder_out: torch.Tensor, states: list[DecoderState], first_frames: list[int],
              beam_widths: list[int]) -> None:
+        """Run every stream's search over ``encoder_out (B, T, E)``, in rounds: one predictor call for
+        every pending predictor request, then one joiner call for every join request whose rows are
+        not known yet.
+
+        A hypothesis's joiner output on a frame depends on its tokens alone (through its predictor
+        output), so each stream keeps the log-probabilities it has by (frame, tokens) for the step,
+        and every joiner call also scores the hypotheses it joins on frame t on frame t + 1: the
+        next frame's beam is drawn from them, so its first join needs no call of its own, and a
+        frame with an emission costs one predictor and one joiner call (not two joiner calls)."""
         self._context = ContextBatch.of([s.context for s in states], self.blank, self._context)
-        searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], encoder_out.size(1), first_frames[i],
+        num_frames = encoder_out.size(1)
+        searches = {i: self._search(i, states[i].hypotheses, beam_widths[i], num_frames, first_frames[i],
                                     states[i].predictor_cache)
                     for i in range(len(states))}
-        requests: dict[int, _Request] = {}
-        for i, search in searches.items():
-            requests[i] = next(search)
-        while requests:
-            replies = self._serve(encoder_out, requests)
-            for i, reply in replies.items():
-                try:
-                    requests[i] = searches[i].send(reply)
-                except StopIteration as done:
-                    states[i].hypotheses = done.value
-                    del requests[i]
-                    alive = {h.tokens for h in done.value}
-                    cache = states[i].predictor_cache
-                    for key in [k for k in cache if k[:-1] not in alive]:
-                        del cache[key]
+        biased = (set() if self._context is None
+                  else set(np.nonzero(self._context.biased(np.arange(len(states))))[0].tolist()))
+        known: list[dict[tuple[int, tuple[int, ...]], np.ndarray]] = [{} for _ in states]  # logp rows
+        ahead: list[list[tuple[int, Hypothesis]]] = [[] for _ in states]  # rows for the next joiner call
+        requests: dict[int, _Request] = {i: next(search) for i, search in searches.items()}
 
-    def _serve(self, encoder_out: torch.Tensor, requests: dict[int, _Request]) -> dict[int, object]:
-        """Answer every pending request with one joiner call and one predictor call."""
-        replies: dict[int, object] = {}
+        def send(i: int, reply) -> None:
+            try:
+                requests[i] = searches[i].send(reply)
+            except StopIteration as done:
+                states[i].hypotheses = done.value
+                del requests[i]
+                alive = {h.tokens for h in done.value}
+                cache = states[i].predictor_cache
+                for key in [k for k in cache if k[:-1] not in alive]:
+                    del cache[key]
+
+        while requests:
+            predicts = [(i, r) for i, r in requests.items() if isinstance(r, _PredictRequest)]
+            if predicts:
+                for i, reply in self._predict(predicts):
+                    send(i, reply)
+            self._join(encoder_out, requests, known, ahead)
+            for i in list(requests):  # every join whose rows are known, and the ones that follow
+                while isinstance(requests.get(i), _JoinRequest):
+                    r = requests[i]
+                    rows = [known[i].get((r.frame, h.tokens)) for h in r.hypotheses]
+                    if any(row is None for row in rows):
+                        break
+                    if r.frame + 1 < num_frames:
+                        ahead[i].extend((r.frame + 1, h) for h in r.hypotheses
+                                        if (r.frame + 1, h.tokens) not in known[i])
+                    send(i, (np.stack(rows), self._context_of(i, r.hypotheses) if i in biased else None))
+
+    def _context_of(self, stream: int, hypotheses: list[Hypothesis]):
+        """The bonus rows and next graph nodes of a biased stream's ``hypotheses`` (one gather)."""
+        bias = _context_rows(self._context, [stream] * len(hypotheses), [h.context_node for h in hypotheses])
+        return None if bias is None else (bias[1], bias[2])
+
+    def _join(self, encoder_out: torch.Tensor, requests: dict[int, _Request], known: list[dict],
+              ahead: list[list[tuple[int, Hypothesis]]]) -> None:
+        """One joiner call for the rows of the join requests not in ``known``, when there are any,
+        with the same hypotheses on the next frame and the rows waiting in ``ahead``; the
+        log-probabilities go into ``known``."""
+        num_frames = encoder_out.size(1)
+        rows: list[tuple[int, int, Hypothesis]] = []
+        wanted: set = set()
+
+        def want(i: int, t: int, h: Hypothesis) -> None:
+            if (t, h.tokens) not in known[i] and (i, t, h.tokens) not in wanted:
+                wanted.add((i, t, h.tokens))
+                rows.append((i, t, h))
+
         joins = [(i, r) for i, r in requests.items() if isinstance(r, _JoinRequest)]
-        predicts = [(i, r) for i, r in requests.items() if isinstance(r, _PredictRequest)]
-        if joins:
-            enc = torch.cat([encoder_out[r.stream, r.frame].expand(len(r.hypotheses), -1) for _, r in joins])
-            pred = torch.cat([h.predictor_out for _, r in joins for h in r.hypotheses])
-            # numpy from here: the search's many small float32 sums, sorts and top-k cost a
-            # fraction of torch's per-call overhead, with the same float32 roundings
-            logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu().numpy()
-            bias = None if self._context is None else _context_rows(
-                self._context, [i for i, r in joins for _ in r.hypotheses],
-                [h.context_node for _, r in joins for h in r.hypotheses])
-            bonus_of_row = {}
-            if bias is not None:  # streams with phrases: bonus rows and next nodes, one gather for all
-                biased, bonus, next_nodes = bias
-                bonus_of_row = {row: k for k, row in enumerate(biased.tolist())}
-            start = 0
-            for i, r in joins:
-                n = len(r.hypotheses)
-                context = None
-                if start in bonus_of_row:  # a stream's rows are all biased or none
-                    k = bonus_of_row[start]
-                    context = (bonus[k:k + n], next_nodes[k:k + n])
-                replies[i] = (logp[start:start + n], context)
-                start += n
-        if predicts:
-            device = self.predictor.device
-            tokens = torch.tensor([t for _, r in predicts for t in r.tokens], device=device)
-            state = stack_states([h.predictor_state for _, r in predicts for h in r.hypotheses])
-            out, new_state = self.predictor.step(tokens, state)
-            start = 0
-            for i, r in predicts:
-                n = len(r.tokens)
-                replies[i] = [(out[k:k + 1], unstack_state(new_state, k)) for k in range(start, start + n)]
-                start += n
+        for i, r in joins:
+            for h in r.hypotheses:
+                want(i, r.frame, h)
+        if not rows:
+            return
+        for i, r in joins:
+            if r.frame + 1 < num_frames:
+                for h in r.hypotheses:
+                    want(i, r.frame + 1, h)
+        for i, pending in enumerate(ahead):
+            for t, h in pending:
+                want(i, t, h)
+            pending.clear()
+        device = encoder_out.device
+        enc = encoder_out[torch.tensor([i for i, _, _ in rows], device=device),
+                          torch.tensor([t for _, t, _ in rows], device=device)]
+        pred = torch.cat([h.predictor_out for _, _, h in rows])
+        # numpy from here: the search's many small float32 sums, sorts and top-k cost a
+        # fraction of torch's per-call overhead, with the same float32 roundings
+        logp = F.log_softmax(self.predictor.join(enc, pred).float(), dim=-1).cpu().numpy()
+        for k, (i, t, h) in enumerate(rows):
+            known[i][(t, h.tokens)] = logp[k]
+
+    def _predict(self, predicts: list[tuple[int, _PredictRequest]]) -> list[tuple[int, list]]:
+        """Answer every predictor request with one predictor call."""
+        device = self.predictor.device
+        tokens = torch.tensor([t for _, r in predicts for t in r.tokens], device=device)
+        state = stack_states([h.predictor_state for _, r in predicts for h in r.hypotheses])
+        out, new_state = self.predictor.step(tokens, state)
+        replies, start = [], 0
+        for i, r in predicts:
+            n = len(r.tokens)
+            replies.append((i, [(out[k:k + 1], unstack_state(new_state, k)) for k in range(start, start + n)]))
+            start += n
         return replies
 
     def _search(self, stream: int, hyps: list[Hypothesis], beam: int, num_frames: int,
