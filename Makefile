@@ -80,8 +80,9 @@ test-apt:
 
 # the unit and integration layers (tests/conftest.py LAYERS) on the kernel path this CPU selects
 # (ASR_TEST_KERNELS=active), long tests left out: no root, no apt, no browser
+# two pytest-xdist workers (tests/conftest.py gives each its share of the cores for torch's threads)
 test-fast: $(STAMP) $(KERNELS)
-	ASR_TEST_KERNELS=active $(PY) -m pytest -m "(unit or integration) and not slow"
+	ASR_TEST_KERNELS=active $(PY) -m pytest -n 2 -m "(unit or integration) and not slow"
 
 bench: $(STAMP) $(KERNELS)
 	$(PY) -m bench.capacity $(BENCH_ARGS)

@@ -14,13 +14,30 @@ import soundfile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests import tests.reference
 
+# Under pytest-xdist (`make test-fast` runs `-n 2`) each worker gets its share of the cores for torch's
+# intra-op threads, and so do the servers it starts as subprocesses (they inherit OMP_NUM_THREADS): with
+# one thread per core in every worker the cores are oversubscribed, and a parallel operator waits for
+# its slowest thread (server/core/threads.py), which then makes a step many times slower. Serial runs
+# keep torch's default (one thread per core); an OMP_NUM_THREADS already set is left as it is. The few
+# tests that ask for two threads (the thread governor's) would still find the other worker on a core:
+# OpenMP's threads then sleep at a barrier instead of spinning (OMP_WAIT_POLICY=PASSIVE), or a spinning
+# thread takes the CPU time that the thread it waits for needs (measured here: 5x the CPU time).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // XDIST_WORKERS)))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from asr.v1 import asr_pb2_grpc  # noqa: E402
+import torch  # noqa: E402
 from server.kernels import native  # noqa: E402
 from client.stream import channel  # noqa: E402
 from server.app import AsrServer  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
 from server.model.loading import LoadedModel, RANDOM_SMALL_BLANK_BIAS, SMALL_CONFIG, random_model  # noqa: E402
 from server.model.vocabulary import CharTokenTable  # noqa: E402
+
+if XDIST_WORKERS > 1:  # torch may have been imported (by a plugin) before OMP_NUM_THREADS was set
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SAMPLES = ROOT / "samples"
 # every --kernels path but auto; ASR_TEST_KERNELS=active (make test-fast) keeps only the one this CPU
@@ -61,13 +78,17 @@ def kernels_selected(backend: str):
 
 
 INITIAL_KERNELS = native.active()  # ASR_KERNELS, else auto
+INITIAL_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(autouse=True)
 def _kernels_restored():
     """Each test starts on the session's kernels, whatever an engine built by an earlier one
-    selected (engines keep the operators they were built with)."""
+    selected (engines keep the operators they were built with), and on the session's torch intra-op
+    threads, whatever an engine built with ``threads=`` set (``torch.set_num_threads`` is global)."""
     native.select(INITIAL_KERNELS)
+    if torch.get_num_threads() != INITIAL_THREADS:
+        torch.set_num_threads(INITIAL_THREADS)
     yield
 
 
