@@ -33,8 +33,6 @@ import torch
 
 from server.kernels.cpu import CpuFeatures, detect_cpu_features
 from server.kernels.linear import BlockedLinear, BucketedLinear, PackedLinear, replace_linears
-# server/model/decoder.py's fused predictor step imports these two from here
-from server.kernels.linear import native_layer_norm_args, native_linear_args  # noqa: F401
 from server.kernels.packing import packed_linear_available
 from server.kernels.probes import native_linear_f32
 

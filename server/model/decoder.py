@@ -125,7 +125,7 @@ class FusedPredictorStep:
     @classmethod
     def wrap(cls, predictor: torch.nn.Module) -> "FusedPredictorStep | None":
         from server.kernels import native
-        from server.kernels.precision import native_layer_norm_args, native_linear_args
+        from server.kernels.linear import native_layer_norm_args, native_linear_args
 
         op = native.predictor_step()
         layers = list(getattr(predictor, "lstm_layers", ()))

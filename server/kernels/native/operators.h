@@ -18,7 +18,7 @@
 // Operators (torch.ops.<ASR_NATIVE_LIB>.*; server/kernels/native/__init__.py loads one back end):
 //
 // rowwise_quantize_u8(rows (n, k) float32, padded_rows) -> (quantised (padded_rows, k) uint8, scale (n, 1)
-// float32): server.precision.RowwiseInt8Linear's activation quantisation (each row its own scale
+// float32): server.kernels.linear.RowwiseInt8Linear's activation quantisation (each row its own scale
 // max|row| / 127, clamped at 1e-12 / 127; round half to even; + 128) in one pass, padding rows 128.
 //
 // rowwise_int8(rows (n, k) float32, weight (blocks, k4, 16, 4) int8, colsum (blocks * 16,) int32,
