@@ -40,9 +40,16 @@ from client.stream import StreamOptions  # noqa: E402
 
 
 def worktree(revision: str, into: Path) -> Path:
-    """A detached checkout of ``revision`` (removed by the caller with ``git worktree remove``)."""
+    """A detached checkout of ``revision`` with its native kernels built in place (about a minute
+    and a half on 2 cores; without them its server could run no --kernels path but torch).
+    Removed by the caller with ``git worktree remove``."""
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), revision],
                    check=True, capture_output=True)
+    print(f"building the native kernels of {revision} ...", file=sys.stderr, flush=True)
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        raise RuntimeError(f"building {revision}'s native kernels failed:\n{build.stderr[-2000:]}")
     return into
 
 
