@@ -266,6 +266,17 @@ async def play(call, sequence, ending: str) -> tuple[grpc.StatusCode, str]:
     return await call.code(), await call.details()
 
 
+
+async def assert_documented_and_freed(server, codes: list, code: grpc.StatusCode, details: str) -> None:
+    """The call's status and every status the server sent (``codes``) are documented ones (or the
+    client's own write race), and the server frees the call's session within 10 s."""
+    assert code in DOCUMENTED or (code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE), (code, details)
+    assert all(c.name in {s.name for s in DOCUMENTED} for c in codes), codes  # the statuses the server sent
+    deadline = time.monotonic() + 10
+    while server.active_sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert server.active_sessions == 0
+
 @pytest.mark.timeout(300)
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -274,13 +285,8 @@ async def test_fuzzed_request_sequences_get_documented_statuses_and_free_their_s
     server, stub, codes = fuzzed
     codes.clear()
     code, details = await play(stub.StreamingRecognize(), sequence, ending)
-    assert code in DOCUMENTED or (code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE), (code, details)
     assert code != grpc.StatusCode.CANCELLED or ending == "cancel", details  # the server never cancels
-    assert all(c.name in {s.name for s in DOCUMENTED} for c in codes), codes  # the statuses the server sent
-    deadline = time.monotonic() + 10
-    while server.active_sessions and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert server.active_sessions == 0
+    await assert_documented_and_freed(server, codes, code, details)
 
 
 def wav_header(tag: int, channels: int, rate: int, bits: int, cut: int) -> bytes:
@@ -322,12 +328,7 @@ async def test_fuzzed_riva_streams_too(fuzzed, sequence, ending):
     codes.clear()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         code, details = await play(rasr_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(), sequence, ending)
-    assert code in DOCUMENTED or (code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE), (code, details)
-    assert all(c.name in {s.name for s in DOCUMENTED} for c in codes), codes
-    deadline = time.monotonic() + 10
-    while server.active_sessions and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert server.active_sessions == 0
+    await assert_documented_and_freed(server, codes, code, details)
 
 
 @pytest.mark.slow
