@@ -18,8 +18,9 @@ MBROLA_APT := mbrola mbrola-en1
 # Debian packages the tests drive for real (each checked by the command it provides).
 # The precision test synthesizes the demo model's held-out split, so the data recipe's packages too.
 # g++ builds server/kernels/native's kernels (without it the server runs torch's kernels: --kernels torch).
-TEST_APT := prometheus prometheus-alertmanager chromium g++ haproxy nginx $(DATA_APT) $(MBROLA_APT)
-TEST_CMDS := prometheus promtool prometheus-alertmanager amtool chromium g++ haproxy nginx sox espeak-ng flite festival \
+# qemu-user runs the server on an emulated AVX2-only CPU (tests/test_emulated_cpu.py, scripts/emulated_cpu.py).
+TEST_APT := prometheus prometheus-alertmanager chromium g++ haproxy nginx qemu-user $(DATA_APT) $(MBROLA_APT)
+TEST_CMDS := prometheus promtool prometheus-alertmanager amtool chromium g++ haproxy nginx qemu-x86_64 sox espeak-ng flite festival \
 	pico2wave RHVoice-test mbrola
 # voice data the recipe and the tests synthesize with (packages that install no command)
 VOICE_FILES := /usr/share/festival/voices/italian/pc_diphone /usr/share/festival/voices/spanish/el_diphone \
