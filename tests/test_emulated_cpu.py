@@ -6,9 +6,10 @@ fail before), and an AVX-512 instruction anywhere would kill the server.
 
 Each configuration starts a real ``asr-server`` on the emulated CPU and checks what it says about
 itself (start-up log and ``GetModelInfo``: kernel path, precision, batching exactness, the int8
-self-check) and that it transcribes the bundled samples exactly as a server on this machine does
-on the same kernel path with torch's libraries capped to AVX2. Emulation is 10-30x slower than the
-host: a server takes one to three minutes to start, so the samples are short and few."""
+self-check) and that it transcribes the bundled samples (greedy and beam 4) exactly as a server
+on this machine does on the same kernel path with torch's libraries capped to AVX2. Emulation is
+10-30x slower than the host: a server takes one to three minutes to start, so the samples are
+short and few."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import soundfile
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from client.stream import channel
 from tests.conftest import ROOT
-from tests.helpers import transcript
+from tests.helpers import GREEDY, beam_options, transcript
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from emulated_cpu import emulated_command  # noqa: E402
@@ -40,7 +41,6 @@ pytestmark = pytest.mark.timeout(900)
 SAMPLES = sorted((ROOT / "samples").glob("*.wav"))[:2]
 # torch's own libraries capped to what an AVX2-only CPU runs, for the server on this machine
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-GREEDY = {"decoding_method": asr_pb2.GREEDY}
 
 
 class Server:
@@ -93,7 +93,8 @@ async def transcripts_and_info(address: str) -> tuple[list[str], asr_pb2.ModelIn
         for path in SAMPLES:
             audio, rate = soundfile.read(path, dtype="float32")
             assert rate == 16000
-            texts.append(await transcript(stub, np.asarray(audio), **GREEDY))
+            for options in (GREEDY, beam_options(4)):
+                texts.append(await transcript(stub, np.asarray(audio), **options))
         return texts, info
 
 
@@ -146,6 +147,6 @@ def test_server_on_an_avx2_cpu_is_exact_and_transcribes_as_here(precision, kerne
         texts, _ = asyncio.run(transcripts_and_info(here.address))
     finally:
         here.stop()
-    references = [path.with_suffix(".txt").read_text().strip() for path in SAMPLES]
-    assert texts == references, "the demo model should transcribe its bundled samples here"
+    references = [path.with_suffix(".txt").read_text().strip() for path in SAMPLES for _ in range(2)]
+    assert texts == references, "the demo model should transcribe its bundled samples here (greedy, beam 4)"
     assert emulated_texts == texts
