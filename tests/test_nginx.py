@@ -267,15 +267,21 @@ async def finals_of_stream(target: str, audio: np.ndarray, resume: Resume | None
     return finals, resumes, killed
 
 
+# a proxy that has forwarded a stream's headers can only reset it when the server dies: the client
+# reads the reset as CANCELLED (HAProxy's RST_STREAM CANCEL) or INTERNAL (nginx's INTERNAL_ERROR, or
+# grpcio's own pending write failing on the reset first)
+PROXY_RESET = {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+
+
 def check_resumed(finals: list[Final], whole: list[Final], resumes: list[tuple], killed: dict,
-                  code: grpc.StatusCode, label: str) -> None:
+                  codes: set[grpc.StatusCode], label: str) -> None:
     print(f"{label}: killed {killed['ended'] - killed['at']:.1f} s before the stream's end; resumed "
           f"{[(c.name, round(s, 2), t and round(t - killed['at'], 3)) for c, s, t in resumes]} (code, from s, "
           f"s after the kill); finals {[(f.text, f.start_s, f.end_s, f.utterance) for f in finals]}; "
           f"uninterrupted {[(f.text, f.start_s, f.end_s) for f in whole]}")
     assert killed["at"] < killed["ended"] - 1.0, "the kill came after the stream"
     # one cut, resumed from the end of the first final result
-    assert [c for c, _, _ in resumes] == [code], resumes
+    assert len(resumes) == 1 and resumes[0][0] in codes, resumes
     assert resumes[0][1] == pytest.approx(finals[0].end_s, abs=1e-3), (resumes, finals)
     # the same final results as the uninterrupted stream, none twice, in order
     assert [f.text for f in finals] == [f.text for f in whole] == [f.text for f in finals if f.text], finals
@@ -287,9 +293,9 @@ def check_resumed(finals: list[Final], whole: list[Final], resumes: list[tuple],
         assert got.end_s == pytest.approx(want.end_s, abs=0.35), (finals, whole)
 
 
-@pytest.mark.parametrize("via, code", [("nginx", grpc.StatusCode.INTERNAL), ("haproxy", grpc.StatusCode.CANCELLED),
-                                       ("round robin", grpc.StatusCode.UNAVAILABLE)])
-async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet, speech, via, code):
+@pytest.mark.parametrize("via, codes", [("nginx", PROXY_RESET), ("haproxy", PROXY_RESET),
+                                        ("round robin", {grpc.StatusCode.UNAVAILABLE})])
+async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet, speech, via, codes):
     nginx_fleet.ensure_up()
     target, lb = {"nginx": (nginx_fleet.nginx_target, "pick_first"), "haproxy": (nginx_fleet.proxy_target, "pick_first"),
                   "round robin": (nginx_fleet.round_robin_target, "round_robin")}[via]
@@ -297,7 +303,7 @@ async def test_a_stream_cut_by_a_killed_server_is_resumed_on_another(nginx_fleet
     whole, _, _ = await finals_of_stream(target, audio, lb=lb)
     assert [f.text for f in whole] == [speech[0][2], speech[1][2]], whole
     finals, resumes, killed = await finals_of_stream(target, audio, Resume(), nginx_fleet, lb)
-    check_resumed(finals, whole, resumes, killed, code, via)
+    check_resumed(finals, whole, resumes, killed, codes, via)
 
 
 async def asr_client(fleet: NginxFleet, target: str, wav: Path, *flags: str) -> tuple[int, list[Final], str, dict]:
@@ -330,7 +336,7 @@ async def test_asr_client_resume_goes_on_after_a_killed_server(nginx_fleet, spee
     assert code == 0, stderr
     resumed = re.findall(r"asr-client: (\w+): .*; going on with a new stream from ([0-9.]+) s \(1 of 3\)", stderr)
     resumes = [(grpc.StatusCode[name], float(from_s), None) for name, from_s in resumed]  # when: not known
-    check_resumed(finals, whole, resumes, killed, grpc.StatusCode.CANCELLED, "asr-client --resume, HAProxy")
+    check_resumed(finals, whole, resumes, killed, PROXY_RESET, "asr-client --resume, HAProxy")
 
 
 async def test_asr_client_does_not_resume_past_its_kept_audio(nginx_fleet, speech, tmp_path):

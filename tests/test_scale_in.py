@@ -385,8 +385,9 @@ async def test_a_killed_servers_streams_end_unavailable_within_a_second_without_
 
 
 async def test_a_killed_servers_streams_end_at_once_through_haproxy(fleet, speech):
-    """Through HAProxy the client sees the crash as CANCELLED: HAProxy resets the client's stream
-    (RST_STREAM CANCEL) when its connection to the server dies under it."""
+    """Through HAProxy the client sees the crash as a reset: HAProxy resets the client's stream
+    (RST_STREAM CANCEL) when its connection to the server dies under it, read as CANCELLED, or as
+    INTERNAL where the gRPC client's own pending write fails on the reset first."""
     failed, after = await kill_one(fleet, fleet.proxy_target, "pick_first", speech, "HAProxy")
-    assert {o.code for o in failed} == {grpc.StatusCode.CANCELLED}, failed
+    assert failed and {o.code for o in failed} <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}, failed
     assert max(after) < 1.0, after
