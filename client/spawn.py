@@ -15,21 +15,23 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 BIN = Path(sys.executable).parent
 
 
 @contextlib.contextmanager
 def spawned_server(*args: str, host: str = "127.0.0.1", timeout: float = 180.0,
-                   env: dict | None = None, quiet: bool = True) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yield ``("HOST:PORT", process)`` of a fresh ``asr-server --port 0 ARGS``; SIGTERM on exit."""
+                   env: dict | None = None, quiet: bool = True,
+                   command: Sequence[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield ``("HOST:PORT", process)`` of a fresh ``asr-server --port 0 ARGS``; SIGTERM on exit.
+    ``command``: what stands for ``asr-server`` (default: the installed console script)."""
     environment = dict(os.environ, **(env or {}))
     if quiet:
         environment.setdefault("ASR_LOG_LEVEL", "warning")
     environment.setdefault("ASR_METRICS_PORT", "0")  # a throwaway server takes no fixed port
     environment.setdefault("ASR_METRICS_HOST", host)
-    proc = subprocess.Popen([str(BIN / "asr-server"), "--host", host, "--port", "0", *args],
+    proc = subprocess.Popen([*(command or [str(BIN / "asr-server")]), "--host", host, "--port", "0", *args],
                             stdout=subprocess.PIPE, text=True, env=environment)
     try:
         port = None
