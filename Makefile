@@ -9,7 +9,8 @@ KERNELS := $(VENV)/.kernels-stamp
 CHECKOV := .venv-checkov/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_APT := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libttspico-utils \
-	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k festvox-rablpc16k festvox-don sox
+	rhvoice rhvoice-english festvox-itapc16k festvox-italp16k festvox-ellpc11k festvox-rablpc16k festvox-don sox \
+	wamerican
 # MBROLA's British English diphone voice (training data; tests/test_training.py synthesizes with it).
 MBROLA_APT := mbrola mbrola-en1
 # libttspico-utils (SVOX Pico), rhvoice-english (RHVoice's voices) and mbrola-en1 are in Debian's
@@ -22,10 +23,10 @@ MBROLA_APT := mbrola mbrola-en1
 TEST_APT := prometheus prometheus-alertmanager chromium g++ haproxy nginx qemu-user $(DATA_APT) $(MBROLA_APT)
 TEST_CMDS := prometheus promtool prometheus-alertmanager amtool chromium g++ haproxy nginx qemu-x86_64 sox espeak-ng flite festival \
 	pico2wave RHVoice-test mbrola
-# voice data the recipe and the tests synthesize with (packages that install no command)
+# voice data and the word list that the recipe and the tests use (packages that install no command)
 VOICE_FILES := /usr/share/festival/voices/italian/pc_diphone /usr/share/festival/voices/spanish/el_diphone \
 	/usr/share/festival/voices/english/rab_diphone /usr/share/festival/voices/english/don_diphone \
-	/usr/share/mbrola/en1/en1
+	/usr/share/mbrola/en1/en1 /usr/share/dict/american-english
 
 .PHONY: help venv demo test test-apt checkov apt-non-free test-fast bench proto demo-data train-demo rebuild-demo eval-demo clean
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.conftest import ROOT, SAMPLES
 sys.path.insert(0, str(ROOT / "train"))
 import average_models  # noqa: E402
 import make_data  # noqa: E402
+import open_words  # noqa: E402
 import train_demo  # noqa: E402
 import voice_warp  # noqa: E402
 from sentences import generate, vocabulary  # noqa: E402
@@ -232,6 +234,36 @@ def test_accent_rhvoice_and_kokoro_jobs_add_training_voices_without_changing_any
     assert all(j.voice.startswith("en-x-ra") and j.voice.split("+")[1] not in held_out for j in accents)
     assert {j.voice for j in rhvoice} <= set(make_data.RHVOICE_VOICES)
     assert {v for j in kokoro for v in j.voice.replace("/", "+").split("+")} <= set(make_data.neural_tts.VOICES)
+
+
+def test_open_word_jobs_hold_unseen_words_by_training_voices_without_changing_any_split():
+    """--open-words: training jobs only, numbered from OPEN_WORDS_INDEX_BASE, each sentence holding
+    a word outside the demo vocabulary and no word of the biasing test set's phrases (which must stay
+    unheard), spoken by training voices; the other jobs stay the same."""
+    base = make_data.plan(200, 20, 30, seed=7)
+    more = make_data.plan(200, 20, 30, seed=7, open_words=60)
+    assert more[:len(base)] == base
+    extra = more[len(base):]
+    assert [j.index for j in extra] == list(range(make_data.OPEN_WORDS_INDEX_BASE, make_data.OPEN_WORDS_INDEX_BASE + 60))
+    assert all(j.split == "train" for j in extra)
+    assert make_data.plan(200, 20, 30, seed=7, open_words=20)[len(base):] == extra[:20]
+    vocabulary = set((ROOT / "models" / "demo" / "words.txt").read_text().split())
+    reserved = open_words.reserved_words()
+    assert {"beatrice", "nairobi", "spotify", "edinburgh"} <= reserved
+    for job in extra:
+        words = job.text.split()
+        assert any(w not in vocabulary for w in words), job.text
+        assert not reserved & set(words) - vocabulary, job.text
+        assert re.fullmatch(r"[a-z' ]+", job.text), job.text
+        synth, voice = job.synth, job.voice
+        if synth == "espeak-ng":
+            assert voice.split("+")[0] in make_data.TRAIN_ESPEAK_BASES, voice
+            assert voice.split("+")[1] in make_data.TRAIN_ESPEAK_VARIANTS, voice
+        else:
+            assert voice in make_data.TRAIN_FLITE + make_data.TRAIN_FESTIVAL, voice
+    proper, common = open_words.open_words()
+    assert len(proper) > 5000 and len(common) > 20000 and not set(proper) & set(common)
+    assert not (set(proper) | set(common)) & (vocabulary | reserved)
 
 
 def test_subsample_base_thins_only_the_base_training_jobs():

@@ -50,8 +50,9 @@ utterance's LPC vocal-tract filters get their formants moved by a random, smooth
 their bandwidths scaled, over the voice's own excitation (``voice_warp.py``; off by default;
 ``--warped-synthesizers flite`` keeps flite's, on which the shipped model trained). ``--kokoro N`` adds N by a neural synthesizer, Kokoro-82M (``neural_tts.py``:
 new voices mixed from its five bundled style vectors, English phonemes from
-espeak-ng). Each has a random stream and a file-number range of its own (from
-100000, 200000, 300000, 400000, 500000, 600000 and 700000), so none changes any other utterance.
+espeak-ng). ``--open-words N`` adds N utterances of the domain that hold names, places, brands and rare
+words outside the demo vocabulary, by training voices (``open_words.py``). Each has a random stream and
+a file-number range of its own (from 100000, 200000, ..., 800000), so none changes any other utterance.
 
 Output: ``OUT/{train,dev,test}/*.flac`` and ``OUT/{train,dev,test}.jsonl`` with
 ``{"audio": relative path, "text": ..., "voice": ..., "duration": seconds}``.
@@ -144,6 +145,7 @@ WARPED_VOICE_SOURCES = [("festival", "kal_diphone", 0.3), ("festival", "rab_diph
                         ("flite", "slt", 0.15)]
 WARPED_VOICE_INDEX_BASE = 700_000  # file numbers of --warped-voices utterances
 WARPED_SYNTHESIZERS = tuple(sorted({synth for synth, *_ in WARPED_VOICE_SOURCES}))
+OPEN_WORDS_INDEX_BASE = 800_000  # file numbers of --open-words utterances
 
 SPLITS = ("train", "dev", "test")
 
@@ -332,16 +334,18 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
          random_accents: int = 0, rhvoice: int = 0, kokoro: int = 0,
          kokoro_cache: str | None = None, foreign_diphones_count: int = 0,
          lexicon_dir: str | None = None, mbrola: int = 0, british_diphones: int = 0,
-         warped_voices: int = 0, warped_synthesizers: tuple[str, ...] = WARPED_SYNTHESIZERS) -> list[Job]:
+         warped_voices: int = 0, warped_synthesizers: tuple[str, ...] = WARPED_SYNTHESIZERS,
+         open_words: int = 0) -> list[Job]:
     """All synthesis jobs; test/dev sentences never occur in the training sentences.
 
     ``random_voices`` extra training jobs (indices from ``num_train`` on) draw from their own
     random stream, so they change nothing in the other jobs; the ``pico`` then
     ``festival_prosody`` jobs (indices after those) draw from another one; the
     ``random_accents``, ``rhvoice``, ``kokoro``, ``foreign_diphones_count``, ``mbrola``,
-    ``british_diphones`` and ``warped_voices`` jobs each from one more, with indices from
+    ``british_diphones``, ``warped_voices`` and ``open_words`` jobs each from one more, with indices from
     ``ACCENT_INDEX_BASE``, ``RHVOICE_INDEX_BASE``, ``KOKORO_INDEX_BASE``, ``FOREIGN_DIPHONE_INDEX_BASE``,
-    ``MBROLA_INDEX_BASE``, ``BRITISH_DIPHONE_INDEX_BASE`` and ``WARPED_VOICE_INDEX_BASE``; the
+    ``MBROLA_INDEX_BASE``, ``BRITISH_DIPHONE_INDEX_BASE``, ``WARPED_VOICE_INDEX_BASE`` and
+    ``OPEN_WORDS_INDEX_BASE``; the
     foreign- and British-diphone jobs read ``lexicon_dir/VOICE.scm`` (``write_foreign_lexicons``).
     ``warped_synthesizers`` keeps only the warped jobs of those synthesizers (the others are
     planned and dropped, so the kept ones are the same jobs either way)."""
@@ -414,6 +418,12 @@ def plan(num_train: int, num_dev: int, num_test: int, seed: int, random_voices: 
         lexicon = f"{lexicon_dir}/{voice}.scm" if voice in foreign_diphones.VOICES else None
         jobs.append(Job(WARPED_VOICE_INDEX_BASE + k, "train", text, synth, voice, job_seed,
                         festival_lexicon=lexicon, prosody=synth == "festival", warp=True))
+    if open_words:
+        import open_words as open_source  # imports bias_data, which imports this module
+        voices = random.Random(seed + 15)
+        for k, text in enumerate(open_source.sentences(open_words, seed + 14)):
+            synth, voice = _pick_voice(voices, "train")
+            jobs.append(Job(OPEN_WORDS_INDEX_BASE + k, "train", text, synth, voice, voices.randrange(2**31)))
     return jobs
 
 
@@ -501,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warped-synthesizers", nargs="+", choices=WARPED_SYNTHESIZERS, default=list(WARPED_SYNTHESIZERS),
                    help="keep only the --warped-voices utterances of these synthesizers' voices (the same "
                         "utterances as in the full plan, numbered as there)")
+    p.add_argument("--open-words", type=int, default=0,
+                   help="training utterances of the domain holding names, places, brands and rare words outside "
+                        "the demo vocabulary (Debian's wamerican word list, never a word of the biasing test set), "
+                        "by training voices (open_words.py; 0: none)")
     p.add_argument("--subsample-base", type=int, default=1, metavar="N",
                    help="synthesize only every N-th training utterance below ACCENT_INDEX_BASE (the base corpus "
                    "and the --random-voices/--pico/--festival-prosody extras): fine-tuning a shipped model on the "
@@ -551,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in plan(args.train, args.dev, args.test, args.seed, args.random_voices, espeak_path,
                             args.pico, args.festival_prosody, args.random_accents, args.rhvoice,
                             args.kokoro, neural_tts.cache_directory(args.out), args.foreign_diphones, lexicon_dir,
-                            args.mbrola, args.british_diphones, args.warped_voices, tuple(args.warped_synthesizers))
+                            args.mbrola, args.british_diphones, args.warped_voices, tuple(args.warped_synthesizers),
+                            args.open_words)
             if j.split in args.splits]
     jobs = subsample_base(jobs, args.subsample_base)
     if args.exclude_sentences:
