@@ -29,7 +29,7 @@ from sentences import Grammar  # noqa: E402
 WORD_LIST = Path("/usr/share/dict/american-english")
 VOCABULARY = bias_data.WORDS  # models/demo/words.txt
 KINDS = {"contact": 0.3, "city": 0.25, "venue": 0.15, "app": 0.08, "product": 0.12, "device": 0.1}
-CONTACT_TITLES = ["doctor", "cousin", "mister", "nurse"]  # not "uncle" or "aunt": the test set's
+CONTACT_TITLES = ["doctor", "cousin", "mister", "nurse"]  # not "uncle" or "aunt": test-set phrase words
 DEVICE_NOUNS = ["fan", "television", "speaker", "heater", "lamp", "machine"]
 
 
